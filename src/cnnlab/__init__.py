@@ -1,0 +1,27 @@
+"""cnnlab: convolutional neural networks from a single 3x3 kernel to the ImageNet model zoo."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("cnnlab")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+from cnnlab.data import load_dataset
+from cnnlab.engine import Reporter, TrainConfig, TrainResult, fit
+from cnnlab.errors import CnnlabError, UsageError
+from cnnlab.models import create_model, list_models, register_model
+
+__all__ = [
+    "CnnlabError",
+    "Reporter",
+    "TrainConfig",
+    "TrainResult",
+    "UsageError",
+    "__version__",
+    "create_model",
+    "fit",
+    "list_models",
+    "load_dataset",
+    "register_model",
+]

@@ -1,0 +1,181 @@
+"""uint8 images in memory -> batched augmentation on the training device -> normalised float batches.
+
+No per-sample Python work: each batch is one index into the resident tensor, then a few whole-batch ops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cnnlab.data.sources import ImageSet
+from cnnlab.errors import UsageError
+
+AUGMENTATIONS: dict[str, str] = {
+    "crop": "random translation: pad by ~7% of the side with black, crop back to size",
+    "flip": "horizontal flip with probability 0.5 (off by default for digits)",
+    "rotate": "random rotation of up to +-10 degrees with scaling 0.9-1.1",
+    "erase": "random erasing (cutout) of one rectangle, 2-20% of the area, with probability 0.5",
+}
+
+
+def parse_augment(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """Parse `crop,flip` / `none` into a tuple of known augmentation names (UsageError on unknown ones)."""
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [s.strip() for s in spec]
+    items = [s for s in items if s]
+    if items in ([], ["none"]):
+        return ()
+    for s in items:
+        if s not in AUGMENTATIONS:
+            raise UsageError(f"--augment: unknown augmentation {s!r}; choose from {', '.join(AUGMENTATIONS)} or none")
+    return tuple(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std of pixel values in [0, 1], as recorded in a run's config.json."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) floats in [0, 1] -> standardised floats."""
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+def channel_stats(images: torch.Tensor) -> Normalization:
+    """Mean and std per channel of uint8 images (N, C, H, W), computed in float64 over all pixels."""
+    x = images.to(torch.float64).div_(255.0)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    return Normalization(tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist()))
+
+
+def random_crop(x: torch.Tensor, pad: int, g: torch.Generator | None) -> torch.Tensor:
+    """Shift each image by up to `pad` pixels in x and y, filling with 0: (B, C, H, W) -> (B, C, H, W)."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g, device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]  # (1, C, 1, 1)
+    return xp[torch.arange(b, device=x.device)[:, None, None, None], chans, rows, cols]
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """Mirror a random half of the batch left-right."""
+    flip = torch.rand(x.shape[0], generator=g, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_rotate(x: torch.Tensor, g: torch.Generator | None, degrees: float = 10.0) -> torch.Tensor:
+    """Rotate each image by up to +-`degrees` and scale by 0.9-1.1 about its centre (bilinear, black fill)."""
+    b = x.shape[0]
+    angle = (torch.rand(b, generator=g, device=x.device) * 2 - 1) * math.radians(degrees)
+    scale = 1.0 + (torch.rand(b, generator=g, device=x.device) * 2 - 1) * 0.1
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_erase(x: torch.Tensor, g: torch.Generator | None, p: float = 0.5) -> torch.Tensor:
+    """Set one random rectangle (2-20% of the area, aspect 0.3-3.3) of each image to 0, with probability p."""
+    b, _, h, w = x.shape
+    dev = x.device
+    area = (torch.rand(b, generator=g, device=dev) * 0.18 + 0.02) * h * w
+    log_ratio = (torch.rand(b, generator=g, device=dev) * 2 - 1) * math.log(10 / 3)
+    eh = (area * log_ratio.exp()).sqrt().round().clamp(1, h)
+    ew = (area / log_ratio.exp()).sqrt().round().clamp(1, w)
+    top = (torch.rand(b, generator=g, device=dev) * (h - eh + 1)).floor()
+    left = (torch.rand(b, generator=g, device=dev) * (w - ew + 1)).floor()
+    on = torch.rand(b, generator=g, device=dev) < p
+    r = torch.arange(h, device=dev)[None, :, None]
+    c = torch.arange(w, device=dev)[None, None, :]
+    inside = (r >= top[:, None, None]) & (r < (top + eh)[:, None, None]) & (c >= left[:, None, None])
+    inside &= c < (left + ew)[:, None, None]
+    mask = (inside & on[:, None, None])[:, None]  # (B, 1, H, W)
+    return x.masked_fill(mask, 0.0)
+
+
+def augment_batch(x: torch.Tensor, ops: Sequence[str], g: torch.Generator | None = None) -> torch.Tensor:
+    """Apply the named augmentations to a float batch in [0, 1] (except `erase`, applied after normalisation)."""
+    side = min(x.shape[2], x.shape[3])
+    for op in ops:
+        if op == "crop":
+            x = random_crop(x, max(1, side // 14), g)
+        elif op == "flip":
+            x = random_flip(x, g)
+        elif op == "rotate":
+            x = random_rotate(x, g)
+        elif op != "erase":
+            raise ValueError(f"unknown augmentation {op!r}")
+    return x
+
+
+class BatchLoader:
+    """Iterate over (images, labels) batches of an in-memory ImageSet, resident on `device`.
+
+    Each epoch draws one permutation from `generator`; `rank`/`world_size` take every world_size-th sample of it,
+    the hook that data-parallel training uses to give each process its own shard.
+    """
+
+    def __init__(
+        self,
+        data: ImageSet,
+        batch_size: int,
+        norm: Normalization,
+        *,
+        shuffle: bool = False,
+        augment: Sequence[str] = (),
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise UsageError(f"batch size must be at least 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)  # uint8 (N, C, H, W): 4x less memory than float
+        self.labels = data.labels.to(self.device)
+        self.batch_size, self.norm, self.shuffle = batch_size, norm, shuffle
+        self.augment, self.generator, self.drop_last = tuple(augment), generator, drop_last
+        self.rank, self.world_size = rank, world_size
+
+    def _shard_size(self) -> int:
+        n = len(self.labels)
+        return len(range(self.rank, n, self.world_size))
+
+    def __len__(self) -> int:
+        n = self._shard_size()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator, device=self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        order = order[self.rank :: self.world_size]
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.prepare(self.images[idx]), self.labels[idx]
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> augmented, normalised float32 (B, C, H, W)."""
+        x = images.float().div_(255.0)
+        if self.augment:
+            x = augment_batch(x, self.augment, self.generator)
+        x = self.norm.apply(x)
+        if "erase" in self.augment:
+            x = random_erase(x, self.generator)
+        return x

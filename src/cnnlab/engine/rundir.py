@@ -1,0 +1,114 @@
+"""A run directory: config.json, metrics.csv, best.safetensors, last.ckpt, curves.png, results.json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cnnlab.errors import UsageError
+from cnnlab.fileio import atomic_write_json, atomic_write_text
+
+CONFIG, METRICS, BEST, LAST, CURVES, RESULTS = (
+    "config.json", "metrics.csv", "best.safetensors", "last.ckpt", "curves.png", "results.json",
+)  # fmt: skip
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "elapsed")
+
+
+def check_writable(directory: Path, label: str = "--runs-dir") -> None:
+    """Raise a UsageError unless `directory` is, or could be created as, a writable directory. Creates nothing."""
+    existing = directory
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != directory and not existing.is_dir():
+        raise UsageError(f"{label} {directory}: cannot create directory ({existing} is not a directory)")
+    if not existing.is_dir():
+        raise UsageError(f"{label} {directory}: not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{label} {directory}: {existing} is not writable")
+
+
+def new_run_dir(runs_dir: str | os.PathLike[str], model: str, data: str, name: str | None = None) -> Path:
+    """Create `runs_dir/<YYYY-mm-dd_HHMM>_<model>_<data>` (or `runs_dir/<name>`), never reusing an existing one."""
+    root = Path(runs_dir)
+    check_writable(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--runs-dir {root}: cannot create directory ({e.strerror or e})") from e
+    stem = name or f"{datetime.now():%Y-%m-%d_%H%M}_{model}_{_slug(data)}"
+    for i in range(1, 1000):
+        path = root / (stem if i == 1 else f"{stem}-{i}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"--runs-dir {root}: cannot create {path.name} ({e.strerror or e})") from e
+        return path
+    raise UsageError(f"--runs-dir {root}: too many runs named {stem}")
+
+
+def _slug(text: str) -> str:
+    # A folder path as dataset name becomes its last component; keep names filesystem-friendly.
+    base = Path(text.rstrip("/\\")).name or "data"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base)
+
+
+def resolve_run(path: str | os.PathLike[str]) -> Path:
+    """The run directory for RUN: the directory itself or the directory of a file inside it."""
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if not p.exists():
+        raise UsageError(f"{path}: no such run directory")
+    if not (p / CONFIG).is_file():
+        raise UsageError(f"{path}: not a cnnlab run directory (no {CONFIG})")
+    return p
+
+
+def read_config(run: Path) -> dict[str, Any]:
+    """Read a run's config.json."""
+    try:
+        return json.loads((run / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{run / CONFIG}: unreadable config ({e})") from e
+
+
+def write_config(run: Path, config: dict[str, Any]) -> Path:
+    """Write config.json atomically."""
+    return atomic_write_json(run / CONFIG, config)
+
+
+def write_metrics(run: Path, rows: list[dict[str, Any]]) -> Path:
+    """Rewrite metrics.csv with one row per epoch (small: rewriting whole keeps it atomic)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+    return atomic_write_text(run / METRICS, buf.getvalue())
+
+
+def read_metrics(run: Path) -> list[dict[str, float]]:
+    """Read metrics.csv back as floats (empty cells become NaN)."""
+    path = run / METRICS
+    if not path.is_file():
+        raise UsageError(f"{path}: no metrics yet")
+    with path.open(newline="", encoding="utf-8") as f:
+        return [{k: float(v) if v != "" else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)

@@ -1,0 +1,544 @@
+"""fit(): train a registered model on a registered dataset with best practices by default.
+
+Device and precision are resolved once; data lives on the device; every epoch writes metrics.csv and last.ckpt
+(and best.safetensors when validation loss improves), each atomically, so a run stopped at any point can resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cnnlab
+from cnnlab.data.pipeline import BatchLoader, Normalization, channel_stats, parse_augment
+from cnnlab.data.sources import Dataset, load_dataset, stratified_split
+from cnnlab.engine import rundir
+from cnnlab.engine.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    save_weights,
+    set_rng_state,
+)
+from cnnlab.engine.metrics import topk_correct
+from cnnlab.engine.reporter import Reporter
+from cnnlab.errors import CnnlabError, UsageError
+from cnnlab.fileio import atomic_write_json
+from cnnlab.inspect.visualize import plot_curves
+from cnnlab.models.registry import create_model, model_info
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("onecycle", "cosine", "step", "none")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.05}
+
+
+@dataclass
+class TrainConfig:
+    """Every training option in one place, with its unit. The defaults train LeNet-5 on mnist-mini to >= 98%."""
+
+    model: str = "lenet5-modern"
+    data: str = "mnist-mini"
+    data_dir: str | None = None
+    epochs: int = 40  # passes over the training split
+    batch_size: int = 64  # images per optimizer step
+    optimizer: str = "adamw"
+    lr: float | None = None  # peak learning rate; None: 3e-3 for adam/adamw, 0.05 for sgd
+    momentum: float = 0.9  # sgd only (Nesterov)
+    weight_decay: float = 5e-4  # decoupled for adamw; not applied to biases and normalisation parameters
+    schedule: str = "onecycle"  # per-step learning-rate schedule
+    warmup: float = 0.25  # onecycle: fraction of all steps spent rising to the peak lr
+    step_epochs: int = 10  # step schedule: multiply the lr by step_gamma every this many epochs
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.1  # fraction of the target mass spread over all classes
+    val_split: float = 0.1  # fraction of the training split held out (stratified) for validation
+    patience: int = 10  # stop after this many epochs without a lower validation loss; 0 = never stop early
+    augment: tuple[str, ...] | None = None  # None: the dataset's default (digits: crop only)
+    seed: int = 0
+    device: str = "auto"  # auto = cuda > mps > cpu
+    precision: str = "auto"  # auto = bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere
+    max_steps: int | None = None  # cap on optimizer steps over the whole run (smoke tests of big models)
+    eval_batch_size: int = 1000
+
+    def resolved_lr(self) -> float:
+        """The peak learning rate, defaulting per optimizer."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def validate(self) -> TrainConfig:
+        """Raise a UsageError naming the option for any impossible value; return self."""
+
+        def bad(option: str, why: str) -> UsageError:
+            return UsageError(f"--{option.replace('_', '-')} {why}")
+
+        model_info(self.model)  # unknown model -> UsageError with suggestions
+        for name in ("epochs", "batch_size", "eval_batch_size", "step_epochs"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise bad("max_steps", f"must be at least 1, got {self.max_steps}")
+        if self.patience < 0:
+            raise bad("patience", f"must be 0 (off) or more, got {self.patience}")
+        if not 0.0 <= self.val_split < 1.0:
+            raise bad("val_split", f"must be in [0, 1), got {self.val_split}")
+        if self.patience and self.val_split == 0:
+            raise bad("patience", "needs a validation split (--val-split > 0); use --patience 0 to turn it off")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise bad("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 < self.warmup < 1.0:
+            raise bad("warmup", f"must be in (0, 1), got {self.warmup}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise bad("lr", f"must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or self.momentum < 0 or self.step_gamma <= 0:
+            raise UsageError("--weight-decay and --momentum must be >= 0, --step-gamma > 0")
+        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.augment is not None:
+            self.augment = parse_augment(self.augment)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every option."""
+        d = dataclasses.asdict(self)
+        d["augment"] = list(self.augment) if self.augment is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of to_dict; unknown keys (from newer versions) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if kwargs.get("augment") is not None:
+            kwargs["augment"] = tuple(kwargs["augment"])
+        return cls(**kwargs)
+
+
+@dataclass
+class TrainResult:
+    """What a finished fit() reports: test metrics of the best-validation weights and where the run lives."""
+
+    run_dir: Path | None
+    model: str
+    data: str
+    test_acc: float
+    test_loss: float
+    test_top5: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    seconds: float
+    device: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (without the per-epoch history)."""
+        d = dataclasses.asdict(self)
+        d.pop("history")
+        d["run_dir"] = str(self.run_dir) if self.run_dir else None
+        return d
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available, else mps, else cpu; an explicit device must exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r}: not a device name (use auto, cpu, cuda, cuda:N or mps)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: float32 means no autocast."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for the forward pass (a no-op in fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD-Nesterov / Adam / AdamW; weight decay only on weights of rank >= 2 (not biases, norms, scales)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    lr = cfg.resolved_lr()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        # Adam's weight decay is L2 added to the gradient (coupled); AdamW's is decoupled.
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A per-step schedule over `total_steps` optimizer steps."""
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.resolved_lr(), total_steps=total_steps, pct_start=cfg.warmup,
+            cycle_momentum=cfg.optimizer == "sgd",
+        )  # fmt: skip
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.step_gamma)
+    return None
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    label_smoothing: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 accuracy of `model` (put in eval mode) over the batches."""
+    model.eval()
+    loss_sum = correct1 = correct5 = None
+    n = 0
+    for x, y in batches:
+        with autocast(x.device, dtype):
+            logits = model(x)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="sum")
+        c1, c5 = topk_correct(logits, y, (1, 5))
+        # Accumulate on the device: one host sync at the end, not one per batch.
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        correct1 = c1 if correct1 is None else correct1 + c1
+        correct5 = c5 if correct5 is None else correct5 + c5
+        n += y.numel()
+    if n == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "n": 0}
+    return {"loss": loss_sum.item() / n, "acc": correct1.item() / n, "top5": correct5.item() / n, "n": n}
+
+
+class _Trainer:
+    """The state of one fit() call; methods are the steps of the loop, each short."""
+
+    def __init__(self, cfg: TrainConfig, reporter: Reporter, dataset: Dataset | None) -> None:
+        self.cfg, self.reporter = cfg, reporter
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_precision(cfg.precision, self.device)
+        seed_everything(cfg.seed)
+        self.data = dataset if dataset is not None else load_dataset(cfg.data, cfg.data_dir)
+        self.augment = tuple(cfg.augment) if cfg.augment is not None else self.data.default_augment
+        self._split()
+        self.model = create_model(
+            cfg.model,
+            num_classes=len(self.data.classes),
+            in_channels=self.data.channels,
+            image_size=self.data.image_size,
+        ).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.train_loader = BatchLoader(
+            self.train_set,
+            cfg.batch_size,
+            self.norm,
+            shuffle=True,
+            augment=self.augment,
+            generator=self.gen,
+            device=self.device,
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.opt = build_optimizer(self.model, cfg)
+        self.sched = build_scheduler(self.opt, cfg, self.total_steps, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        self.epoch, self.step = 0, 0
+        self.best_loss, self.best_epoch, self.bad_epochs = math.inf, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.elapsed = 0.0
+        self.run: Path | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def _split(self) -> None:
+        cfg, train = self.cfg, self.data.train
+        if cfg.val_split > 0:
+            rest, held = stratified_split(train.labels, cfg.val_split, cfg.seed)
+            if len(held) == 0 or len(rest) == 0:
+                raise UsageError(f"--val-split {cfg.val_split} leaves an empty split of {len(train)} images")
+            self.train_set, self.val_set = train.subset(rest), train.subset(held)
+        else:
+            self.train_set, self.val_set = train, None
+        # Normalisation comes from the images the model trains on, never from validation or test images.
+        self.norm: Normalization = channel_stats(self.train_set.images)
+
+    def eval_loader(self, which: str) -> BatchLoader | None:
+        """A loader over the validation or test split, without augmentation."""
+        data = self.val_set if which == "val" else self.data.test
+        if data is None or len(data) == 0:
+            return None
+        return BatchLoader(data, self.cfg.eval_batch_size, self.norm, device=self.device)
+
+    def config_dict(self) -> dict[str, Any]:
+        """Everything config.json records: options, model, data (classes, normalisation), runtime."""
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return {
+            "cnnlab_version": cnnlab.__version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": {
+                "name": self.cfg.model,
+                "num_classes": len(self.data.classes),
+                "in_channels": self.data.channels,
+                "image_size": self.data.image_size,
+                "params": n_params,
+            },
+            "data": {
+                "name": self.data.name,
+                "classes": list(self.data.classes),
+                "channels": self.data.channels,
+                "image_size": self.data.image_size,
+                "mean": list(self.norm.mean),
+                "std": list(self.norm.std),
+                "augment": list(self.augment),
+                "train_size": len(self.train_set),
+                "val_size": len(self.val_set) if self.val_set is not None else 0,
+                "test_size": len(self.data.test),
+            },
+            "train": self.cfg.to_dict(),
+            "runtime": {
+                "device": str(self.device),
+                "precision": str(self.dtype).replace("torch.", ""),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            },
+        }
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything an exact resume needs, as tensors and plain values."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed,
+            "early_stop": {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs},
+            "history": self.history,
+            "rng": rng_state({"data": self.gen}),
+        }  # fmt: skip
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint_state() back."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched and state["scheduler"]:
+            self.sched.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.elapsed = state["epoch"], state["step"], state["elapsed"]
+        es = state["early_stop"]
+        self.best_loss, self.best_epoch, self.bad_epochs = es["best_loss"], es["best_epoch"], es["bad_epochs"]
+        self.history = list(state["history"])
+        set_rng_state(state["rng"], {"data": self.gen})
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the training split; returns train loss and accuracy."""
+        model, cfg = self.model, self.cfg
+        model.train()
+        sync_each_step = self.device.type == "cpu"  # on a GPU, reading the loss every step would stall it
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        first_bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
+        seen = 0
+        self.reporter.epoch_start(self.epoch + 1, min(self.steps_per_epoch, self.total_steps - self.step))
+        for i, (x, y) in enumerate(self.train_loader):
+            with autocast(self.device, self.dtype):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.opt.step()
+            if self.sched:
+                self.sched.step()
+            self.step += 1
+            loss_d = loss.detach()
+            first_bad_step = torch.where(
+                (first_bad_step < 0) & ~torch.isfinite(loss_d),
+                torch.full_like(first_bad_step, self.step),
+                first_bad_step,
+            )
+            loss_sum += loss_d * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            self.reporter.step(self.epoch + 1, i + 1, loss_d.item() if sync_each_step else None)
+            if self.step >= self.total_steps:
+                break
+        bad = int(first_bad_step.item())
+        if bad >= 0:
+            raise CnnlabError(
+                f"training diverged: non-finite loss at epoch {self.epoch + 1}, step {bad}; "
+                f"nothing was saved from this epoch (try a lower --lr)"
+            )
+        return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen)}
+
+    def run_epochs(self) -> bool:
+        """Train until the epochs, the step cap or early stopping end it; True if stopped early."""
+        cfg, run = self.cfg, self.run
+        val_loader = self.eval_loader("val")
+        while self.epoch < cfg.epochs and self.step < self.total_steps:
+            t0 = time.perf_counter()
+            lr = self.opt.param_groups[0]["lr"]
+            row: dict[str, Any] = {"epoch": self.epoch + 1, **self.train_epoch(), "lr": lr}
+            if val_loader is not None:
+                val = evaluate_batches(self.model, iter(val_loader), cfg.label_smoothing, self.dtype)
+                row.update(val_loss=val["loss"], val_acc=val["acc"])
+            self.epoch += 1
+            row["seconds"] = time.perf_counter() - t0
+            self.elapsed += row["seconds"]
+            row["elapsed"] = self.elapsed
+            self.history.append(row)
+            improved = val_loader is None or row["val_loss"] < self.best_loss
+            if improved:
+                self.best_loss = row.get("val_loss", math.inf) if val_loader is not None else math.inf
+                self.best_epoch, self.bad_epochs = self.epoch, 0
+                if run:
+                    save_weights(self.model, run / rundir.BEST)
+                else:  # no run directory: keep the best weights in memory instead
+                    self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            else:
+                self.bad_epochs += 1
+            if run:
+                save_checkpoint(self.checkpoint_state(), run / rundir.LAST)
+                rundir.write_metrics(run, self.history)
+            self.reporter.epoch_end(row)
+            if cfg.patience and self.bad_epochs >= cfg.patience:
+                self.reporter.message(
+                    f"early stopping: validation loss has not improved for {cfg.patience} "
+                    f"epochs; restoring epoch {self.best_epoch}"
+                )
+                return True
+        return False
+
+    def finish(self, stopped_early: bool, started: float) -> TrainResult:
+        """Restore the best weights, evaluate on the test split, write results and curves."""
+        run = self.run
+        if run and (run / rundir.BEST).is_file():
+            load_weights(self.model, run / rundir.BEST)
+        elif self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        test_loader = self.eval_loader("test")
+        test = (
+            evaluate_batches(self.model, iter(test_loader), self.cfg.label_smoothing, self.dtype)
+            if test_loader
+            else {"loss": float("nan"), "acc": float("nan"), "top5": float("nan")}
+        )
+        result = TrainResult(
+            run_dir=run, model=self.cfg.model, data=self.data.name, test_acc=test["acc"], test_loss=test["loss"],
+            test_top5=test["top5"], best_epoch=self.best_epoch, epochs_run=self.epoch, stopped_early=stopped_early,
+            seconds=time.perf_counter() - started, device=str(self.device), history=self.history,
+        )  # fmt: skip
+        if run:
+            atomic_write_json(run / rundir.RESULTS, result.to_dict())
+            plot_curves(
+                self.history,
+                run / rundir.CURVES,
+                title=f"{self.cfg.model} on {self.data.name}",
+                best_epoch=self.best_epoch if self.val_set is not None else None,
+            )
+        return result
+
+
+def fit(
+    config: TrainConfig | None = None,
+    *,
+    runs_dir: str | Path | None = "runs",
+    run_name: str | None = None,
+    reporter: Reporter | None = None,
+    dataset: Dataset | None = None,
+    resume: str | Path | None = None,
+    device: str | None = None,
+) -> TrainResult:
+    """Train, validate each epoch, stop early on validation loss, restore the best weights and test them.
+
+    With `runs_dir=None` nothing is written to disk. `resume=RUN` continues a stopped run exactly, with its own
+    options (only `device` may be changed). `dataset` passes data in memory instead of loading `config.data`.
+    """
+    started = time.perf_counter()
+    reporter = reporter or Reporter()
+    state = None
+    if resume is not None:
+        run = rundir.resolve_run(resume)
+        saved = rundir.read_config(run)
+        if (run / rundir.RESULTS).is_file():
+            raise UsageError(f"{run}: this run has already finished; nothing to resume")
+        config = TrainConfig.from_dict(saved["train"])
+        state = load_checkpoint(run / rundir.LAST) if (run / rundir.LAST).is_file() else None
+    cfg = dataclasses.replace(config or TrainConfig())
+    if device is not None:
+        cfg.device = device
+    cfg.validate()
+    if resume is None and runs_dir is not None:
+        rundir.check_writable(Path(runs_dir))
+    t = _Trainer(cfg, reporter, dataset)
+    if resume is not None:
+        t.run = run
+        if state is not None:
+            t.restore(state)
+            reporter.message(f"resuming {run} after epoch {t.epoch} (step {t.step})")
+    elif runs_dir is not None:
+        # Created only now, after options, data and model all proved valid: a bad invocation leaves nothing behind.
+        t.run = rundir.new_run_dir(runs_dir, cfg.model, t.data.name, run_name)
+        rundir.write_config(t.run, t.config_dict())
+    reporter.train_start(
+        {
+            **t.config_dict(),
+            "run_dir": str(t.run) if t.run else None,
+            "steps_per_epoch": t.steps_per_epoch,
+            "total_steps": t.total_steps,
+            "start_epoch": t.epoch,
+        }
+    )
+    stopped = t.run_epochs()
+    result = t.finish(stopped, started)
+    reporter.train_end(result)
+    return result

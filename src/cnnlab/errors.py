@@ -1,0 +1,32 @@
+"""Errors that the CLI turns into one line on stderr and an exit code (2 usage, 1 run time)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class CnnlabError(Exception):
+    """A failure the user can act on; the CLI prints its message without a traceback."""
+
+    exit_code = 1
+
+
+class UsageError(CnnlabError):
+    """Bad input from the user: an unknown name, an impossible value, a missing file (exit code 2)."""
+
+    exit_code = 2
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "") -> UsageError:
+    """Build the error for an unknown registry name, suggesting the closest known names."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    msg = f"unknown {kind} {name!r}"
+    if close:
+        msg += f"; did you mean {', '.join(repr(c) for c in close)}?"
+    elif len(known) <= 12:
+        msg += f"; known: {', '.join(known)}"
+    if hint:
+        msg += f" ({hint})"
+    return UsageError(msg)

@@ -1,0 +1,89 @@
+"""Model registry: `@register_model` builders, `create_model(name, ...)`, `list_models(pattern)`."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from cnnlab.errors import UsageError, unknown_name
+
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about a model before building it."""
+
+    name: str
+    builder: Builder
+    family: str
+    description: str
+    default_image_size: int
+    default_in_channels: int
+    min_image_size: int = 1
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    name: str,
+    *,
+    family: str,
+    description: str,
+    default_image_size: int,
+    default_in_channels: int = 3,
+    min_image_size: int = 1,
+    tags: tuple[str, ...] = (),
+) -> Callable[[Builder], Builder]:
+    """Register a builder `fn(num_classes, in_channels, image_size, **kwargs) -> nn.Module` under `name`."""
+
+    def decorate(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = ModelInfo(
+            name, fn, family, description, default_image_size, default_in_channels, min_image_size, tags
+        )
+        return fn
+
+    return decorate
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style wildcard pattern, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry for `name`; a UsageError naming close matches if it is unknown."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise unknown_name("model", name, _REGISTRY, "see `cnnlab models`") from None
+
+
+def create_model(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int | None = None,
+    image_size: int | None = None,
+    **kwargs: object,
+) -> nn.Module:
+    """Build a registered model for `in_channels` x `image_size` x `image_size` inputs and `num_classes` outputs."""
+    info = model_info(name)
+    in_channels = info.default_in_channels if in_channels is None else in_channels
+    image_size = info.default_image_size if image_size is None else image_size
+    if num_classes < 1:
+        raise UsageError(f"num_classes must be at least 1, got {num_classes}")
+    if in_channels < 1:
+        raise UsageError(f"in_channels must be at least 1, got {in_channels}")
+    if image_size < info.min_image_size:
+        raise UsageError(
+            f"model {name!r} needs images of at least {info.min_image_size}x{info.min_image_size}, "
+            f"got {image_size}x{image_size}"
+        )
+    return info.builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)

@@ -1,0 +1,53 @@
+"""Shared fixtures: the embedded digits loaded once, a small subset for fast training, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.data.sources import Dataset, load_dataset, stratified_split
+
+
+@pytest.fixture(scope="session")
+def mnist_mini() -> Dataset:
+    """The full embedded mnist-mini dataset."""
+    return load_dataset("mnist-mini")
+
+
+@pytest.fixture(scope="session")
+def small_digits(mnist_mini: Dataset) -> Dataset:
+    """800 training and 200 test digits from mnist-mini, class-balanced: enough to learn, fast to train."""
+    _, train_idx = stratified_split(mnist_mini.train.labels, 0.2, seed=1)
+    _, test_idx = stratified_split(mnist_mini.test.labels, 0.2, seed=1)
+    return Dataset(
+        "small-digits",
+        mnist_mini.train.subset(train_idx),
+        mnist_mini.test.subset(test_idx),
+        mnist_mini.classes,
+        default_augment=("crop",),
+    )
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `python -m cnnlab ARGS` in a subprocess and capture its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
+    return subprocess.run(
+        [sys.executable, "-m", "cnnlab", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    # Tests on a 2-core CI machine: keep torch from oversubscribing when pytest runs subprocesses too.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -1,0 +1,121 @@
+"""The model registry and LeNet-5; model tests are parametrized over list_models()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cnnlab.errors import UsageError
+from cnnlab.models import create_model, list_models, model_info, register_model
+from cnnlab.models.lenet import C3_TABLE, PartialConv2d, rbf_centres, scaled_tanh
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("image_size", [28, 32, 48])
+def test_every_model_forward_backward(name: str, in_channels: int, image_size: int) -> None:
+    info = model_info(name)
+    image_size = max(image_size, info.min_image_size)
+    model = create_model(name, num_classes=7, in_channels=in_channels, image_size=image_size)
+    x = torch.randn(2, in_channels, image_size, image_size)
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_splits_features_and_head(name: str) -> None:
+    model = create_model(name, num_classes=10, in_channels=1, image_size=28).eval()
+    x = torch.randn(3, 1, 28, 28)
+    feats = model.forward_features(x)
+    assert feats.dim() == 4, "forward_features returns (B, C, H, W) maps"
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+
+
+def test_list_models_wildcards() -> None:
+    assert list_models("lenet*") == ["lenet5", "lenet5-modern"]
+    assert list_models("no-such-*") == []
+    assert list_models() == sorted(list_models())
+
+
+def test_duplicate_registration_raises() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("lenet5", family="x", description="x", default_image_size=32)(lambda **_: None)
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(UsageError, match="did you mean 'lenet5'"):
+        create_model("lenet")
+
+
+@pytest.mark.parametrize("kwargs", [{"num_classes": 0}, {"in_channels": 0}])
+def test_create_model_rejects_impossible_sizes(kwargs: dict[str, int]) -> None:
+    with pytest.raises(UsageError):
+        create_model("lenet5", **kwargs)
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def test_lenet5_parameter_counts_match_the_paper() -> None:
+    # LeCun et al. 1998, section II.B: C1 156, S2 12, C3 1,516, S4 32, C5 48,120, F6 10,164.
+    m = create_model("lenet5", num_classes=10, in_channels=1, image_size=32)
+    counts = {name: _params(getattr(m, name)) for name in ("c1", "s2", "c3", "s4", "c5", "f6", "output")}
+    assert counts == {"c1": 156, "s2": 12, "c3": 1516, "s4": 32, "c5": 48120, "f6": 10164, "output": 0}
+    assert _params(m) == 60000
+
+
+def test_lenet5_shapes_follow_the_paper() -> None:
+    m = create_model("lenet5", image_size=32)
+    x = torch.randn(1, 1, 32, 32)
+    c1 = m.c1(x)
+    assert c1.shape == (1, 6, 28, 28)
+    s2 = m.s2(c1)
+    assert s2.shape == (1, 6, 14, 14)
+    c3 = m.c3(s2)
+    assert c3.shape == (1, 16, 10, 10)
+    assert m.s4(c3).shape == (1, 16, 5, 5)
+    assert m.forward_features(x).shape == (1, 120, 1, 1)
+
+
+def test_lenet5_centres_28x28_digits_on_32x32_field() -> None:
+    m = create_model("lenet5", image_size=28)
+    assert m.forward_features(torch.randn(1, 1, 28, 28)).shape == (1, 120, 1, 1)
+
+
+def test_c3_connection_table_is_enforced() -> None:
+    conv = PartialConv2d(C3_TABLE, 6, 5)
+    torch.nn.init.normal_(conv.weight)
+    dense = conv.dense_weight()
+    assert sum(len(t) for t in C3_TABLE) == 60
+    for out, inputs in enumerate(C3_TABLE):
+        for inp in range(6):
+            connected = bool(dense[out, inp].abs().sum() > 0)
+            assert connected == (inp in inputs), (out, inp)
+    # An input map that a C3 map is not connected to cannot influence it.
+    x = torch.randn(1, 6, 14, 14)
+    y0 = conv(x)
+    x[:, 5] += 10.0
+    y1 = conv(x)
+    assert torch.equal(y0[:, 0], y1[:, 0])  # map 0 reads maps 0, 1, 2 only
+    assert not torch.equal(y0[:, 3], y1[:, 3])  # map 3 reads 3, 4, 5
+
+
+def test_scaled_tanh_constants() -> None:
+    # f(a) = 1.7159 tanh(2a/3) is chosen so that f(1) = 1 and f(-1) = -1 (paper, Appendix A).
+    torch.testing.assert_close(scaled_tanh(torch.tensor([1.0, -1.0])), torch.tensor([1.0, -1.0]), atol=1e-4, rtol=0)
+
+
+def test_rbf_output_is_fixed_and_prefers_the_nearest_centre() -> None:
+    m = create_model("lenet5", num_classes=10)
+    centres = rbf_centres(10)
+    assert centres.shape == (10, 84) and set(centres.unique().tolist()) == {-1.0, 1.0}
+    assert len({tuple(c.tolist()) for c in centres}) == 10, "every digit has its own bitmap"
+    logits = m.output(centres[[3, 7]])
+    assert logits.argmax(1).tolist() == [3, 7]
+    assert not any(p.requires_grad for p in m.output.parameters())
+    other = rbf_centres(5)
+    assert other.shape == (5, 84) and torch.equal(other, rbf_centres(5)), "codes for other class counts are seeded"
