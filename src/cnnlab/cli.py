@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, UsageError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -227,6 +227,261 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_kernels_parser(sub: argparse._SubParsersAction) -> None:
+    """Options of `cnnlab kernels`."""
+    p = sub.add_parser(
+        "kernels",
+        help="list the named image kernels with their matrices",
+        description="List the named kernels that `cnnlab filter --kernel` accepts, with matrices.",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_kernels)
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    """`cnnlab kernels`."""
+    from cnnlab.kernels import describe_gain, format_matrix, list_kernels, resolve_kernel
+
+    kernels = [resolve_kernel(n) for n in list_kernels()]
+    if args.json:
+        print(json.dumps([{"name": k.name, "description": k.description, "matrices": [m.tolist() for m in
+                           k.matrices]} for k in kernels], indent=2))  # fmt: skip
+        return EXIT_OK
+    for k in kernels:
+        print(f"{k.name}: {k.description}")
+        blocks = [format_matrix(m) for m in k.matrices]
+        for row in zip(*blocks, strict=True):
+            print("    " + "      ".join(row))
+        print(f"    ({describe_gain(k)})\n")
+    print("Also: gaussian:SIZE:SIGMA, box:SIZE, a matrix inline ('0,-1,0;-1,5,-1;0,-1,0'), or a .txt/.json/.npy file.")
+    return EXIT_OK
+
+
+def add_filter_parser(sub: argparse._SubParsersAction) -> None:
+    """Options of `cnnlab filter`."""
+    from cnnlab.kernels import PADDINGS
+
+    p = sub.add_parser(
+        "filter", help="apply image kernels (or pooling) to an image; explain one output pixel",
+        description="Apply kernels to an image by cross-correlation, exactly as nn.Conv2d computes it (--convolve "
+        "flips the kernel for true convolution). Colour images are filtered per channel. IMAGE may be `sample`, "
+        "a photo that ships with matplotlib.",
+    )  # fmt: skip
+    p.add_argument(
+        "image",
+        metavar="IMAGE",
+        help="PNG/JPEG/BMP/TIFF/WebP file (8- or 16-bit), `sample`, or a small "
+        "grayscale picture as a .txt/.csv/.json/.npy matrix of 0..255 values",
+    )
+    p.add_argument(
+        "--kernel",
+        "-k",
+        action="append",
+        default=[],
+        metavar="K",
+        help="named kernel (see `cnnlab kernels`), gaussian:SIZE:SIGMA, box:SIZE, an inline matrix "
+        "'0,-1,0;-1,5,-1;0,-1,0', or a .txt/.json/.npy file; repeat to chain",
+    )
+    p.add_argument("--out", "-o", default=None, help="output image (default <image>_<kernel>.png here)")
+    p.add_argument("--gray", action="store_true", help="convert a colour image to grayscale first")
+    p.add_argument(
+        "--padding",
+        choices=PADDINGS,
+        default="zero",
+        help="border handling; valid = no padding, the output shrinks by kernel-1 (zero)",
+    )
+    p.add_argument("--convolve", action="store_true", help="flip the kernel: true convolution, not correlation")
+    rng = p.add_mutually_exclusive_group()
+    rng.add_argument(
+        "--clip", dest="range", action="store_const", const="clip", help="cut values to the image range (default)"
+    )
+    rng.add_argument(
+        "--abs", dest="range", action="store_const", const="abs", help="absolute value, then cut (edges of both signs)"
+    )
+    rng.add_argument(
+        "--normalize",
+        dest="range",
+        action="store_const",
+        const="normalize",
+        help="rescale min..max to the full range (for edge maps)",
+    )
+    p.add_argument(
+        "--side-by-side", action="store_true", help="also write <out>-side-by-side.png: the original beside the result"
+    )
+    p.add_argument(
+        "--explain",
+        metavar="X,Y",
+        default=None,
+        help="print the weighted sum behind output pixel (column X, row Y, from 0) per channel",
+    )
+    p.add_argument("--pool", choices=("max", "avg"), default=None, help="pool after the kernels (or alone)")
+    p.add_argument("--size", type=_int_at_least(1), default=2, help="pooling window (2)")
+    p.add_argument("--stride", type=_int_at_least(1), default=None, help="pooling stride (default: --size)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_filter, range="clip")
+
+
+def _parse_xy(text: str) -> tuple[int, int]:
+    try:
+        x, y = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--explain {text!r}: expected X,Y such as 14,10") from None
+    return x, y
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    """`cnnlab filter IMAGE --kernel K ...`."""
+    from cnnlab.filtering import run_filter
+
+    if not args.kernel and not args.pool:
+        raise UsageError("give at least one --kernel (see `cnnlab kernels`) or --pool")
+    xy = _parse_xy(args.explain) if args.explain else None
+    report = run_filter(
+        args.image,
+        args.kernel,
+        out=args.out,
+        gray=args.gray,
+        padding=args.padding,
+        convolve=args.convolve,
+        value_range=args.range,
+        side_by_side=args.side_by_side,
+        explain=xy,
+        pool_kind=args.pool,
+        pool_size=args.size,
+        pool_stride=args.stride,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return EXIT_OK
+    for text in report.explanations:
+        print(text + "\n")
+    for line in report.summary_lines():
+        print(line)
+    return EXIT_OK
+
+
+def add_shape_parser(sub: argparse._SubParsersAction) -> None:
+    """Options of `cnnlab shape`."""
+    p = sub.add_parser(
+        "shape", help="conv/pool output shapes, parameters, MACs and receptive field, layer by layer",
+        description="Convolution arithmetic with torch's formulas: out = floor((in + 2p - d(k-1) - 1)/s) + 1. "
+        "Shapes are C x H x W as in torch; the lecture's H x W x C order is shown beside them.",
+    )  # fmt: skip
+    p.add_argument("--input", default=None, help="input C x H x W, e.g. 3x32x32 (with --model: its default)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--conv",
+        metavar="OUT,K[,S[,P]]",
+        help="one conv layer: out channels, kernel, stride, padding (a number, same or valid)",
+    )
+    what.add_argument("--pool", metavar="KIND,K[,S[,P]]", help="one pooling layer, e.g. max,2")
+    what.add_argument("--tconv", metavar="OUT,K[,S[,P[,OP]]]", help="one transposed conv layer")
+    what.add_argument(
+        "--layers",
+        metavar="STACK",
+        help="a stack such as 'conv 6 5; pool max 2; conv 16 5; "
+        "pool max 2; fc 120; fc 84; fc 10' (options: s= p= d= g= op= bias= ceil=; also gap, "
+        "flatten, bn, relu)",
+    )
+    what.add_argument("--model", help="walk a registered model instead")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_shape)
+
+
+def _shorthand_layer(args: argparse.Namespace) -> str:
+    """--conv 6,5,1,2 -> 'conv 6 5 s=1 p=2' (and likewise --pool / --tconv)."""
+    if args.conv:
+        kind, parts, keys = "conv", args.conv.split(","), ["", "", "s", "p"]
+    elif args.pool:
+        kind, parts, keys = "pool", args.pool.split(","), ["", "", "s", "p"]
+    else:
+        kind, parts, keys = "tconv", args.tconv.split(","), ["", "", "s", "p", "op"]
+    if len(parts) < 2 or len(parts) > len(keys):
+        raise UsageError(f"--{kind} {','.join(parts)!r}: expected {len(keys)} values at most, at least 2")
+    words = [kind] + [f"{k}={v}" if k else v for k, v in zip(keys, (p.strip() for p in parts), strict=False)]
+    return " ".join(words)
+
+
+def cmd_shape(args: argparse.Namespace) -> int:
+    """`cnnlab shape`."""
+    from cnnlab import arithmetic as ar
+
+    if args.model:
+        return _shape_of_model(args)
+    if not args.input:
+        raise UsageError("--input is required, e.g. --input 3x32x32")
+    shape = ar.parse_shape(args.input)
+    layers = ar.parse_layers(args.layers) if args.layers else [ar.parse_layer(_shorthand_layer(args))]
+    rows = ar.walk(layers, shape)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "input": list(shape),
+                    "layers": [_row_dict(r) for r in rows],
+                    "params": sum(r.params for r in rows),
+                    "macs": sum(r.macs for r in rows),
+                },
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    print(f"input {ar.fmt_shape(shape)} (C x H x W; {ar.lecture_shape(shape)} as H x W x C)")
+    if len(rows) == 1:
+        r = rows[0]
+        print(f"{r.layer} -> {_shape_both(r.out_shape)}")
+        for line in r.formula:
+            print(f"  {line}")
+        print(f"  MACs = {r.macs:,}; receptive field {_rf(r)}")
+        return EXIT_OK
+    from cnnlab.reporting import print_table
+
+    table = [[r.index, r.layer, _shape_both(r.out_shape), f"{r.params:,}", f"{r.macs:,}", _rf(r)] for r in rows]
+    table.append(["", "total", "", f"{sum(r.params for r in rows):,}", f"{sum(r.macs for r in rows):,}", ""])
+    print_table(["#", "layer", "output (C x H x W = H x W x C)", "params", "MACs", "receptive field"], table)
+    return EXIT_OK
+
+
+def _shape_both(shape: tuple[int, ...]) -> str:
+    from cnnlab import arithmetic as ar
+
+    return f"{ar.fmt_shape(shape)} = {ar.lecture_shape(shape)}" if len(shape) == 3 else ar.fmt_shape(shape)
+
+
+def _rf(row: Any) -> str:
+    return "whole input" if row.receptive_field is None else f"{row.receptive_field[0]}x{row.receptive_field[1]}"
+
+
+def _row_dict(r: Any) -> dict[str, Any]:
+    return {"index": r.index, "layer": r.layer, "in_shape": list(r.in_shape), "out_shape": list(r.out_shape),
+            "params": r.params, "macs": r.macs, "receptive_field": list(r.receptive_field) if r.receptive_field
+            else None, "formula": r.formula}  # fmt: skip
+
+
+def _shape_of_model(args: argparse.Namespace) -> int:
+    from cnnlab import arithmetic as ar
+    from cnnlab.inspect.summary import summarize
+    from cnnlab.models import create_model, model_info
+
+    info = model_info(args.model)
+    shape = ar.parse_shape(args.input) if args.input else (info.default_in_channels, info.default_image_size,
+                                                           info.default_image_size)  # fmt: skip
+    model = create_model(args.model, in_channels=shape[0], image_size=shape[1])
+    rows = summarize(model, shape)
+    if args.json:
+        print(json.dumps({"model": args.model, "input": list(shape), "layers": [
+            {"name": r.name, "kind": r.kind, "out_shape": list(r.out_shape), "params": r.params, "macs": r.macs}
+            for r in rows]}, indent=2))  # fmt: skip
+        return EXIT_OK
+    from cnnlab.reporting import print_table
+
+    table = [[r.name, r.kind, _shape_both(r.out_shape), f"{r.params:,}", f"{r.macs:,}"] for r in rows]
+    table.append(["total", "", "", f"{sum(r.params for r in rows):,}", f"{sum(r.macs for r in rows):,}"])
+    print(f"{args.model} on input {ar.fmt_shape(shape)}")
+    print_table(["layer", "type", "output (C x H x W = H x W x C)", "params", "MACs"], table)
+    return EXIT_OK
+
+
 def build_parser() -> Parser:
     """The whole `cnnlab` argument parser."""
     import torch
@@ -248,6 +503,9 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_train_parser(sub)
     add_models_parser(sub)
+    add_kernels_parser(sub)
+    add_filter_parser(sub)
+    add_shape_parser(sub)
     return parser
 
 

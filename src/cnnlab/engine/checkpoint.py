@@ -54,16 +54,19 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True) with an error that names the first mismatching tensor."""
     own = model.state_dict()
-    for key, value in state.items():
-        if key not in own:
-            raise CnnlabError(f"{source}: tensor {key!r} does not belong to this model")
-        if own[key].shape != value.shape:
+    # Walk in the model's own order (file order depends on the reader) so "the first mismatch" is deterministic.
+    for key, expected in own.items():
+        if key not in state:
+            missing = [k for k in own if k not in state]
+            raise CnnlabError(f"{source}: tensor {key!r} is missing ({len(missing)} missing in all)")
+        if state[key].shape != expected.shape:
             raise CnnlabError(
-                f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+                f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, "
+                f"the model expects {tuple(expected.shape)}"
             )
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise CnnlabError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise CnnlabError(f"{source}: tensor {extra[0]!r} does not belong to this model")
     model.load_state_dict(state, strict=True)
 
 

@@ -94,6 +94,10 @@ class PartialConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.dense_weight(), self.bias)
 
+    def count_macs(self, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+        """Only connected kernels do work: (H_out x W_out) x connections x k x k per sample."""
+        return output.shape[-2] * output.shape[-1] * self.weight.numel()
+
 
 class EuclideanRBF(nn.Module):
     """Output units y_i = sum_j (x_j - w_ij)^2 with fixed centres; logits are -y_i (no trainable parameters)."""

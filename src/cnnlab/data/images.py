@@ -1,0 +1,113 @@
+"""Reading and writing image files strictly: bombs, truncation and non-images are errors, never warnings."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from cnnlab.errors import CnnlabError, UsageError
+from cnnlab.fileio import atomic_write_bytes
+
+# Refuse images with more pixels than this (Pillow's own default limit, but as an error at 1x, not a warning).
+MAX_IMAGE_PIXELS = 89_478_485
+SAMPLE_NAME = "sample"  # `cnnlab filter sample ...`: a real photo that ships with matplotlib
+SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+                ".webp": "WEBP"}  # fmt: skip
+
+
+def sample_image_path() -> Path:
+    """Grace Hopper's portrait (public domain, US Navy), shipped in matplotlib's sample data."""
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+def resolve_image_path(path: str | os.PathLike[str]) -> Path:
+    """The file for an IMAGE argument: the word `sample` means the bundled photo."""
+    return sample_image_path() if str(path) == SAMPLE_NAME else Path(path)
+
+
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open and fully decode an image, with EXIF orientation applied; one-line errors naming the file."""
+    path = resolve_image_path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, not an image")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded with grey
+    old_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CnnlabError(f"{path}: refused: more than {MAX_IMAGE_PIXELS:,} pixels (decompression bomb limit)") from e
+    except UnidentifiedImageError as e:
+        raise UsageError(f"{path}: not an image, or a format Pillow cannot read") from e
+    except PermissionError as e:
+        raise UsageError(f"{path}: permission denied") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CnnlabError(f"{path}: damaged or truncated image ({e})") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = old_limit
+    if img.width == 0 or img.height == 0:
+        raise CnnlabError(f"{path}: image has no pixels")
+    return img
+
+
+def image_to_array(img: Image.Image, gray: bool = False) -> tuple[np.ndarray, int]:
+    """Pixels as float32 (C, H, W) in [0, max_value], and max_value (255 or 65535); alpha is dropped."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        # Pillow's 'I' mode holds 32-bit ints; from 16-bit PNG/TIFF its values are 0..65535.
+        return arr[None], 65535
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return arr[None], max(1, int(np.ceil(arr.max()))) if arr.size else 1
+    if gray or mode in ("1", "L", "LA"):
+        arr = np.asarray(img.convert("L"), dtype=np.float32)
+        return arr[None], 255
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return arr.transpose(2, 0, 1).copy(), 255
+
+
+def read_image(path: str | os.PathLike[str], gray: bool = False) -> tuple[np.ndarray, int]:
+    """Read an image file as float32 (C, H, W) pixels in [0, max_value] and max_value."""
+    return image_to_array(open_image(path), gray=gray)
+
+
+def array_to_image(arr: np.ndarray, max_value: int) -> Image.Image:
+    """(C, H, W) values already in [0, max_value] -> a Pillow image (8-bit L/RGB, or 16-bit grayscale)."""
+    if arr.shape[0] not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels, got {arr.shape[0]}")
+    if max_value > 255:
+        if arr.shape[0] == 1:
+            return Image.fromarray(np.rint(arr[0]).astype(np.uint16))  # mode I;16
+        # Pillow cannot hold 16-bit colour: write 8 bits per channel.
+        arr, max_value = arr * (255.0 / max_value), 255
+    data = np.rint(arr).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(data[0]) if data.shape[0] == 1 else Image.fromarray(data.transpose(1, 2, 0))
+
+
+def save_image(img: Image.Image, path: str | os.PathLike[str]) -> Path:
+    """Write an image atomically; the format comes from the file extension."""
+    path = Path(path)
+    fmt = SAVE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"{path}: unknown image extension; use one of {', '.join(sorted(SAVE_FORMATS))}")
+    if fmt == "JPEG" and img.mode == "I;16":
+        img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257.0).round().astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    if not path.parent.exists():
+        raise UsageError(f"{path}: directory {path.parent} does not exist")
+    return atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,68 @@
+"""Per-layer summary of a model on a real forward pass: output shape, parameters, multiply-accumulates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SummaryRow:
+    """One leaf module's entry, in execution order."""
+
+    name: str
+    kind: str
+    out_shape: tuple[int, ...]  # without the batch dimension
+    params: int
+    macs: int
+
+
+def module_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+    """Multiply-accumulates of one call for one sample (batch of 1), counted as torchvision's tables count them."""
+    custom = getattr(module, "count_macs", None)
+    if callable(custom):
+        return int(custom(inputs, output))
+    if isinstance(module, nn.Conv2d):
+        k = module.kernel_size[0] * module.kernel_size[1]
+        return output[0].numel() * (module.in_channels // module.groups) * k
+    if isinstance(module, nn.ConvTranspose2d):
+        k = module.kernel_size[0] * module.kernel_size[1]
+        return inputs[0][0].numel() * (module.out_channels // module.groups) * k
+    if isinstance(module, nn.Linear):
+        return output[0].numel() * module.in_features
+    return 0
+
+
+def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> list[SummaryRow]:
+    """Run one (1, C, H, W) zero batch through `model` in eval mode and record every leaf module it calls."""
+    rows: list[SummaryRow] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
+        if not isinstance(output, torch.Tensor):
+            return
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        rows.append(
+            SummaryRow(
+                names.get(module, "?"),
+                type(module).__name__,
+                tuple(output.shape[1:]),
+                params,
+                module_macs(module, inputs, output),
+            )
+        )
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return rows
