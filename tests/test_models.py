@@ -1,4 +1,4 @@
-"""The model registry and LeNet-5; model tests are parametrized over list_models()."""
+"""The model registry and every registered model; model tests are parametrized over list_models()."""
 
 from __future__ import annotations
 
@@ -9,24 +9,60 @@ from cnnlab.errors import UsageError
 from cnnlab.models import create_model, list_models, model_info, register_model
 from cnnlab.models.lenet import C3_TABLE, PartialConv2d, rbf_centres, scaled_tanh
 
+REAL_RUN_PARAM_LIMIT = 30_000_000  # larger models are checked on the meta device only (shapes, no compute)
+
+
+def meta_model(name: str, **kwargs: object) -> torch.nn.Module:
+    """Build on the meta device: shapes and parameter counts without memory or compute."""
+    with torch.device("meta"):
+        return create_model(name, **kwargs)
+
+
+def smallest_ok_size(name: str, want: int, in_channels: int) -> int:
+    """`want`, or the size named by the model's own error message when it cannot run that small."""
+    try:
+        meta_model(name, num_classes=7, in_channels=in_channels, image_size=want)
+        return want
+    except UsageError as e:
+        assert "cannot run on" in str(e) and "the next size up that works is" in str(e), str(e)
+        return int(str(e).split("works is ")[1].split("x")[0])
+
 
 @pytest.mark.parametrize("name", list_models())
-@pytest.mark.parametrize("in_channels", [1, 3])
-@pytest.mark.parametrize("image_size", [28, 32, 48])
-def test_every_model_forward_backward(name: str, in_channels: int, image_size: int) -> None:
-    info = model_info(name)
-    image_size = max(image_size, info.min_image_size)
-    model = create_model(name, num_classes=7, in_channels=in_channels, image_size=image_size)
-    x = torch.randn(2, in_channels, image_size, image_size)
-    out = model(x)
+@pytest.mark.parametrize(("in_channels", "size"), [(1, "small"), (3, "default")])
+def test_every_model_has_the_right_output_shape(name: str, in_channels: int, size: str) -> None:
+    """Grayscale at 28x28 (or the smallest size the model names), RGB at the model's default size."""
+    side = smallest_ok_size(name, 28, in_channels) if size == "small" else model_info(name).default_image_size
+    model = meta_model(name, num_classes=7, in_channels=in_channels, image_size=side).eval()
+    out = model(torch.zeros(2, in_channels, side, side, device="meta"))
+    assert tuple(out.shape) == (2, 7), (name, side)
+
+
+def _real_models() -> list[str]:
+    """Models small enough to build and run on the CPU in the suite (counted at their default configuration)."""
+    from cnnlab.models.torchvision import build_meta
+
+    small = []
+    for name in list_models():
+        model = build_meta(name) if "torchvision" in model_info(name).tags else create_model(name)
+        if sum(p.numel() for p in model.parameters()) <= REAL_RUN_PARAM_LIMIT:
+            small.append(name)
+    return small
+
+
+@pytest.mark.parametrize("name", _real_models())
+def test_models_train_for_real_at_their_smallest_size(name: str) -> None:
+    size = smallest_ok_size(name, 28, 1)
+    model = create_model(name, num_classes=7, in_channels=1, image_size=size).train()
+    out = model(torch.randn(2, 1, size, size))
     assert out.shape == (2, 7)
-    out.sum().backward()
+    out.logsumexp(1).sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_every_model_splits_features_and_head(name: str) -> None:
+@pytest.mark.parametrize("name", [n for n in list_models() if "ours" in model_info(n).tags])
+def test_our_models_split_features_and_head(name: str) -> None:
     model = create_model(name, num_classes=10, in_channels=1, image_size=28).eval()
     x = torch.randn(3, 1, 28, 28)
     feats = model.forward_features(x)
@@ -38,6 +74,20 @@ def test_list_models_wildcards() -> None:
     assert list_models("lenet*") == ["lenet5", "lenet5-modern"]
     assert list_models("no-such-*") == []
     assert list_models() == sorted(list_models())
+    for family_member in (
+        "alexnet",
+        "vgg16_bn",
+        "googlenet",
+        "inception_v3",
+        "resnet50",
+        "resnext50_32x4d",
+        "densenet121",
+        "squeezenet1_1",
+        "mobilenet_v3_large",
+        "cnn-compact",
+        "resnet20",
+    ):
+        assert family_member in list_models()
 
 
 def test_duplicate_registration_raises() -> None:
@@ -58,6 +108,36 @@ def test_create_model_rejects_impossible_sizes(kwargs: dict[str, int]) -> None:
 
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    [
+        ("lenet5", {"num_classes": 10, "in_channels": 1, "image_size": 32}, 60_000),
+        ("lenet5-modern", {"num_classes": 10, "in_channels": 1, "image_size": 32}, 61_706),
+        # He et al. 2016, Table 6: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M.
+        ("resnet20", {"num_classes": 10}, 269_722),
+        ("resnet32", {"num_classes": 10}, 464_154),
+        ("resnet56", {"num_classes": 10}, 853_018),
+        ("resnet110", {"num_classes": 10}, 1_727_962),
+        ("cnn-compact", {"num_classes": 10, "in_channels": 1}, 288_170),
+        # torchvision's published counts for 1000 classes at 3x224x224.
+        ("alexnet", {"num_classes": 1000}, 61_100_840),
+        ("resnet50", {"num_classes": 1000}, 25_557_032),
+        ("vgg16", {"num_classes": 1000}, 138_357_544),
+    ],
+)
+def test_known_parameter_counts(name: str, kwargs: dict[str, int], expected: int) -> None:
+    assert _params(meta_model(name, **kwargs)) == expected
+
+
+def test_cnn_compact_is_configurable() -> None:
+    m = create_model("cnn-compact", width=16, stages=2, convs_per_stage=1, act="elu", dropout=0.3)
+    assert sum(isinstance(x, torch.nn.Conv2d) for x in m.modules()) == 2
+    assert any(isinstance(x, torch.nn.ELU) for x in m.modules())
+    assert m.features[0].out_channels == 16 and m.features[-3].out_channels == 32
+    with pytest.raises(UsageError, match="act must be one of"):
+        create_model("cnn-compact", act="swishy")
 
 
 def test_lenet5_parameter_counts_match_the_paper() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from cnnlab.errors import UsageError
 
@@ -244,15 +245,15 @@ def _walk_one(layer: Layer, shape: tuple[int, ...], where: str) -> LayerRow:
         )
     if kind == "flatten":
         return LayerRow(0, layer.text, shape, (math.prod(shape),), 0, 0, None)
+    if kind in _NOOP:
+        return LayerRow(0, layer.text, shape, shape, 0, 0, None)
+    if kind == "bn":
+        return LayerRow(0, layer.text, shape, shape, 2 * shape[0], 0, None, [f"params = 2 x {shape[0]} (scale, shift)"])
     if len(shape) != 3:
         raise ShapeError(
             f"{where}: needs (C, H, W) maps but gets a flat vector of {shape[0]}; put it before the first fc/flatten"
         )
     c, _h, _w = shape
-    if kind in _NOOP:
-        return LayerRow(0, layer.text, shape, shape, 0, 0, None)
-    if kind == "bn":
-        return LayerRow(0, layer.text, shape, shape, 2 * c, 0, None, [f"params = 2 x {c} (scale and shift)"])
     if kind == "gap":
         return LayerRow(0, layer.text, shape, (c, 1, 1), 0, 0, None)
     if kind == "pool":
@@ -398,3 +399,36 @@ def pool_output_shape(
         text=f"pool {kind} {kernel_size}",
     )
     return walk([layer], input_shape)[0].out_shape  # type: ignore[return-value]
+
+
+def build_stack(layers: list[Layer], input_shape: Shape) -> Any:
+    """Real torch modules for a layer stack (checked by walk() first): the same arithmetic, as nn.Sequential."""
+    from torch import nn
+
+    rows = walk(layers, input_shape)
+    modules: list[nn.Module] = []
+    shape: tuple[int, ...] = input_shape
+    for layer, row in zip(layers, rows, strict=True):
+        modules.append(_module_for(layer, shape, nn))
+        shape = row.out_shape
+    return nn.Sequential(*modules)
+
+
+def _module_for(layer: Layer, shape: tuple[int, ...], nn: Any) -> Any:
+    k, d = layer.k, layer.dilation
+    if layer.kind == "conv":
+        return nn.Conv2d(shape[0], layer.out, k, layer.stride or 1, layer.padding, d, layer.groups, layer.bias)
+    if layer.kind == "tconv":
+        return nn.ConvTranspose2d(shape[0], layer.out, k, layer.stride or 1, layer.padding, layer.output_padding,
+                                  layer.groups, layer.bias, d)  # fmt: skip
+    if layer.kind == "pool":
+        pad = (0, 0) if layer.padding == "valid" else layer.padding
+        if layer.pool == "max":
+            return nn.MaxPool2d(k, layer.stride or k, pad, d, ceil_mode=layer.ceil_mode)
+        return nn.AvgPool2d(k, layer.stride or k, pad, ceil_mode=layer.ceil_mode)
+    if layer.kind == "fc":
+        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), layer.out, layer.bias))
+    simple = {"gap": lambda: nn.AdaptiveAvgPool2d(1), "flatten": nn.Flatten, "relu": nn.ReLU, "tanh": nn.Tanh,
+              "sigmoid": nn.Sigmoid, "dropout": nn.Dropout,
+              "bn": lambda: nn.BatchNorm2d(shape[0]) if len(shape) == 3 else nn.BatchNorm1d(shape[0])}  # fmt: skip
+    return simple[layer.kind]()

@@ -80,6 +80,24 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--model", default=d.model, help=f"registered model name, see `cnnlab models` (default {d.model})")
     g.add_argument("--data", default=d.data, help=f"dataset (default {d.data}). Known: {sources}")
     g.add_argument("--data-dir", default=None, help="directory to look for dataset files in")
+    g.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start from torchvision's pretrained weights (downloaded to torch's hub cache if online)",
+    )
+    g.add_argument(
+        "--weights",
+        metavar="FILE",
+        default=None,
+        help="pretrained weights from a local file (.pth state dict or .safetensors), same code path",
+    )
+    g.add_argument("--weights-name", default=None, help="which torchvision weights, e.g. IMAGENET1K_V2 (DEFAULT)")
+    g.add_argument(
+        "--model-args",
+        default=None,
+        metavar="K=V,...",
+        help="builder options, e.g. 'width=16,stages=2,act=elu' for cnn-compact",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, help=f"passes over the data ({d.epochs})")
     g.add_argument(
@@ -170,6 +188,27 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def parse_model_args(text: str | None) -> dict[str, Any]:
+    """'width=16,act=elu,dropout=0.3' -> {'width': 16, 'act': 'elu', 'dropout': 0.3}."""
+    out: dict[str, Any] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--model-args: expected KEY=VALUE items, got {item!r}")
+        value = value.strip()
+        for cast in (int, float):
+            try:
+                out[key.strip()] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """`cnnlab train`."""
     from cnnlab.engine.trainer import TrainConfig, fit
@@ -181,7 +220,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         schedule=args.schedule, warmup=args.warmup, step_epochs=args.step_epochs, step_gamma=args.step_gamma,
         label_smoothing=args.label_smoothing, val_split=args.val_split, patience=args.patience,
         augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
-        max_steps=args.max_steps,
+        max_steps=args.max_steps, pretrained=args.pretrained, weights=args.weights, weights_name=args.weights_name,
+        model_args=parse_model_args(args.model_args),
     )  # fmt: skip
     reporter = make_reporter(quiet=args.quiet)
     device = args.device if args.resume and args.device != "auto" else None
@@ -200,8 +240,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab models`."""
-    p = sub.add_parser("models", help="list registered models", description="List registered models.")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'lenet*' (default: all)")
+    p = sub.add_parser(
+        "models",
+        help="list registered models",
+        description="List registered models: cnnlab's own and every torchvision classification builder.",
+    )
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'resnet*' (default: all)")
+    p.add_argument("--pretrained", action="store_true", help="only models with pretrained weights")
+    p.add_argument(
+        "--details",
+        action="store_true",
+        help="build each model for --in-channels/--image-size and say what cnnlab changed to fit",
+    )
+    p.add_argument("--in-channels", type=_int_at_least(1), default=None, help="input channels for --details")
+    p.add_argument("--image-size", type=_int_at_least(1), default=None, help="input side for --details")
+    p.add_argument("--num-classes", type=_int_at_least(1), default=10, help="classes for --details (10)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_models)
 
@@ -210,21 +263,182 @@ def cmd_models(args: argparse.Namespace) -> int:
     """`cnnlab models [PATTERN]`."""
     from cnnlab.models import list_models, model_info
 
-    names = list_models(args.pattern)
-    rows = [
-        {"name": n, "family": (i := model_info(n)).family, "input": f"{i.default_in_channels}x{i.default_image_size}"
-         f"x{i.default_image_size}", "description": i.description}
-        for n in names
-    ]  # fmt: skip
+    names = [n for n in list_models(args.pattern) if not args.pretrained or "pretrained" in model_info(n).tags]
+    if not names:
+        raise CnnlabError(f"no model matches {args.pattern!r}; see `cnnlab models`")
+    rows = []
+    for n in names:
+        i = model_info(n)
+        row: dict[str, Any] = {
+            "name": n,
+            "family": i.family,
+            "input": f"{i.default_in_channels}x{i.default_image_size}x{i.default_image_size}",
+            "description": i.description,
+        }
+        if args.details:
+            row.update(_model_details(n, args))
+        rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    if not rows:
-        raise CnnlabError(f"no model matches {args.pattern!r}; see `cnnlab models`")
     from cnnlab.reporting import print_table
 
-    print_table(["name", "family", "input", "description"], [list(r.values()) for r in rows])
+    if not args.details:
+        print_table(["name", "family", "default input", "description"], [list(r.values()) for r in rows])
+        return EXIT_OK
+    for r in rows:
+        print(f"{r['name']} ({r['family']}) for {r['built_for']}: {r['params']:,} params")
+        for change in r["changes"] or ["no changes: used as designed"]:
+            print(f"    {change}")
     return EXIT_OK
+
+
+def _model_details(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from cnnlab.models import create_model, model_info
+
+    info = model_info(name)
+    c = args.in_channels or info.default_in_channels
+    size = args.image_size or info.default_image_size
+    try:
+        with torch.device("meta"):
+            model = create_model(name, num_classes=args.num_classes, in_channels=c, image_size=size)
+    except UsageError as e:
+        return {"built_for": f"{c}x{size}x{size}", "params": 0, "changes": [f"cannot build: {e}"]}
+    return {
+        "built_for": f"{c}x{size}x{size}, {args.num_classes} classes",
+        "params": sum(p.numel() for p in model.parameters()),
+        "changes": getattr(model, "cnnlab_changes", []),
+    }
+
+
+def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
+    """Options of `cnnlab zoo`."""
+    p = sub.add_parser(
+        "zoo", help="params, GFLOPS and ImageNet accuracy of every torchvision weights entry (and ours)",
+        description="The zoo table. Acc@1/Acc@5 come from torchvision's weights metadata; Params and GFLOPS are "
+        "measured by cnnlab on the meta device at each weights' input size. GFLOPS = billions of multiply-"
+        "accumulates per image, as torchvision's table counts them (torch's FlopCounterMode counts 2 FLOPs per "
+        "MAC; cnnlab halves it).",
+    )  # fmt: skip
+    p.add_argument("pattern", nargs="?", default="*", help="wildcard over model names (default: all)")
+    p.add_argument("--format", choices=("table", "csv", "json", "markdown"), default="table", help="(table)")
+    p.add_argument("--source", choices=("all", "torchvision", "ours"), default="all", help="which models (all)")
+    p.add_argument("--sort", choices=("name", "acc1", "params", "gflops"), default="name", help="(name)")
+    p.set_defaults(func=cmd_zoo)
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    """`cnnlab zoo`."""
+    from cnnlab.inspect.zoo import matches_torchvision, own_rows, torchvision_rows
+
+    rows = (torchvision_rows(args.pattern) if args.source != "ours" else []) + (
+        own_rows(args.pattern) if args.source != "torchvision" else [])  # fmt: skip
+    if not rows:
+        raise CnnlabError(f"no model matches {args.pattern!r}")
+    key = {"name": lambda r: (r.model, r.weights), "acc1": lambda r: -(r.acc1 or 0), "params": lambda r: r.params,
+           "gflops": lambda r: r.gflops}[args.sort]  # fmt: skip
+    rows.sort(key=key)
+    if args.format == "json":
+        print(json.dumps([{**r.to_dict(), "matches_torchvision": matches_torchvision(r)} for r in rows], indent=2))
+        return EXIT_OK
+    header = ["model", "weights", "input", "Acc@1", "Acc@5", "Params", "GFLOPS", "= torchvision"]
+
+    def fmt(r: Any) -> list[str]:
+        check = "yes" if matches_torchvision(r) else ("-" if r.tv_params is None else "NO")
+        acc = (f"{r.acc1:.3f}" if r.acc1 is not None else "-", f"{r.acc5:.3f}" if r.acc5 is not None else "-")
+        return [r.model, r.weights, str(r.input_size), *acc, f"{r.params / 1e6:.1f}M", f"{r.gflops:.3f}"
+                if r.gflops >= 0.001 else f"{r.gflops:.2e}", check]  # fmt: skip
+
+    table = [fmt(r) for r in rows]
+    if args.format == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["model", "weights", "input", "acc1", "acc5", "params", "gmacs", "matches_torchvision"])
+        writer.writerows([r.model, r.weights, r.input_size, r.acc1, r.acc5, r.params, f"{r.gflops:.6f}",
+                          matches_torchvision(r)] for r in rows)  # fmt: skip
+    elif args.format == "markdown":
+        print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+        print("\n".join("| " + " | ".join(row) + " |" for row in table))
+    else:
+        from cnnlab.reporting import print_table
+
+        print_table(header, table, title="GFLOPS = GMACs per image (as torchvision's table)")
+    return EXIT_OK
+
+
+def add_summary_parser(sub: argparse._SubParsersAction) -> None:
+    """Options of `cnnlab summary`."""
+    p = sub.add_parser(
+        "summary",
+        help="per-layer table: output shape, params, MACs, totals",
+        description="A per-layer table like torchinfo or Keras summary(), from a real forward pass "
+        "(on the meta device for torchvision models: no memory, no compute).",
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL", help="a registered model name (or use --layers)")
+    p.add_argument("--layers", help="a layer stack as in `cnnlab shape --layers`, e.g. 'conv 6 5'")
+    p.add_argument("--input-size", default=None, help="C,H,W (default: the model's own; e.g. 3,32,32)")
+    p.add_argument(
+        "--num-classes", type=_int_at_least(1), default=None, help="classes (default 10; 1000 for torchvision models)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_summary)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """`cnnlab summary MODEL`."""
+    from cnnlab import arithmetic as ar
+    from cnnlab.inspect.summary import summarize, totals
+
+    if bool(args.model) == bool(args.layers):
+        raise UsageError("give a MODEL name or --layers (one of them)")
+    if args.layers:
+        shape = ar.parse_shape(args.input_size or "")
+        model, title = ar.build_stack(ar.parse_layers(args.layers), shape), args.layers
+    else:
+        model, shape = _summary_model(args)
+        title = args.model
+    rows = summarize(model, shape)
+    tot = totals(model, rows)
+    if args.json:
+        print(json.dumps({"model": title, "input": list(shape), "layers": [
+            {"name": r.name, "kind": r.kind, "out_shape": list(r.out_shape), "params": r.params, "macs": r.macs}
+            for r in rows], "params": tot.params, "trainable": tot.trainable, "macs": tot.macs,
+            "activation_bytes": tot.activation_bytes}, indent=2))  # fmt: skip
+        return EXIT_OK
+    from cnnlab.reporting import print_table
+
+    table = [[r.name, r.kind, _shape_both(r.out_shape), f"{r.params:,}", f"{r.macs:,}"] for r in rows]
+    print(f"{title} on input {ar.fmt_shape(shape)}")
+    print_table(["layer", "type", "output (C x H x W = H x W x C)", "params", "MACs"], table)
+    from cnnlab.inspect.zoo import count_macs
+
+    all_macs = count_macs(model, shape)
+    print(
+        f"params {tot.params:,} ({tot.trainable:,} trainable) | MACs {tot.macs:,} in conv/linear layers, "
+        f"{all_macs:,} in all matrix products (FlopCounterMode / 2) | "
+        f"activations {tot.activation_bytes / 2**20:.2f} MiB per image (float32)"
+    )
+    return EXIT_OK
+
+
+def _summary_model(args: argparse.Namespace) -> tuple[Any, tuple[int, int, int]]:
+    import torch
+
+    from cnnlab import arithmetic as ar
+    from cnnlab.models import create_model, model_info
+
+    info = model_info(args.model)
+    shape = ar.parse_shape(args.input_size) if args.input_size else (info.default_in_channels,
+                                                                     info.default_image_size,
+                                                                     info.default_image_size)  # fmt: skip
+    classes = args.num_classes or (1000 if "torchvision" in info.tags else 10)
+    if "torchvision" in info.tags:
+        with torch.device("meta"):  # a ViT-H/14 summary in a second, without 2.5 GB of weights
+            return create_model(args.model, num_classes=classes, in_channels=shape[0], image_size=shape[1]), shape
+    return create_model(args.model, num_classes=classes, in_channels=shape[0], image_size=shape[1]), shape
 
 
 def add_kernels_parser(sub: argparse._SubParsersAction) -> None:
@@ -506,6 +720,8 @@ def build_parser() -> Parser:
     add_kernels_parser(sub)
     add_filter_parser(sub)
     add_shape_parser(sub)
+    add_zoo_parser(sub)
+    add_summary_parser(sub)
     return parser
 
 

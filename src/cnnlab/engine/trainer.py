@@ -72,6 +72,10 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda > mps > cpu
     precision: str = "auto"  # auto = bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere
     max_steps: int | None = None  # cap on optimizer steps over the whole run (smoke tests of big models)
+    pretrained: bool = False  # torchvision weights through torchvision's API (hub cache, download if online)
+    weights: str | None = None  # the same from a local file
+    weights_name: str | None = None  # e.g. IMAGENET1K_V2; None = DEFAULT
+    model_args: dict[str, Any] = field(default_factory=dict)  # builder options (cnn-compact: width, stages, ...)
     eval_batch_size: int = 1000
 
     def resolved_lr(self) -> float:
@@ -84,7 +88,11 @@ class TrainConfig:
         def bad(option: str, why: str) -> UsageError:
             return UsageError(f"--{option.replace('_', '-')} {why}")
 
-        model_info(self.model)  # unknown model -> UsageError with suggestions
+        info = model_info(self.model)  # unknown model -> UsageError with suggestions
+        if (self.pretrained or self.weights or self.weights_name) and "pretrained" not in info.tags:
+            raise UsageError(
+                f"--pretrained/--weights: {self.model} has no pretrained weights; see `cnnlab models --pretrained`"
+            )
         for name in ("epochs", "batch_size", "eval_batch_size", "step_epochs"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be at least 1, got {getattr(self, name)}")
@@ -264,12 +272,7 @@ class _Trainer:
         self.data = dataset if dataset is not None else load_dataset(cfg.data, cfg.data_dir)
         self.augment = tuple(cfg.augment) if cfg.augment is not None else self.data.default_augment
         self._split()
-        self.model = create_model(
-            cfg.model,
-            num_classes=len(self.data.classes),
-            in_channels=self.data.channels,
-            image_size=self.data.image_size,
-        ).to(self.device)
+        self.model = self._create_model().to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
@@ -295,6 +298,30 @@ class _Trainer:
         self.elapsed = 0.0
         self.run: Path | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+
+    def _create_model(self) -> nn.Module:
+        cfg = self.cfg
+        kwargs: dict[str, Any] = dict(cfg.model_args)
+        if cfg.pretrained or cfg.weights or cfg.weights_name:
+            kwargs.update(pretrained=True, weights_file=cfg.weights, weights_name=cfg.weights_name)
+        try:
+            model = create_model(
+                cfg.model,
+                num_classes=len(self.data.classes),
+                in_channels=self.data.channels,
+                image_size=self.data.image_size,
+                **kwargs,
+            )
+        except TypeError as e:
+            raise UsageError(f"--model-args: {cfg.model} does not take these options ({e})") from None
+        info = getattr(model, "pretrained_info", None)
+        if info:
+            # Pretrained features expect the weights' own normalisation; a grey image sees the mean over RGB.
+            mean, std = info["mean"], info["std"]
+            if self.data.channels != len(mean):
+                mean, std = [sum(mean) / len(mean)] * self.data.channels, [sum(std) / len(std)] * self.data.channels
+            self.norm = Normalization(tuple(mean), tuple(std))
+        return model
 
     def _split(self) -> None:
         cfg, train = self.cfg, self.data.train
@@ -327,6 +354,9 @@ class _Trainer:
                 "in_channels": self.data.channels,
                 "image_size": self.data.image_size,
                 "params": n_params,
+                "args": dict(self.cfg.model_args),
+                "changes": list(getattr(self.model, "cnnlab_changes", [])),
+                "pretrained": getattr(self.model, "pretrained_info", None),
             },
             "data": {
                 "name": self.data.name,

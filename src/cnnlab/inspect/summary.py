@@ -57,12 +57,38 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Summa
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     was_training = model.training
+    device = next(model.parameters()).device  # works on the meta device too: shapes without compute
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
+            model(torch.zeros(1, *input_shape, device=device))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     return rows
+
+
+@dataclass
+class SummaryTotals:
+    """Totals under the per-layer table."""
+
+    params: int
+    trainable: int
+    macs: int
+    activation_bytes: int  # float32 outputs of every leaf module for one image
+
+
+def totals(model: nn.Module, rows: list[SummaryRow]) -> SummaryTotals:
+    """Whole-model parameter counts (shared parameters once), MACs and activation memory."""
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    acts = sum(4 * _numel(r.out_shape) for r in rows)
+    return SummaryTotals(params, trainable, sum(r.macs for r in rows), acts)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

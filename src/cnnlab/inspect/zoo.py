@@ -1,0 +1,109 @@
+"""The zoo table: torchvision's accuracy metadata beside parameters and GFLOPS that cnnlab measures itself.
+
+GFLOPS here means billions of multiply-accumulates per image, as in torchvision's published table; torch's
+FlopCounterMode counts 2 FLOPs per MAC, so its total is halved. Everything is measured on the meta device at
+the weights' own input size: no memory, no compute, no download.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cnnlab.models.registry import create_model, list_models, model_info
+from cnnlab.models.torchvision import build_meta, torchvision_names, weights_enum, weights_input_size
+
+
+@dataclass
+class ZooRow:
+    """One weights entry (or one of cnnlab's own models)."""
+
+    model: str
+    weights: str
+    family: str
+    input_size: int
+    acc1: float | None  # ImageNet-1K top-1 (%), from torchvision's metadata
+    acc5: float | None
+    params: int  # measured by cnnlab
+    gflops: float  # measured by cnnlab: GMACs per image
+    tv_params: int | None  # torchvision's published numbers, for comparison
+    tv_gflops: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def count_macs(model: torch.nn.Module, shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of one (1, C, H, W) forward in eval mode, via torch's FlopCounterMode (FLOPs / 2)."""
+    device = next(model.parameters()).device
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, *shape, device=device))
+    return counter.get_total_flops() // 2
+
+
+def torchvision_rows(pattern: str = "*") -> list[ZooRow]:
+    """A row per torchvision weights entry of the models matching `pattern`."""
+    rows = []
+    for name in torchvision_names():
+        if not fnmatch.fnmatchcase(name, pattern):
+            continue
+        for weights in weights_enum(name):
+            meta = weights.meta
+            size = weights_input_size(weights)
+            kwargs: dict[str, object] = {"num_classes": len(meta.get("categories") or range(1000))}
+            if name == "inception_v3":
+                # torchvision's parameter count includes Inception v3's auxiliary classifier (27.2M, not 23.8M).
+                kwargs.update(aux_logits=True, init_weights=False)
+            elif name == "googlenet":
+                kwargs.update(aux_logits=False, init_weights=False)
+            if name.startswith("vit_"):
+                kwargs["image_size"] = size
+            model = build_meta(name, **kwargs)
+            metrics = next(iter(meta.get("_metrics", {}).values()), {})
+            rows.append(ZooRow(
+                model=name, weights=weights.name, family=model_info(name).family, input_size=size,
+                acc1=metrics.get("acc@1"), acc5=metrics.get("acc@5"),
+                params=sum(p.numel() for p in model.parameters()), gflops=count_macs(model, (3, size, size)) / 1e9,
+                tv_params=meta.get("num_params"), tv_gflops=meta.get("_ops"),
+            ))  # fmt: skip
+    return rows
+
+
+def own_rows(pattern: str = "*") -> list[ZooRow]:
+    """cnnlab's own models at their default input (no ImageNet accuracy: they are not ImageNet models)."""
+    rows = []
+    for name in list_models(pattern):
+        info = model_info(name)
+        if "ours" not in info.tags:
+            continue
+        shape = (info.default_in_channels, info.default_image_size, info.default_image_size)
+        model = create_model(name, num_classes=10)
+        rows.append(
+            ZooRow(
+                name,
+                "-",
+                info.family,
+                info.default_image_size,
+                None,
+                None,
+                sum(p.numel() for p in model.parameters()),
+                count_macs(model, shape) / 1e9,
+                None,
+                None,
+            )
+        )
+    return rows
+
+
+def matches_torchvision(row: ZooRow) -> bool:
+    """True when cnnlab's measurement equals torchvision's published Params and GFLOPS (3 decimals)."""
+    if row.tv_params is None or row.tv_gflops is None:
+        return False
+    return row.params == row.tv_params and math.isclose(round(row.gflops, 3), round(row.tv_gflops, 3))
