@@ -51,10 +51,11 @@ def _real_models() -> list[str]:
 
 
 @pytest.mark.parametrize("name", _real_models())
-def test_models_train_for_real_at_their_smallest_size(name: str) -> None:
-    size = smallest_ok_size(name, 28, 1)
-    model = create_model(name, num_classes=7, in_channels=1, image_size=size).train()
-    out = model(torch.randn(2, 1, size, size))
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_models_train_for_real_at_their_smallest_size(name: str, in_channels: int) -> None:
+    size = smallest_ok_size(name, 28, in_channels)
+    model = create_model(name, num_classes=7, in_channels=in_channels, image_size=size).train()
+    out = model(torch.randn(2, in_channels, size, size))
     assert out.shape == (2, 7)
     out.logsumexp(1).sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]

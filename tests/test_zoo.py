@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -100,8 +101,12 @@ def test_hub_cache_serves_pretrained_weights_offline(resnet18_file: tuple[Path, 
         torch.hub.set_dir(old)
 
 
-def test_offline_without_cached_weights_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_without_cached_weights_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def no_network(*args: object, **kwargs: object) -> None:
+        print('Downloading: "https://example.invalid/resnet18.pth"')  # as torch.hub announces it
+        sys.stderr.write("progress\n")
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
@@ -114,6 +119,7 @@ def test_offline_without_cached_weights_is_one_clear_error(tmp_path: Path, monke
             r"resnet18-.*\.pth in .*or pass --weights FILE",
         ):
             create_model("resnet18", pretrained=True)
+        assert capsys.readouterr() == ("", ""), "the library prints nothing; the CLI prints the one error line"
     finally:
         torch.hub.set_dir(old)
 

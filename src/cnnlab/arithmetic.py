@@ -42,17 +42,17 @@ def pool_output_size(n: int, k: int, s: int, p: int = 0, d: int = 1, ceil_mode: 
     return out
 
 
-def parse_shape(text: str) -> Shape:
+def parse_shape(text: str, option: str = "--input") -> Shape:
     """'3x32x32', '3,32,32' (C, H, W) or '32x32' (one channel) -> (C, H, W)."""
     parts = [p for p in re.split(r"[x,×\s]+", text.strip().lower()) if p]
     try:
         nums = [int(p) for p in parts]
     except ValueError:
-        raise ShapeError(f"--input {text!r}: expected C x H x W such as 3x32x32") from None
+        raise ShapeError(f"{option} {text!r}: expected C x H x W such as 3x32x32") from None
     if len(nums) == 2:
         nums = [1, *nums]
     if len(nums) != 3 or min(nums) < 1:
-        raise ShapeError(f"--input {text!r}: expected three positive sizes C x H x W such as 3x32x32")
+        raise ShapeError(f"{option} {text!r}: expected three positive sizes C x H x W such as 3x32x32")
     return (nums[0], nums[1], nums[2])
 
 

@@ -177,6 +177,25 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--runs-dir", default="runs", help="parent directory of run directories (runs)")
     g.add_argument("--name", default=None, help="run directory name (default <date>_<time>_<model>_<data>)")
     g.add_argument(
+        "--on-nan",
+        choices=("stop", "skip"),
+        default="stop",
+        help="a non-finite loss or gradient: stop naming epoch and step, or skip that step (stop)",
+    )
+    g.add_argument(
+        "--clip-grad",
+        type=_positive_float,
+        default=None,
+        metavar="MAX_NORM",
+        help="clip the global gradient norm (off)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        metavar="N|Nm",
+        default=None,
+        help="also checkpoint inside epochs: every N steps, or every N minutes with 'm' (e.g. 500, 10m)",
+    )
+    g.add_argument(
         "--resume",
         metavar="RUN",
         default=None,
@@ -209,6 +228,22 @@ def parse_model_args(text: str | None) -> dict[str, Any]:
     return out
 
 
+def parse_checkpoint_every(text: str | None) -> dict[str, Any]:
+    """'500' -> every 500 steps; '10m' -> every 10 minutes."""
+    if not text:
+        return {}
+    try:
+        if text.endswith("m"):
+            minutes = float(text[:-1])
+            if minutes > 0:
+                return {"checkpoint_minutes": minutes}
+        elif int(text) > 0:
+            return {"checkpoint_steps": int(text)}
+    except ValueError:
+        pass
+    raise UsageError(f"--checkpoint-every {text!r}: expected a number of steps (500) or minutes (10m), above 0")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """`cnnlab train`."""
     from cnnlab.engine.trainer import TrainConfig, fit
@@ -222,14 +257,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
         max_steps=args.max_steps, pretrained=args.pretrained, weights=args.weights, weights_name=args.weights_name,
         model_args=parse_model_args(args.model_args),
+        on_nan=args.on_nan, clip_grad=args.clip_grad, **parse_checkpoint_every(args.checkpoint_every),
     )  # fmt: skip
     reporter = make_reporter(quiet=args.quiet)
     device = args.device if args.resume and args.device != "auto" else None
-    result = fit(cfg, runs_dir=args.runs_dir, run_name=args.name, reporter=reporter, resume=args.resume, device=device)
+    try:
+        result = fit(
+            cfg, runs_dir=args.runs_dir, run_name=args.name, reporter=reporter, resume=args.resume, device=device
+        )
+    finally:
+        getattr(reporter, "close", lambda: None)()  # leave the terminal clean on errors and interrupts
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         early = ", stopped early" if result.stopped_early else ""
+        early += f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""
         print(
             f"test accuracy {result.test_acc:.2%} (top-5 {result.test_top5:.2%}, loss {result.test_loss:.4f})"
             f" | {result.epochs_run} epochs (best {result.best_epoch}{early})"
@@ -395,7 +437,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.layers):
         raise UsageError("give a MODEL name or --layers (one of them)")
     if args.layers:
-        shape = ar.parse_shape(args.input_size or "")
+        if not args.input_size:
+            raise UsageError("--input-size C,H,W is required with --layers, e.g. --input-size 3,32,32")
+        shape = ar.parse_shape(args.input_size, "--input-size")
         model, title = ar.build_stack(ar.parse_layers(args.layers), shape), args.layers
     else:
         model, shape = _summary_model(args)
@@ -431,7 +475,7 @@ def _summary_model(args: argparse.Namespace) -> tuple[Any, tuple[int, int, int]]
     from cnnlab.models import create_model, model_info
 
     info = model_info(args.model)
-    shape = ar.parse_shape(args.input_size) if args.input_size else (info.default_in_channels,
+    shape = ar.parse_shape(args.input_size, "--input-size") if args.input_size else (info.default_in_channels,
                                                                      info.default_image_size,
                                                                      info.default_image_size)  # fmt: skip
     classes = args.num_classes or (1000 if "torchvision" in info.tags else 10)

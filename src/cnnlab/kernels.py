@@ -124,7 +124,7 @@ def parse_matrix(text: str) -> np.ndarray:
     rows = [r for r in re.split(r"[;\n]", text.strip()) if r.strip() and not r.strip().startswith("#")]
     try:
         values = [[float(Fraction(v)) for v in re.split(r"[,\s]+", r.strip()) if v] for r in rows]
-    except (ValueError, ZeroDivisionError) as e:
+    except (ValueError, ZeroDivisionError, OverflowError) as e:  # OverflowError: found by fuzzing ("1e309")
         raise UsageError(f"kernel {text!r}: not a matrix of numbers ({e})") from None
     return _check_matrix(values, repr(text))
 

@@ -160,13 +160,20 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches(self.epoch_order())
+
+    def epoch_order(self) -> torch.Tensor:
+        """This epoch's sample order (a fresh permutation from the generator when shuffling), this rank's shard."""
         n = len(self.labels)
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator, device=self.device)
         else:
             order = torch.arange(n, device=self.device)
-        order = order[self.rank :: self.world_size]
-        for i in range(len(self)):
+        return order[self.rank :: self.world_size]
+
+    def batches(self, order: torch.Tensor, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of `order` from batch index `start` on (a resumed epoch continues mid-way)."""
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.prepare(self.images[idx]), self.labels[idx]
 

@@ -10,6 +10,8 @@ import contextlib
 import dataclasses
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -77,6 +79,10 @@ class TrainConfig:
     weights_name: str | None = None  # e.g. IMAGENET1K_V2; None = DEFAULT
     model_args: dict[str, Any] = field(default_factory=dict)  # builder options (cnn-compact: width, stages, ...)
     eval_batch_size: int = 1000
+    checkpoint_steps: int = 0  # also write last.ckpt every this many steps inside an epoch; 0 = at epoch ends only
+    checkpoint_minutes: float = 0.0  # ...or every this many minutes
+    on_nan: str = "stop"  # a non-finite loss or gradient: stop (naming epoch and step) or skip that step
+    clip_grad: float | None = None  # clip the global gradient norm to this value
 
     def resolved_lr(self) -> float:
         """The peak learning rate, defaulting per optimizer."""
@@ -98,6 +104,8 @@ class TrainConfig:
                 raise bad(name, f"must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise bad("max_steps", f"must be at least 1, got {self.max_steps}")
+        if self.checkpoint_steps < 0 or self.checkpoint_minutes < 0:
+            raise bad("checkpoint_every", "must be 0 (off) or more")
         if self.patience < 0:
             raise bad("patience", f"must be 0 (off) or more, got {self.patience}")
         if not 0.0 <= self.val_split < 1.0:
@@ -112,7 +120,14 @@ class TrainConfig:
             raise bad("lr", f"must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or self.momentum < 0 or self.step_gamma <= 0:
             raise UsageError("--weight-decay and --momentum must be >= 0, --step-gamma > 0")
-        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
+        if self.clip_grad is not None and not (self.clip_grad > 0 and math.isfinite(self.clip_grad)):
+            raise bad("clip_grad", f"must be a positive number, got {self.clip_grad}")
+        for name, choices in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("precision", PRECISIONS),
+            ("on_nan", ("stop", "skip")),
+        ):
             if getattr(self, name) not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.augment is not None:
@@ -150,6 +165,7 @@ class TrainResult:
     stopped_early: bool
     seconds: float
     device: str
+    skipped_steps: int = 0  # steps skipped by --on-nan skip
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +174,60 @@ class TrainResult:
         d.pop("history")
         d["run_dir"] = str(self.run_dir) if self.run_dir else None
         return d
+
+
+class TrainingInterrupted(CnnlabError):
+    """SIGINT/SIGTERM stopped training after a step; the checkpoint to resume from is on disk (exit code 130)."""
+
+    exit_code = 130
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: its sample order, batches done, and running sums (all resumable)."""
+
+    order: torch.Tensor  # (N,) sample indices of this epoch
+    batch: int  # batches done
+    loss_sum: torch.Tensor  # () sum of per-sample loss
+    correct: torch.Tensor  # () top-1 hits
+    first_bad: torch.Tensor  # () global step of the first non-finite loss, -1 if none
+    seen: int  # samples done
+    lr: float  # learning rate when the epoch started (the metrics row reports it)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, step: int) -> None:
+        """Account for one step without a host sync."""
+        self.first_bad = torch.where(
+            (self.first_bad < 0) & ~torch.isfinite(loss), torch.full_like(self.first_bad, step), self.first_bad
+        )
+        self.loss_sum = self.loss_sum + loss * y.numel()
+        self.correct = self.correct + (logits.argmax(1) == y).sum()
+        self.batch += 1
+        self.seen += y.numel()
+
+    def state(self) -> dict[str, Any]:
+        """Plain tensors and numbers for the checkpoint."""
+        return {
+            "order": self.order.cpu(),
+            "batch": self.batch,
+            "loss_sum": self.loss_sum.cpu(),
+            "correct": self.correct.cpu(),
+            "first_bad": self.first_bad.cpu(),
+            "seen": self.seen,
+            "lr": self.lr,
+        }
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any], device: torch.device) -> EpochProgress:
+        """Inverse of state()."""
+        return cls(
+            d["order"].to(device),
+            d["batch"],
+            d["loss_sum"].to(device),
+            d["correct"].to(device),
+            d["first_bad"].to(device),
+            d["seen"],
+            d["lr"],
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -298,6 +368,10 @@ class _Trainer:
         self.elapsed = 0.0
         self.run: Path | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.progress: EpochProgress | None = None  # set while an epoch is under way
+        self.skipped_steps = 0  # steps skipped by --on-nan skip
+        self.stop_requested: str | None = None  # the name of the signal asking training to stop
+        self.last_save = time.monotonic()
 
     def _create_model(self) -> nn.Module:
         cfg = self.cfg
@@ -389,6 +463,8 @@ class _Trainer:
             "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed,
             "early_stop": {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs},
             "history": self.history,
+            "partial": self.progress.state() if self.progress is not None else None,
+            "skipped_steps": self.skipped_steps,
             "rng": rng_state({"data": self.gen}),
         }  # fmt: skip
 
@@ -404,52 +480,113 @@ class _Trainer:
         es = state["early_stop"]
         self.best_loss, self.best_epoch, self.bad_epochs = es["best_loss"], es["best_epoch"], es["bad_epochs"]
         self.history = list(state["history"])
+        self.skipped_steps = state.get("skipped_steps", 0)
+        partial = state.get("partial")
+        self.progress = EpochProgress.from_state(partial, self.device) if partial else None
         set_rng_state(state["rng"], {"data": self.gen})
 
+    def _new_progress(self) -> EpochProgress:
+        zero = torch.zeros((), device=self.device)
+        lr = self.opt.param_groups[0]["lr"]
+        return EpochProgress(self.train_loader.epoch_order(), 0, zero.clone(), zero.long(), zero.long() - 1, 0, lr)
+
     def train_epoch(self) -> dict[str, float]:
-        """One pass over the training split; returns train loss and accuracy."""
+        """One pass over the training split (or the rest of it, after a mid-epoch resume): loss and accuracy."""
         model, cfg = self.model, self.cfg
         model.train()
         sync_each_step = self.device.type == "cpu"  # on a GPU, reading the loss every step would stall it
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        first_bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
-        seen = 0
-        self.reporter.epoch_start(self.epoch + 1, min(self.steps_per_epoch, self.total_steps - self.step))
-        for i, (x, y) in enumerate(self.train_loader):
+        prog = self.progress if self.progress is not None else self._new_progress()
+        self.progress = prog
+        self.reporter.epoch_start(self.epoch + 1, min(self.steps_per_epoch - prog.batch, self.total_steps - self.step))
+        for x, y in self.train_loader.batches(prog.order, prog.batch):
             with autocast(self.device, self.dtype):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.scale(loss).backward()
-                self.scaler.step(self.opt)
-                self.scaler.update()
+                self.scaler.unscale_(self.opt)
             else:
                 loss.backward()
-                self.opt.step()
+            ok = self._clip_and_check(loss)
+            if ok:
+                if self.scaler:
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                else:
+                    self.opt.step()
             if self.sched:
                 self.sched.step()
+            if not ok:  # --on-nan skip: this step changes no weight and counts in no metric
+                self.step += 1
+                self.skipped_steps += 1
+                prog.batch += 1
+                self.reporter.message(f"skipped step {self.step} (epoch {self.epoch + 1}): non-finite loss or gradient")
+                if self.step >= self.total_steps:
+                    break
+                continue
             self.step += 1
-            loss_d = loss.detach()
-            first_bad_step = torch.where(
-                (first_bad_step < 0) & ~torch.isfinite(loss_d),
-                torch.full_like(first_bad_step, self.step),
-                first_bad_step,
-            )
-            loss_sum += loss_d * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += y.numel()
-            self.reporter.step(self.epoch + 1, i + 1, loss_d.item() if sync_each_step else None)
+            prog.add(loss.detach(), logits.detach(), y, self.step)
+            self.reporter.step(self.epoch + 1, prog.batch, loss.detach().item() if sync_each_step else None)
             if self.step >= self.total_steps:
                 break
-        bad = int(first_bad_step.item())
+            if self.stop_requested or self._checkpoint_due():
+                self._save_mid_epoch()
+        self._check_finite(prog)
+        self.progress = None
+        return {
+            "train_loss": prog.loss_sum.item() / max(1, prog.seen),
+            "train_acc": prog.correct.item() / max(1, prog.seen),
+            "lr": prog.lr,
+        }
+
+    def _clip_and_check(self, loss: torch.Tensor) -> bool:
+        """Clip gradients (--clip-grad); with --on-nan skip, False for a non-finite loss or gradient."""
+        cfg = self.cfg
+        norm = None
+        if cfg.clip_grad is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        if cfg.on_nan != "skip" or self.scaler is not None:  # fp16's grad scaler already skips inf/nan steps
+            return True
+        if norm is None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        # One host sync per step: the price of deciding on the host whether to step.
+        return bool(torch.isfinite(loss) and torch.isfinite(norm))
+
+    def _checkpoint_due(self) -> bool:
+        cfg = self.cfg
+        if cfg.checkpoint_steps and self.step % cfg.checkpoint_steps == 0:
+            return True
+        return bool(cfg.checkpoint_minutes) and time.monotonic() - self.last_save >= 60 * cfg.checkpoint_minutes
+
+    def _check_finite(self, prog: EpochProgress) -> None:
+        bad = int(prog.first_bad.item())
         if bad >= 0:
             raise CnnlabError(
-                f"training diverged: non-finite loss at epoch {self.epoch + 1}, step {bad}; "
-                f"nothing was saved from this epoch (try a lower --lr)"
+                f"training diverged: non-finite loss at epoch {self.epoch + 1}, step {bad}; the last checkpoint "
+                f"is from before it (try a lower --lr or --clip-grad)"
             )
-        return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen)}
+
+    def _save_mid_epoch(self) -> None:
+        """A checkpoint inside an epoch (for --checkpoint-every, or on SIGINT/SIGTERM); then stop if asked to."""
+        self._check_finite(self.progress)  # never save weights after a non-finite loss
+        if self.run:
+            save_checkpoint(self.checkpoint_state(), self.run / rundir.LAST)
+            self.last_save = time.monotonic()
+        if self.stop_requested:
+            self._raise_interrupted()
+
+    def _raise_interrupted(self) -> None:
+        where = f"epoch {self.epoch + 1}, step {self.step}"
+        if self.run is None:
+            raise TrainingInterrupted(
+                f"interrupted by {self.stop_requested} at {where}; no run directory, nothing saved"
+            )
+        raise TrainingInterrupted(
+            f"interrupted by {self.stop_requested} at {where}; checkpoint saved, resume "
+            f"with: cnnlab train --resume {self.run}"
+        )
 
     def run_epochs(self) -> bool:
         """Train until the epochs, the step cap or early stopping end it; True if stopped early."""
@@ -457,8 +594,7 @@ class _Trainer:
         val_loader = self.eval_loader("val")
         while self.epoch < cfg.epochs and self.step < self.total_steps:
             t0 = time.perf_counter()
-            lr = self.opt.param_groups[0]["lr"]
-            row: dict[str, Any] = {"epoch": self.epoch + 1, **self.train_epoch(), "lr": lr}
+            row: dict[str, Any] = {"epoch": self.epoch + 1, **self.train_epoch()}
             if val_loader is not None:
                 val = evaluate_batches(self.model, iter(val_loader), cfg.label_smoothing, self.dtype)
                 row.update(val_loss=val["loss"], val_acc=val["acc"])
@@ -481,6 +617,8 @@ class _Trainer:
                 save_checkpoint(self.checkpoint_state(), run / rundir.LAST)
                 rundir.write_metrics(run, self.history)
             self.reporter.epoch_end(row)
+            if self.stop_requested:
+                self._raise_interrupted()
             if cfg.patience and self.bad_epochs >= cfg.patience:
                 self.reporter.message(
                     f"early stopping: validation loss has not improved for {cfg.patience} "
@@ -505,7 +643,8 @@ class _Trainer:
         result = TrainResult(
             run_dir=run, model=self.cfg.model, data=self.data.name, test_acc=test["acc"], test_loss=test["loss"],
             test_top5=test["top5"], best_epoch=self.best_epoch, epochs_run=self.epoch, stopped_early=stopped_early,
-            seconds=time.perf_counter() - started, device=str(self.device), history=self.history,
+            seconds=time.perf_counter() - started, device=str(self.device),
+            skipped_steps=self.skipped_steps, history=self.history,
         )  # fmt: skip
         if run:
             atomic_write_json(run / rundir.RESULTS, result.to_dict())
@@ -516,6 +655,28 @@ class _Trainer:
                 best_epoch=self.best_epoch if self.val_set is not None else None,
             )
         return result
+
+
+@contextlib.contextmanager
+def _graceful_stop(trainer: _Trainer) -> Iterator[None]:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second one: stop at once (KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if trainer.stop_requested:
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        trainer.stop_requested = signal.Signals(signum).name
+        trainer.reporter.message(f"{trainer.stop_requested}: stopping after this step (again to stop at once)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def fit(
@@ -554,7 +715,8 @@ def fit(
         t.run = run
         if state is not None:
             t.restore(state)
-            reporter.message(f"resuming {run} after epoch {t.epoch} (step {t.step})")
+            inside = f", batch {t.progress.batch} of epoch {t.epoch + 1}" if t.progress is not None else ""
+            reporter.message(f"resuming {run} after epoch {t.epoch}{inside} (step {t.step})")
     elif runs_dir is not None:
         # Created only now, after options, data and model all proved valid: a bad invocation leaves nothing behind.
         t.run = rundir.new_run_dir(runs_dir, cfg.model, t.data.name, run_name)
@@ -568,7 +730,8 @@ def fit(
             "start_epoch": t.epoch,
         }
     )
-    stopped = t.run_epochs()
+    with _graceful_stop(t):
+        stopped = t.run_epochs()
     result = t.finish(stopped, started)
     reporter.train_end(result)
     return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import math
 import warnings
 from collections.abc import Iterator
@@ -352,7 +353,9 @@ def _pretrained_model(name: str, weights: Any, weights_file: str | Path | None, 
     """Build with torchvision's own pretrained code path; a local file replaces only the download."""
     if weights_file is None:
         try:
-            return tvm.get_model(name, weights=weights, progress=False, **kwargs)
+            # torch.hub announces downloads with print(); the library stays quiet (the CLI owns the terminal).
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                return tvm.get_model(name, weights=weights, progress=False, **kwargs)
         except OSError as e:  # URLError and friends: offline, or the host unreachable
             hub = Path(torch.hub.get_dir()) / "checkpoints"
             raise CnnlabError(
