@@ -15,7 +15,7 @@ CASES = [
     (["zoo", "--sort", "speed"], 2, "argument --sort: invalid choice"),
     (["summary"], 2, "give a MODEL name or --layers"),
     (["summary", "lenet6"], 2, "unknown model 'lenet6'"),
-    (["summary", "lenet5", "--input-size", "x"], 2, "--input-size 'x': expected C x H x W"),
+    (["summary", "lenet5", "--input-size", "x"], 2, "--input-size 'x': expected three positive sizes"),
     (["summary", "--layers", "conv 6 5", "--input-size", "3,4,4"], 2, "layer 1 (conv 6 5): output would be 0x0"),
     (["summary", "--layers", "conv 6 5"], 2, "--input-size C,H,W is required with --layers"),
     (["summary", "vit_b_16", "--input-size", "3,28,28"], 2, "cannot run on 28x28 inputs"),
