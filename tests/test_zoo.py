@@ -201,3 +201,17 @@ def test_cli_models_details_and_pretrained(capsys: pytest.CaptureFixture[str]) -
     assert main(["models", "--pretrained", "--json"]) == 0
     names = [r["name"] for r in json.loads(capsys.readouterr().out)]
     assert "resnet50" in names and "lenet5" not in names
+
+
+def test_a_weights_file_with_a_pickle_payload_is_refused_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "resnet18-evil.pth"
+    torch.save({"conv1.weight": Payload()}, evil)
+    with pytest.raises(CnnlabError, match="not a loadable state dict"):
+        create_model("resnet18", weights_file=evil)
+    assert not marker.exists()
