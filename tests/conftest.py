@@ -47,6 +47,17 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     )
 
 
+def write_pickle_payload(path: Path, marker: Path, wrap: object = None) -> Path:
+    """torch.save a file whose unpickling would create `marker`: proof that a loader never ran it."""
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (open, (str(marker), "w"))
+
+    torch.save(wrap(Payload()) if callable(wrap) else {"payload": Payload()}, path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
     # Tests on a 2-core CI machine: keep torch from oversubscribing when pytest runs subprocesses too.

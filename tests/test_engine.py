@@ -20,6 +20,7 @@ from cnnlab.engine.checkpoint import load_checkpoint, read_weights, save_checkpo
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.fileio import atomic_write_bytes
 from cnnlab.models import create_model
+from tests.conftest import write_pickle_payload
 
 
 def quick(**kw: Any) -> TrainConfig:
@@ -205,13 +206,9 @@ def test_max_steps_caps_the_run(small_digits: Dataset) -> None:
 
 def test_checkpoint_with_a_pickle_payload_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self) -> tuple[Any, ...]:
-            return (open, (str(marker), "w"))
-
-    evil = tmp_path / "last.ckpt"
-    torch.save({"format": "cnnlab-checkpoint-v1", "model": Payload()}, evil)
+    evil = write_pickle_payload(
+        tmp_path / "last.ckpt", marker, lambda p: {"format": "cnnlab-checkpoint-v1", "model": p}
+    )
     with pytest.raises(CnnlabError, match="refused to load"):
         load_checkpoint(evil)
     assert not marker.exists(), "the payload must never run"

@@ -18,6 +18,7 @@ from cnnlab.engine import TrainConfig, fit
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.inspect.zoo import matches_torchvision, own_rows, torchvision_rows
 from cnnlab.models import create_model
+from tests.conftest import write_pickle_payload
 
 
 @pytest.fixture(scope="module")
@@ -205,13 +206,7 @@ def test_cli_models_details_and_pretrained(capsys: pytest.CaptureFixture[str]) -
 
 def test_a_weights_file_with_a_pickle_payload_is_refused_and_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self) -> tuple[object, ...]:
-            return (open, (str(marker), "w"))
-
-    evil = tmp_path / "resnet18-evil.pth"
-    torch.save({"conv1.weight": Payload()}, evil)
+    evil = write_pickle_payload(tmp_path / "resnet18-evil.pth", marker, lambda p: {"conv1.weight": p})
     with pytest.raises(CnnlabError, match="not a loadable state dict"):
         create_model("resnet18", weights_file=evil)
     assert not marker.exists()

@@ -387,6 +387,8 @@ class _Trainer:
                 **kwargs,
             )
         except TypeError as e:
+            if not cfg.model_args:  # a builder bug, not the user's options: let it surface as such
+                raise
             raise UsageError(f"--model-args: {cfg.model} does not take these options ({e})") from None
         info = getattr(model, "pretrained_info", None)
         if info:
