@@ -141,37 +141,39 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
+def _wait_for_step(run: Path, target: int, proc: subprocess.Popen[str], timeout: float = 120) -> bool:
+    """Poll last.ckpt (safe: it is replaced atomically) until it reaches `target` steps; False if proc ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpt = run / "last.ckpt"
+        if ckpt.exists() and load_checkpoint(ckpt)["step"] >= target:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path: Path) -> None:
-    """kill -9 the CLI at random moments, resume each time; the finished run equals an uninterrupted one."""
-    args = [
-        "--epochs",
-        "3",
-        "--batch-size",
-        "32",
-        "--checkpoint-every",
-        "7",
-        "--augment",
-        "crop,rotate,erase",
-        "--quiet",
-    ]
+    """kill -9 the CLI at random steps (3 times), resume each time; the finished run equals an uninterrupted one.
+
+    The kill points are random steps, not random seconds, so every kill lands inside training on any machine.
+    """
+    args = ["--epochs", "6", "--batch-size", "32", "--checkpoint-every", "7", "--augment", "crop,rotate,erase",
+            "--quiet"]  # fmt: skip
     straight = _cli(*args, "--name", "straight", cwd=tmp_path)
     assert straight.wait(timeout=300) == 0, straight.stderr.read()
-    rng = random.Random(1234)
-    kills = 0
+    total = load_checkpoint(tmp_path / "runs" / "straight" / "last.ckpt")["step"]  # 6 x 113 = 678
+    run = tmp_path / "runs" / "killed"
+    targets = sorted(random.Random(1234).sample(range(20, total - 60), 3))
     proc = _cli(*args, "--name", "killed", cwd=tmp_path)
-    for _ in range(3):
-        time.sleep(rng.uniform(3.5, 6.0))  # ~3 s of start-up, then somewhere inside training
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-        if (tmp_path / "runs" / "killed" / "results.json").exists():
-            break
-        proc = _cli("--resume", str(tmp_path / "runs" / "killed"), "--quiet", cwd=tmp_path)
+    for target in targets:
+        assert _wait_for_step(run, target, proc), f"run ended before step {target}: {proc.stderr.read()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (run / "results.json").exists()
+        proc = _cli("--resume", str(run), "--quiet", cwd=tmp_path)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    assert kills >= 1
-    same_run(tmp_path / "runs" / "straight", tmp_path / "runs" / "killed")
+    same_run(tmp_path / "runs" / "straight", run)
 
 
 def test_on_nan_skip_skips_the_step_and_keeps_training(small_digits: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
