@@ -47,6 +47,33 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     )
 
 
+def main_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """Run `cnnlab ARGS` in-process (argparse's SystemExit included): the exit code and the stderr lines."""
+    from cnnlab.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture
+def trainer_models(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
+    """The model of every fit() started in the test, in order, so a test can tamper with it mid-run."""
+    from cnnlab.engine import trainer
+
+    models: list[torch.nn.Module] = []
+    original = trainer._Trainer.__init__
+
+    def capture(self: object, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        models.append(self.model)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(trainer._Trainer, "__init__", capture)
+    return models
+
+
 def write_pickle_payload(path: Path, marker: Path, wrap: object = None) -> Path:
     """torch.save a file whose unpickling would create `marker`: proof that a loader never ran it."""
 

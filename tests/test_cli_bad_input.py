@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cnnlab.cli import main
+from tests.conftest import main_error
 
 CASES = [
     (["models", "--image-size", "0", "--details"], 2, "argument --image-size: must be at least 1"),
@@ -43,12 +43,7 @@ def test_bad_input(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # any run directory would appear here
-    try:
-        got = main(args)
-    except SystemExit as e:  # argparse's own errors
-        got = e.code
-    err = capsys.readouterr().err
-    assert got == code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: ") and needle in lines[0], err
+    got, lines = main_error(args, capsys)
+    assert got == code, lines
+    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: ") and needle in lines[0], lines
     assert not list(tmp_path.iterdir()), "a refused command writes nothing"  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cnnlab.cli import main
 from cnnlab.kernels import list_kernels
-from tests.conftest import run_cli
+from tests.conftest import main_error, run_cli
 
 
 @pytest.fixture
@@ -100,14 +100,9 @@ def test_bad_input_is_one_line_and_exit_2(
 ) -> None:
     (lecture_png.parent / "text.png").write_text("not an image")
     args = [a.replace("{png}", str(lecture_png)).replace("{dir}", str(lecture_png.parent)) for a in args]
-    try:
-        code = main(args)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: ") and needle in lines[0], err
+    code, lines = main_error(args, capsys)
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: ") and needle in lines[0], lines
 
 
 def test_a_text_matrix_is_an_image_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

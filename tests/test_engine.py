@@ -136,25 +136,16 @@ def test_resume_is_bit_exact(small_digits: Dataset, tmp_path: Path) -> None:
 
 
 def test_divergence_stops_with_the_epoch_and_step_and_keeps_the_previous_checkpoint(
-    small_digits: Dataset, tmp_path: Path
+    small_digits: Dataset, tmp_path: Path, trainer_models: list[torch.nn.Module]
 ) -> None:
     class Explode(Reporter):
         def epoch_end(self, row: dict[str, Any]) -> None:
             if row["epoch"] == 1:
-                for p in model_ref[0].parameters():
+                for p in trainer_models[0].parameters():
                     p.data.fill_(float("nan"))
 
-    model_ref: list[torch.nn.Module] = []
-    original_init = trainer._Trainer.__init__
-
-    def capture(self: Any, *args: Any, **kw: Any) -> None:
-        original_init(self, *args, **kw)
-        model_ref.append(self.model)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer._Trainer, "__init__", capture)
-        with pytest.raises(CnnlabError, match=r"non-finite loss at epoch 2, step 21"):
-            fit(quick(epochs=3), runs_dir=tmp_path, dataset=small_digits, reporter=Explode())
+    with pytest.raises(CnnlabError, match=r"non-finite loss at epoch 2, step 21"):
+        fit(quick(epochs=3), runs_dir=tmp_path, dataset=small_digits, reporter=Explode())
     run = next(tmp_path.iterdir())
     state = load_checkpoint(run / "last.ckpt")
     assert state["epoch"] == 1

@@ -103,30 +103,17 @@ def test_a_second_interrupt_stops_at_once_and_leaves_files_loadable(small_digits
     assert not [p for p in run.iterdir() if p.suffix == ".tmp" and not p.name.startswith(".")]
 
 
-def test_non_finite_weights_are_never_checkpointed_mid_epoch(small_digits: Dataset, tmp_path: Path) -> None:
-    models: list[torch.nn.Module] = []
-
+def test_non_finite_weights_are_never_checkpointed_mid_epoch(
+    small_digits: Dataset, tmp_path: Path, trainer_models: list[torch.nn.Module]
+) -> None:
     class Poison(Reporter):
-        def train_start(self, info: dict[str, Any]) -> None:
-            pass
-
         def step(self, epoch: int, step: int, loss: float | None) -> None:
             if epoch == 2 and step == 3:
-                for p in models[0].parameters():
+                for p in trainer_models[0].parameters():
                     p.data.fill_(float("nan"))
 
-    from cnnlab.engine import trainer
-
-    original = trainer._Trainer.__init__
-
-    def capture(self: Any, *args: Any, **kw: Any) -> None:
-        original(self, *args, **kw)
-        models.append(self.model)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer._Trainer, "__init__", capture)
-        with pytest.raises(CnnlabError, match="non-finite loss at epoch 2, step 24"):
-            fit(cfg(checkpoint_steps=2), runs_dir=tmp_path, dataset=small_digits, reporter=Poison())
+    with pytest.raises(CnnlabError, match="non-finite loss at epoch 2, step 24"):
+        fit(cfg(checkpoint_steps=2), runs_dir=tmp_path, dataset=small_digits, reporter=Poison())
     state = load_checkpoint(next(tmp_path.iterdir()) / "last.ckpt")
     assert state["step"] == 22 and all(torch.isfinite(v).all() for v in state["model"].values())
 

@@ -447,16 +447,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
     rows = summarize(model, shape)
     tot = totals(model, rows)
     if args.json:
-        print(json.dumps({"model": title, "input": list(shape), "layers": [
-            {"name": r.name, "kind": r.kind, "out_shape": list(r.out_shape), "params": r.params, "macs": r.macs}
-            for r in rows], "params": tot.params, "trainable": tot.trainable, "macs": tot.macs,
-            "activation_bytes": tot.activation_bytes}, indent=2))  # fmt: skip
+        print(json.dumps({"model": title, "input": list(shape), "layers": _layer_dicts(rows), "params": tot.params,
+                          "trainable": tot.trainable, "macs": tot.macs, "activation_bytes": tot.activation_bytes},
+                         indent=2))  # fmt: skip
         return EXIT_OK
-    from cnnlab.reporting import print_table
-
-    table = [[r.name, r.kind, _shape_both(r.out_shape), f"{r.params:,}", f"{r.macs:,}"] for r in rows]
-    print(f"{title} on input {ar.fmt_shape(shape)}")
-    print_table(["layer", "type", "output (C x H x W = H x W x C)", "params", "MACs"], table)
+    _print_layer_table(title, shape, rows)
     from cnnlab.inspect.zoo import count_macs
 
     all_macs = count_macs(model, shape)
@@ -469,20 +464,41 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def _summary_model(args: argparse.Namespace) -> tuple[Any, tuple[int, int, int]]:
+    from cnnlab.models import model_info
+
+    classes = args.num_classes or (1000 if "torchvision" in model_info(args.model).tags else 10)
+    return _model_to_walk(args.model, args.input_size, "--input-size", classes)
+
+
+def _model_to_walk(name: str, input_text: str | None, option: str, num_classes: int
+                   ) -> tuple[Any, tuple[int, int, int]]:  # fmt: skip
+    """A registered model and its (C, H, W) input for a per-layer walk: torchvision models on the meta device."""
     import torch
 
     from cnnlab import arithmetic as ar
     from cnnlab.models import create_model, model_info
 
-    info = model_info(args.model)
-    shape = ar.parse_shape(args.input_size, "--input-size") if args.input_size else (info.default_in_channels,
-                                                                     info.default_image_size,
-                                                                     info.default_image_size)  # fmt: skip
-    classes = args.num_classes or (1000 if "torchvision" in info.tags else 10)
-    if "torchvision" in info.tags:
-        with torch.device("meta"):  # a ViT-H/14 summary in a second, without 2.5 GB of weights
-            return create_model(args.model, num_classes=classes, in_channels=shape[0], image_size=shape[1]), shape
-    return create_model(args.model, num_classes=classes, in_channels=shape[0], image_size=shape[1]), shape
+    info = model_info(name)
+    shape = ar.parse_shape(input_text, option) if input_text else (info.default_in_channels,
+                                                                   info.default_image_size,
+                                                                   info.default_image_size)  # fmt: skip
+    device = "meta" if "torchvision" in info.tags else "cpu"  # a ViT-H/14 walk in a second, without 2.5 GB
+    with torch.device(device):
+        return create_model(name, num_classes=num_classes, in_channels=shape[0], image_size=shape[1]), shape
+
+
+def _layer_dicts(rows: list[Any]) -> list[dict[str, Any]]:
+    return [{"name": r.name, "kind": r.kind, "out_shape": list(r.out_shape), "params": r.params, "macs": r.macs}
+            for r in rows]  # fmt: skip
+
+
+def _print_layer_table(title: str, shape: tuple[int, ...], rows: list[Any], extra: Sequence[list[str]] = ()) -> None:
+    from cnnlab import arithmetic as ar
+    from cnnlab.reporting import print_table
+
+    table = [[r.name, r.kind, _shape_both(r.out_shape), f"{r.params:,}", f"{r.macs:,}"] for r in rows]
+    print(f"{title} on input {ar.fmt_shape(shape)}")
+    print_table(["layer", "type", "output (C x H x W = H x W x C)", "params", "MACs"], [*table, *extra])
 
 
 def add_kernels_parser(sub: argparse._SubParsersAction) -> None:
@@ -717,26 +733,15 @@ def _row_dict(r: Any) -> dict[str, Any]:
 
 
 def _shape_of_model(args: argparse.Namespace) -> int:
-    from cnnlab import arithmetic as ar
     from cnnlab.inspect.summary import summarize
-    from cnnlab.models import create_model, model_info
 
-    info = model_info(args.model)
-    shape = ar.parse_shape(args.input) if args.input else (info.default_in_channels, info.default_image_size,
-                                                           info.default_image_size)  # fmt: skip
-    model = create_model(args.model, in_channels=shape[0], image_size=shape[1])
+    model, shape = _model_to_walk(args.model, args.input, "--input", num_classes=10)
     rows = summarize(model, shape)
     if args.json:
-        print(json.dumps({"model": args.model, "input": list(shape), "layers": [
-            {"name": r.name, "kind": r.kind, "out_shape": list(r.out_shape), "params": r.params, "macs": r.macs}
-            for r in rows]}, indent=2))  # fmt: skip
+        print(json.dumps({"model": args.model, "input": list(shape), "layers": _layer_dicts(rows)}, indent=2))
         return EXIT_OK
-    from cnnlab.reporting import print_table
-
-    table = [[r.name, r.kind, _shape_both(r.out_shape), f"{r.params:,}", f"{r.macs:,}"] for r in rows]
-    table.append(["total", "", "", f"{sum(r.params for r in rows):,}", f"{sum(r.macs for r in rows):,}"])
-    print(f"{args.model} on input {ar.fmt_shape(shape)}")
-    print_table(["layer", "type", "output (C x H x W = H x W x C)", "params", "MACs"], table)
+    total = ["total", "", "", f"{sum(r.params for r in rows):,}", f"{sum(r.macs for r in rows):,}"]
+    _print_layer_table(args.model, shape, rows, [total])
     return EXIT_OK
 
 

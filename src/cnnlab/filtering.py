@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from cnnlab.arithmetic import conv_output_size
 from cnnlab.data.images import SAMPLE_NAME, array_to_image, read_image, save_image
 from cnnlab.errors import UsageError
 from cnnlab.inspect.visualize import save_figure
@@ -177,7 +178,7 @@ def _explain_pool(
     report: FilterReport, x: torch.Tensor, kind: str, size: int, stride: int, xy: tuple[int, int], channels: list[str]
 ) -> None:
     px, py = xy
-    out_h, out_w = (x.shape[1] - size) // stride + 1, (x.shape[2] - size) // stride + 1
+    out_h, out_w = conv_output_size(x.shape[1], size, stride), conv_output_size(x.shape[2], size, stride)
     if not (0 <= px < out_w and 0 <= py < out_h):
         raise UsageError(f"--explain {px},{py}: outside the {out_w}x{out_h} pooled output")
     r0, c0 = py * stride, px * stride

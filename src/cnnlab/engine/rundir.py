@@ -97,15 +97,6 @@ def write_metrics(run: Path, rows: list[dict[str, Any]]) -> Path:
     return atomic_write_text(run / METRICS, buf.getvalue())
 
 
-def read_metrics(run: Path) -> list[dict[str, float]]:
-    """Read metrics.csv back as floats (empty cells become NaN)."""
-    path = run / METRICS
-    if not path.is_file():
-        raise UsageError(f"{path}: no metrics yet")
-    with path.open(newline="", encoding="utf-8") as f:
-        return [{k: float(v) if v != "" else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def _fmt(v: Any) -> str:
     if v is None:
         return ""

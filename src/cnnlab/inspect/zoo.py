@@ -15,7 +15,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnlab.models.registry import create_model, list_models, model_info
-from cnnlab.models.torchvision import build_meta, torchvision_names, weights_enum, weights_input_size
+from cnnlab.models.torchvision import (
+    build_meta,
+    builder_kwargs,
+    torchvision_names,
+    weights_enum,
+    weights_input_size,
+)
 
 
 @dataclass
@@ -57,14 +63,11 @@ def torchvision_rows(pattern: str = "*") -> list[ZooRow]:
         for weights in weights_enum(name):
             meta = weights.meta
             size = weights_input_size(weights)
-            kwargs: dict[str, object] = {"num_classes": len(meta.get("categories") or range(1000))}
+            kwargs = builder_kwargs(name, size, pretrained=False)  # the same family options create_model uses
+            kwargs["num_classes"] = len(meta.get("categories") or range(1000))
             if name == "inception_v3":
                 # torchvision's parameter count includes Inception v3's auxiliary classifier (27.2M, not 23.8M).
-                kwargs.update(aux_logits=True, init_weights=False)
-            elif name == "googlenet":
-                kwargs.update(aux_logits=False, init_weights=False)
-            if name.startswith("vit_"):
-                kwargs["image_size"] = size
+                kwargs["aux_logits"] = True
             model = build_meta(name, **kwargs)
             metrics = next(iter(meta.get("_metrics", {}).values()), {})
             rows.append(ZooRow(

@@ -198,23 +198,27 @@ def drop_aux_heads(model: nn.Module) -> None:
                 setattr(model, attr, None)
 
 
-def _downsamplers(model: nn.Module, shape: tuple[int, int, int]) -> list[tuple[str, nn.Module]]:
-    """Leaf convs and pools that shrink the maps, in the order a forward pass runs them (meta device)."""
-    found: list[tuple[str, nn.Module]] = []
-    names = {m: n for n, m in model.named_modules()}
+def _trace(model: nn.Module, shape: tuple[int, int, int]) -> list[tuple[nn.Module, int, torch.Size]] | None:
+    """(module, input width, output shape) of every conv/pool call of one forward pass; None if it fails."""
+    calls: list[tuple[nn.Module, int, torch.Size]] = []
 
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] < inputs[0].shape[-1]:
-            found.append((names[module], module))
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            calls.append((module, inputs[0].shape[-1], output.shape))
 
     kinds = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     try:
-        runs(model, shape)
+        return calls if runs(model, shape) is not None else None
     finally:
         for h in handles:
             h.remove()
-    return found
+
+
+def _downsamplers(model: nn.Module, shape: tuple[int, int, int]) -> list[tuple[str, nn.Module]]:
+    """Leaf convs and pools that shrink the maps, in the order a forward pass runs them (meta device)."""
+    names = {m: n for n, m in model.named_modules()}
+    return [(names[m], m) for m, width, out in _trace(model, shape) or [] if out[-1] < width]
 
 
 def runs(model: nn.Module, shape: tuple[int, int, int]) -> torch.Tensor | None:
@@ -244,20 +248,8 @@ def _kernel_of(module: nn.Module) -> int:
 
 def smallest_map(model: nn.Module, shape: tuple[int, int, int]) -> int | None:
     """Smallest spatial side among the 4-D outputs of a (1, C, H, W) forward (meta device), None if it fails."""
-    sides: list[int] = []
-
-    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if isinstance(output, torch.Tensor) and output.dim() == 4:
-            sides.append(min(output.shape[-2:]))
-
-    kinds = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
-    try:
-        ok = runs(model, shape) is not None
-    finally:
-        for h in handles:
-            h.remove()
-    return min(sides, default=shape[-1]) if ok else None
+    calls = _trace(model, shape)
+    return None if calls is None else min((min(out[-2:]) for _, _, out in calls), default=shape[-1])
 
 
 def plan_small_input(
