@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +91,18 @@ def write_pickle_payload(path: Path, marker: Path, wrap: object = None) -> Path:
 def _few_threads() -> None:
     # Tests on a 2-core CI machine: keep torch from oversubscribing when pytest runs subprocesses too.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_data_locations(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never read the user's $CNNLAB_DATA nor write to the user's cache (subprocesses inherit this)."""
+    os.environ["CNNLAB_CACHE"] = str(tmp_path_factory.mktemp("cnnlab-cache"))
+    os.environ.pop("CNNLAB_DATA", None)
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write a uint8 array as an IDX file (gzip-compressed when the name ends in .gz)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data, compresslevel=1) if path.suffix == ".gz" else data)
+    return path

@@ -78,8 +78,35 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("what to train")
     g.add_argument("--model", default=d.model, help=f"registered model name, see `cnnlab models` (default {d.model})")
-    g.add_argument("--data", default=d.data, help=f"dataset (default {d.data}). Known: {sources}")
-    g.add_argument("--data-dir", default=None, help="directory to look for dataset files in")
+    g.add_argument(
+        "--data",
+        default=d.data,
+        help=f"a dataset name or an image folder (one sub-folder per class; optional train/ val/ test/) "
+        f"(default {d.data}). Known: {sources}",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="look here first for dataset files; then $CNNLAB_DATA, the user cache, system locations",
+    )
+    g.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=d.download,
+        help="download a missing dataset with torchvision (needs internet; default on)",
+    )
+    g.add_argument(
+        "--image-size",
+        type=_int_at_least(1),
+        default=None,
+        help="resize images to this square side (image folders: 64, or 224 with pretrained weights)",
+    )
+    g.add_argument(
+        "--on-bad-image",
+        choices=("error", "skip"),
+        default=d.on_bad_image,
+        help="image folders: stop at a corrupt/non-image file naming it, or skip and list it (error)",
+    )
     g.add_argument(
         "--pretrained",
         action="store_true",
@@ -250,7 +277,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cnnlab.reporting import make_reporter
 
     cfg = TrainConfig(
-        model=args.model, data=args.data, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
+        model=args.model, data=args.data, data_dir=args.data_dir, download=args.download, image_size=args.image_size,
+        on_bad_image=args.on_bad_image, epochs=args.epochs, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         schedule=args.schedule, warmup=args.warmup, step_epochs=args.step_epochs, step_gamma=args.step_gamma,
         label_smoothing=args.label_smoothing, val_split=args.val_split, patience=args.patience,

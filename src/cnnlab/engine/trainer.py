@@ -26,7 +26,7 @@ from torch import nn
 
 import cnnlab
 from cnnlab.data.pipeline import BatchLoader, Normalization, channel_stats, parse_augment
-from cnnlab.data.sources import Dataset, load_dataset, stratified_split
+from cnnlab.data.sources import BAD_IMAGE_POLICIES, Dataset, is_folder_name, load_dataset, stratified_split
 from cnnlab.engine import rundir
 from cnnlab.engine.checkpoint import (
     load_checkpoint,
@@ -55,7 +55,10 @@ class TrainConfig:
 
     model: str = "lenet5-modern"
     data: str = "mnist-mini"
-    data_dir: str | None = None
+    data_dir: str | None = None  # looked in first; then $CNNLAB_DATA, the user cache, system locations
+    download: bool = True  # fetch a missing dataset with torchvision's code (online only)
+    image_size: int | None = None  # resize images to this square side; image folders: 64, or 224 when pretrained
+    on_bad_image: str = "error"  # image folders: a bad file stops loading (error) or is left out and listed (skip)
     epochs: int = 40  # passes over the training split
     batch_size: int = 64  # images per optimizer step
     optimizer: str = "adamw"
@@ -130,8 +133,15 @@ class TrainConfig:
         ):
             if getattr(self, name) not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.image_size is not None and self.image_size < 1:
+            raise bad("image_size", f"must be at least 1, got {self.image_size}")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise bad("on_bad_image", f"must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {self.on_bad_image!r}")
         if self.augment is not None:
             self.augment = parse_augment(self.augment)
+        if is_folder_name(self.data):
+            # An absolute path, so that resume and evaluate find the folder from any working directory.
+            self.data = str(Path(self.data).expanduser().resolve())
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -339,7 +349,7 @@ class _Trainer:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_precision(cfg.precision, self.device)
         seed_everything(cfg.seed)
-        self.data = dataset if dataset is not None else load_dataset(cfg.data, cfg.data_dir)
+        self.data = dataset if dataset is not None else self._load_data()
         self.augment = tuple(cfg.augment) if cfg.augment is not None else self.data.default_augment
         self._split()
         self.model = self._create_model().to(self.device)
@@ -373,6 +383,18 @@ class _Trainer:
         self.stop_requested: str | None = None  # the name of the signal asking training to stop
         self.last_save = time.monotonic()
 
+    def _load_data(self) -> Dataset:
+        cfg = self.cfg
+        size = cfg.image_size
+        if size is None and is_folder_name(cfg.data) and (cfg.pretrained or cfg.weights or cfg.weights_name):
+            size = 224  # the resolution ImageNet weights were trained and evaluated at
+        data = load_dataset(
+            cfg.data, cfg.data_dir, download=cfg.download, image_size=size, on_bad_image=cfg.on_bad_image
+        )
+        for note in data.notes:
+            self.reporter.message(note)
+        return data
+
     def _create_model(self) -> nn.Module:
         cfg = self.cfg
         kwargs: dict[str, Any] = dict(cfg.model_args)
@@ -401,10 +423,15 @@ class _Trainer:
 
     def _split(self) -> None:
         cfg, train = self.cfg, self.data.train
-        if cfg.val_split > 0:
+        if self.data.val is not None:  # the source has its own validation split (an image folder's val/)
+            self.train_set, self.val_set = train, self.data.val
+        elif cfg.val_split > 0:
             rest, held = stratified_split(train.labels, cfg.val_split, cfg.seed)
             if len(held) == 0 or len(rest) == 0:
-                raise UsageError(f"--val-split {cfg.val_split} leaves an empty split of {len(train)} images")
+                raise UsageError(
+                    f"--val-split {cfg.val_split} leaves an empty split of {len(train)} training images "
+                    "(it holds out round(fraction x images) per class); raise it, or use --val-split 0 --patience 0"
+                )
             self.train_set, self.val_set = train.subset(rest), train.subset(held)
         else:
             self.train_set, self.val_set = train, None
@@ -445,6 +472,10 @@ class _Trainer:
                 "train_size": len(self.train_set),
                 "val_size": len(self.val_set) if self.val_set is not None else 0,
                 "test_size": len(self.data.test),
+                "validation": "given by the source"
+                if self.data.val is not None
+                else f"{self.cfg.val_split:g} of train",
+                **self.data.extra,
             },
             "train": self.cfg.to_dict(),
             "runtime": {
