@@ -35,18 +35,29 @@ from cnnlab.data.sources import FILE_SPECS, locate_files
 from cnnlab.models import create_model
 
 BATCH = 256
+WORKERS = (0, 2)
+
+
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that wall times mean something."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def best_epoch(make_iter, repeats: int = 3) -> float:
-    """Best wall time of iterating one epoch, after a warm-up epoch."""
+    """Best wall time of iterating one epoch (batches on DEVICE), after a warm-up epoch."""
     for _ in make_iter():
         pass
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
-        n = 0
-        for _x, y in make_iter():
-            n += len(y)
+        for x, _y in make_iter():
+            x.to(DEVICE, non_blocking=True)  # the peers' batches must reach the device too
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -69,18 +80,20 @@ def fashion(tmp: Path) -> list[str]:
     load_s = time.perf_counter() - t0
     norm = channel_stats(ds.train.images)
     gen = torch.Generator().manual_seed(0)
-    loader = BatchLoader(ds.train, BATCH, norm, shuffle=True, augment=("crop", "flip"), generator=gen)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    loader = BatchLoader(ds.train, BATCH, norm, shuffle=True, augment=("crop", "flip"), generator=gen, device=DEVICE)
     ours = best_epoch(lambda: loader)
 
     tf = T.Compose([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip(), T.ToTensor(),
                     T.Normalize(norm.mean, norm.std)])  # fmt: skip
     tv = torchvision.datasets.FashionMNIST(str(torchvision_fashion_root(tmp)), train=True, transform=tf)
     peers = {}
-    for workers in (0, 2):
-        dl = DataLoader(tv, batch_size=BATCH, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    for workers in WORKERS:
+        dl = DataLoader(tv, batch_size=BATCH, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=DEVICE.type == "cuda")  # fmt: skip
         peers[workers] = best_epoch(lambda dl=dl: dl)
 
-    model = create_model("lenet5-modern", num_classes=10, in_channels=1, image_size=28)
+    model = create_model("lenet5-modern", num_classes=10, in_channels=1, image_size=28).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def train_epoch():
@@ -97,8 +110,11 @@ def fashion(tmp: Path) -> list[str]:
         "| pipeline (one epoch, 60,000 images, crop+flip, batch 256) | seconds | torchvision / cnnlab |",
         "| --- | --- | --- |",
         f"| **cnnlab BatchLoader** | **{ours:.3f}** | 1.0 |",
-        f"| torchvision FashionMNIST + DataLoader, 0 workers | {peers[0]:.2f} | {peers[0] / ours:.0f}x |",
-        f"| torchvision FashionMNIST + DataLoader, 2 workers (persistent) | {peers[2]:.2f} | {peers[2] / ours:.0f}x |",
+        *(
+            f"| torchvision FashionMNIST + DataLoader, {w} workers{' (persistent)' if w else ''} | {peers[w]:.2f} | "
+            f"{peers[w] / ours:.0f}x |"
+            for w in WORKERS
+        ),
         f"| for scale: one training epoch of lenet5-modern on cnnlab's batches | {model_s:.2f} | |",
     ]
 
@@ -129,13 +145,13 @@ def folder(tmp: Path) -> list[str]:
     ds = load_dataset(str(root), image_size=64)
     cached = time.perf_counter() - t0
     norm = channel_stats(ds.train.images)
-    loader = BatchLoader(ds.train, BATCH, norm, shuffle=True, augment=("crop", "flip"),
-                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    loader = BatchLoader(ds.train, BATCH, norm, shuffle=True, augment=("crop", "flip"), device=DEVICE,
+                         generator=torch.Generator(device=DEVICE).manual_seed(0))  # fmt: skip
     epoch = best_epoch(lambda: loader)
     tf = T.Compose([T.Resize(64), T.CenterCrop(64), T.RandomCrop(64, padding=4), T.RandomHorizontalFlip(),
                     T.ToTensor(), T.Normalize(norm.mean, norm.std)])  # fmt: skip
     tv = torchvision.datasets.ImageFolder(str(root), transform=tf)
-    dl = DataLoader(tv, batch_size=BATCH, shuffle=True, num_workers=2, persistent_workers=True)
+    dl = DataLoader(tv, batch_size=BATCH, shuffle=True, num_workers=WORKERS[-1], persistent_workers=True)
     peer = best_epoch(lambda: dl, repeats=1)
     n = len(ds.train) + len(ds.test)
     return [
@@ -147,13 +163,21 @@ def folder(tmp: Path) -> list[str]:
         f"| cnnlab first load: decode in threads + write cache | {first:.2f} |",
         f"| cnnlab later load: read the cache | {cached:.2f} |",
         f"| cnnlab epoch from memory (crop+flip, batch 256) | {epoch:.3f} |",
-        f"| torchvision ImageFolder + DataLoader, 2 workers, one epoch (decodes every epoch) | {peer:.2f} |",
+        f"| torchvision ImageFolder + DataLoader, {WORKERS[-1]} workers, one epoch (decodes each epoch) | {peer:.2f} |",
     ]
 
 
 def main() -> None:
     """Run both parts and write the RESULTS.md section."""
-    argparse.ArgumentParser(description=__doc__).parse_args()
+    global DEVICE, WORKERS
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cpu", help="where batches go: cpu or cuda (default cpu)")
+    ap.add_argument("--data-dir", default=None, help="folder holding fashion-mnist/ (else the usual search order)")
+    args = ap.parse_args()
+    DEVICE = torch.device(args.device)
+    WORKERS = (0, 2) if (os.cpu_count() or 1) <= 4 else (0, 2, 8)
+    if args.data_dir:
+        os.environ["CNNLAB_DATA"] = args.data_dir
     tmp = Path(tempfile.mkdtemp(prefix="cnnlab-bench-"))
     try:
         part1 = fashion(tmp)
@@ -163,7 +187,7 @@ def main() -> None:
     body = "\n".join(
         [
             "Command: `python benchmarks/pipeline.py`. The pipeline alone, no model, unless said. Epoch times are",
-            "the best of 3 after a warm-up epoch.",
+            f"the best of 3 after a warm-up epoch. Batches end on the {DEVICE.type} device (peers: copied there).",
             "",
             f"Machine: {machine_line()}",
             "",
@@ -177,7 +201,8 @@ def main() -> None:
         ]
     )
     print(body)
-    write_section("Data pipeline: Fashion-MNIST and an image folder", body)
+    suffix = "" if DEVICE.type == "cpu" else f" (batches on {DEVICE.type})"
+    write_section(f"Data pipeline: Fashion-MNIST and an image folder{suffix}", body)
 
 
 if __name__ == "__main__":

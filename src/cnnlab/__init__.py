@@ -9,6 +9,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from cnnlab.data import load_dataset
 from cnnlab.engine import Reporter, TrainConfig, TrainResult, fit
+from cnnlab.engine.export import export_run
+from cnnlab.engine.inference import evaluate_run, load_run, predict_files, predict_pretrained
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.models import create_model, list_models, register_model
 
@@ -20,8 +22,13 @@ __all__ = [
     "UsageError",
     "__version__",
     "create_model",
+    "evaluate_run",
+    "export_run",
     "fit",
     "list_models",
     "load_dataset",
+    "load_run",
+    "predict_files",
+    "predict_pretrained",
     "register_model",
 ]

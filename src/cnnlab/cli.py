@@ -120,6 +120,25 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--weights-name", default=None, help="which torchvision weights, e.g. IMAGENET1K_V2 (DEFAULT)")
     g.add_argument(
+        "--freeze",
+        choices=("none", "features"),
+        default=d.freeze,
+        help="features: train only the new classifier, the (pretrained) feature extractor stays fixed (none)",
+    )
+    g.add_argument(
+        "--unfreeze-after",
+        type=_int_at_least(1),
+        default=None,
+        metavar="N",
+        help="with --freeze features: fine-tune everything after N epochs",
+    )
+    g.add_argument(
+        "--backbone-lr-mult",
+        type=_positive_float,
+        default=d.backbone_lr_mult,
+        help=f"fine-tuning: the feature extractor's lr = lr x this ({d.backbone_lr_mult})",
+    )
+    g.add_argument(
         "--model-args",
         default=None,
         metavar="K=V,...",
@@ -285,7 +304,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
         max_steps=args.max_steps, pretrained=args.pretrained, weights=args.weights, weights_name=args.weights_name,
         model_args=parse_model_args(args.model_args),
-        on_nan=args.on_nan, clip_grad=args.clip_grad, **parse_checkpoint_every(args.checkpoint_every),
+        on_nan=args.on_nan, clip_grad=args.clip_grad, freeze=args.freeze, unfreeze_after=args.unfreeze_after,
+        backbone_lr_mult=args.backbone_lr_mult, **parse_checkpoint_every(args.checkpoint_every),
     )  # fmt: skip
     reporter = make_reporter(quiet=args.quiet)
     device = args.device if args.resume and args.device != "auto" else None
@@ -799,6 +819,12 @@ def build_parser() -> Parser:
     add_shape_parser(sub)
     add_zoo_parser(sub)
     add_summary_parser(sub)
+    from cnnlab import cli_use
+
+    cli_use.add_evaluate_parser(sub)
+    cli_use.add_predict_parser(sub)
+    cli_use.add_visualize_parser(sub)
+    cli_use.add_export_parser(sub)
     return parser
 
 

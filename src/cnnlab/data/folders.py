@@ -42,10 +42,13 @@ class BadImage:
     reason: str
 
 
-def decode(path: Path, size: int) -> tuple[np.ndarray, bool]:
-    """One image file -> (uint8 (H=size, W=size, C) pixels, whether it is grayscale); errors name the file."""
+def decode(path: Path, size: int, channels: int | None = None) -> tuple[np.ndarray, bool]:
+    """One image file -> (uint8 (H=size, W=size, C) pixels, whether it is grayscale); errors name the file.
+
+    `channels` forces 1 (grayscale) or 3 (RGB); by default the file's own mode decides.
+    """
     img = open_image(path, draft=(size, size))
-    gray = img.mode in GRAY_MODES
+    gray = img.mode in GRAY_MODES if channels is None else channels == 1
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit (or float) grayscale: scale its range to 8 bits rather than clipping everything above 255.
         arr = np.asarray(img, dtype=np.float32)

@@ -124,8 +124,11 @@ def augment_batch(x: torch.Tensor, ops: Sequence[str], g: torch.Generator | None
 class BatchLoader:
     """Iterate over (images, labels) batches of an in-memory ImageSet, resident on `device`.
 
-    Each epoch draws one permutation from `generator`; `rank`/`world_size` take every world_size-th sample of it,
-    the hook that data-parallel training uses to give each process its own shard.
+    Each epoch draws one permutation from `order_generator` (default: `generator`, which also drives the
+    augmentation). With `world_size` > 1 (data-parallel training) every process draws the same permutation, cuts it
+    into global batches of batch_size x world_size and takes every world_size-th sample of each: all processes take
+    the same number of steps, and each sample is used once per epoch across them. A last global batch smaller than
+    world_size (at most world_size - 1 samples) is left out of that epoch, since some process would get none.
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class BatchLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        order_generator: torch.Generator | None = None,
     ) -> None:
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
@@ -150,31 +154,30 @@ class BatchLoader:
         self.batch_size, self.norm, self.shuffle = batch_size, norm, shuffle
         self.augment, self.generator, self.drop_last = tuple(augment), generator, drop_last
         self.rank, self.world_size = rank, world_size
-
-    def _shard_size(self) -> int:
-        n = len(self.labels)
-        return len(range(self.rank, n, self.world_size))
+        self.order_generator = order_generator if order_generator is not None else generator
 
     def __len__(self) -> int:
-        n = self._shard_size()
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        n, step = len(self.labels), self.batch_size * self.world_size
+        if self.drop_last:
+            return n // step
+        full, rest = divmod(n, step)
+        return full + (1 if rest >= self.world_size else 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches(self.epoch_order())
 
     def epoch_order(self) -> torch.Tensor:
-        """This epoch's sample order (a fresh permutation from the generator when shuffling), this rank's shard."""
+        """This epoch's sample order: a fresh permutation when shuffling (the same on every process)."""
         n = len(self.labels)
         if self.shuffle:
-            order = torch.randperm(n, generator=self.generator, device=self.device)
-        else:
-            order = torch.arange(n, device=self.device)
-        return order[self.rank :: self.world_size]
+            return torch.randperm(n, generator=self.order_generator, device=self.device)
+        return torch.arange(n, device=self.device)
 
     def batches(self, order: torch.Tensor, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of `order` from batch index `start` on (a resumed epoch continues mid-way)."""
+        """This process's batches of `order` from batch index `start` on (a resumed epoch continues mid-way)."""
+        step = self.batch_size * self.world_size
         for i in range(start, len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = order[i * step : (i + 1) * step][self.rank :: self.world_size]
             yield self.prepare(self.images[idx]), self.labels[idx]
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:

@@ -126,8 +126,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise CnnlabError(
             f"{path}: refused to load: it holds Python objects other than tensors and plain data ({_first_line(e)})"
         ) from e
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CnnlabError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
+    except Exception as e:  # garbage bytes make torch's unpickler raise anything (IndexError, KeyError, ...)
+        raise CnnlabError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CnnlabError(f"{path}: not a cnnlab checkpoint")
     return state

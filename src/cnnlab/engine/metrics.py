@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 
@@ -16,3 +19,53 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy as a fraction in [0, 1]."""
     return topk_correct(logits, labels, (1,))[0].item() / max(1, labels.numel())
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) int64 counts: row = true class, column = predicted class."""
+    idx = labels.long() * num_classes + pred.long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def per_class_report(cm: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
+    """Precision, recall, F1 and support per class, with macro and support-weighted averages, from a confusion matrix.
+
+    A class never predicted has precision 0 (as scikit-learn's zero_division=0); one with no samples has recall 0.
+    """
+    cm = cm.double()
+    tp = cm.diag()
+    support = cm.sum(1)  # true samples per class
+    predicted = cm.sum(0)
+    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), torch.zeros_like(tp))
+    rows = [
+        {"class": c, "precision": p, "recall": r, "f1": f, "support": int(s)}
+        for c, p, r, f, s in zip(
+            classes, precision.tolist(), recall.tolist(), f1.tolist(), support.tolist(), strict=True
+        )
+    ]
+    total = support.sum().item()
+    weights = support / max(total, 1)
+
+    def avg(w: torch.Tensor) -> dict[str, float]:
+        return {"precision": float((precision * w).sum()), "recall": float((recall * w).sum()),
+                "f1": float((f1 * w).sum()), "support": int(total)}  # fmt: skip
+
+    k = len(classes)
+    return {"per_class": rows, "macro": avg(torch.full_like(tp, 1.0 / k)), "weighted": avg(weights)}
+
+
+def most_confused(cm: torch.Tensor, classes: Sequence[str], n: int = 5) -> list[dict[str, Any]]:
+    """The n largest off-diagonal cells: (true class, predicted class, count), largest first."""
+    off = cm.clone()
+    off.fill_diagonal_(0)
+    flat = off.flatten()
+    order = torch.argsort(flat, descending=True, stable=True)[:n]
+    k = cm.shape[0]
+    return [
+        {"true": classes[i // k], "predicted": classes[i % k], "count": int(flat[i])}
+        for i in order.tolist()
+        if flat[i] > 0
+    ]

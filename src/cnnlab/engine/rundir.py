@@ -97,6 +97,17 @@ def write_metrics(run: Path, rows: list[dict[str, Any]]) -> Path:
     return atomic_write_text(run / METRICS, buf.getvalue())
 
 
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    """The rows of metrics.csv (values as text; empty where a value was not measured); [] if there is none."""
+    try:
+        with open(run / METRICS, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        raise UsageError(f"{run / METRICS}: unreadable ({e})") from e
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return ""

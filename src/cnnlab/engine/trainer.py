@@ -46,6 +46,7 @@ from cnnlab.models.registry import create_model, model_info
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FREEZE_CHOICES = ("none", "features")
 DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.05}
 
 
@@ -86,10 +87,17 @@ class TrainConfig:
     checkpoint_minutes: float = 0.0  # ...or every this many minutes
     on_nan: str = "stop"  # a non-finite loss or gradient: stop (naming epoch and step) or skip that step
     clip_grad: float | None = None  # clip the global gradient norm to this value
+    freeze: str = "none"  # "features": train only the new classifier; the pretrained feature extractor stays fixed
+    unfreeze_after: int | None = None  # with freeze: after this many epochs, fine-tune everything
+    backbone_lr_mult: float = 0.1  # with pretrained weights or freeze: the feature extractor's lr = lr x this
 
     def resolved_lr(self) -> float:
         """The peak learning rate, defaulting per optimizer."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def fine_tuning(self) -> bool:
+        """Whether the model starts from pretrained features (or freezes them): then the backbone gets a lower lr."""
+        return bool(self.pretrained or self.weights or self.weights_name or self.freeze != "none")
 
     def validate(self) -> TrainConfig:
         """Raise a UsageError naming the option for any impossible value; return self."""
@@ -133,6 +141,12 @@ class TrainConfig:
         ):
             if getattr(self, name) not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.freeze not in FREEZE_CHOICES:
+            raise bad("freeze", f"must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
+        if self.unfreeze_after is not None and (self.freeze == "none" or self.unfreeze_after < 1):
+            raise bad("unfreeze_after", "needs --freeze features and a number of epochs >= 1")
+        if not (self.backbone_lr_mult > 0 and math.isfinite(self.backbone_lr_mult)):
+            raise bad("backbone_lr_mult", f"must be a positive number, got {self.backbone_lr_mult}")
         if self.image_size is not None and self.image_size < 1:
             raise bad("image_size", f"must be at least 1, got {self.image_size}")
         if self.on_bad_image not in BAD_IMAGE_POLICIES:
@@ -284,12 +298,56 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD-Nesterov / Adam / AdamW; weight decay only on weights of rank >= 2 (not biases, norms, scales)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def classifier_modules(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The classifier: the last module with its own parameters that the forward pass calls, for input x (1, C, H, W).
+
+    Everything before it is the feature extractor ("backbone") that --freeze features keeps fixed.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    order: list[str] = []
+
+    def hook(module: nn.Module, inputs: object, output: object) -> None:
+        order.append(names[module])
+
+    # Not the root: its own parameters (ViT's class token) are used first, but its hook would fire last.
+    own = [m for name, m in model.named_modules() if name and any(True for _ in m.parameters(recurse=False))]
+    handles = [m.register_forward_hook(hook) for m in own]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if not order:
+        raise CnnlabError("the model has no parameters to train")
+    return [order[-1]]
+
+
+def split_parameters(model: nn.Module, head: list[str]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(backbone, head) parameters, given the head's module names."""
+    head_ids = {id(p) for name in head for p in model.get_submodule(name).parameters()}
+    params = list(model.parameters())
+    return [p for p in params if id(p) not in head_ids], [p for p in params if id(p) in head_ids]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, head: list[str] | None = None) -> torch.optim.Optimizer:
+    """SGD-Nesterov / Adam / AdamW; weight decay only on weights of rank >= 2 (not biases, norms, scales).
+
+    With `head` (fine-tuning), the backbone's groups get lr x backbone_lr_mult. Frozen parameters are in the
+    optimizer too: they get no gradient (so no update) until they are unfrozen.
+    """
     lr = cfg.resolved_lr()
+    parts = [(list(model.parameters()), lr)]
+    if head is not None:
+        backbone, head_params = split_parameters(model, head)
+        parts = [(backbone, lr * cfg.backbone_lr_mult), (head_params, lr)]
+    groups = []
+    for params, group_lr in parts:
+        groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": group_lr})
+        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr})
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     if cfg.optimizer == "adam":
@@ -303,8 +361,12 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """A per-step schedule over `total_steps` optimizer steps."""
     if cfg.schedule == "onecycle":
+        if total_steps < 4:  # too few steps for a warm-up and a decay phase (OneCycleLR divides by zero)
+            return None
+        # At least ~2 warm-up steps, or the first phase has zero length on very short runs.
+        pct = min(max(cfg.warmup, 2.0 / total_steps), 0.5)
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.resolved_lr(), total_steps=total_steps, pct_start=cfg.warmup,
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps, pct_start=pct,
             cycle_momentum=cfg.optimizer == "sgd",
         )  # fmt: skip
     if cfg.schedule == "cosine":
@@ -369,7 +431,11 @@ class _Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.opt = build_optimizer(self.model, cfg)
+        self.head: list[str] | None = None
+        if cfg.fine_tuning():
+            probe = torch.zeros(1, self.data.channels, self.data.image_size, self.data.image_size, device=self.device)
+            self.head = classifier_modules(self.model, probe)
+        self.opt = build_optimizer(self.model, cfg, self.head)
         self.sched = build_scheduler(self.opt, cfg, self.total_steps, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.epoch, self.step = 0, 0
@@ -460,6 +526,7 @@ class _Trainer:
                 "args": dict(self.cfg.model_args),
                 "changes": list(getattr(self.model, "cnnlab_changes", [])),
                 "pretrained": getattr(self.model, "pretrained_info", None),
+                "classifier": self.head,  # the module(s) --freeze features keeps trainable
             },
             "data": {
                 "name": self.data.name,
@@ -520,13 +587,43 @@ class _Trainer:
 
     def _new_progress(self) -> EpochProgress:
         zero = torch.zeros((), device=self.device)
-        lr = self.opt.param_groups[0]["lr"]
+        lr = self.opt.param_groups[-1]["lr"]  # the head's lr (fine-tuning: backbone groups come first)
         return EpochProgress(self.train_loader.epoch_order(), 0, zero.clone(), zero.long(), zero.long() - 1, 0, lr)
+
+    def frozen(self) -> bool:
+        """Whether the feature extractor is fixed during the coming epoch (--freeze features, --unfreeze-after)."""
+        cfg = self.cfg
+        return cfg.freeze == "features" and (cfg.unfreeze_after is None or self.epoch < cfg.unfreeze_after)
+
+    def _set_trainable(self) -> None:
+        """Freeze or unfreeze the backbone for this epoch; frozen BatchNorm layers keep their running statistics."""
+        if self.head is None:
+            return
+        frozen = self.frozen()
+        backbone, _ = split_parameters(self.model, self.head)
+        if (
+            self.cfg.unfreeze_after
+            and self.epoch == self.cfg.unfreeze_after
+            and backbone
+            and not backbone[0].requires_grad
+        ):
+            self.reporter.message(
+                f"epoch {self.epoch + 1}: unfreezing the feature extractor (its lr x{self.cfg.backbone_lr_mult:g})"
+            )
+        for p in backbone:
+            p.requires_grad_(not frozen)
+        if frozen:
+            head_modules = {m for name in self.head for m in self.model.get_submodule(name).modules()}
+            for m in self.model.modules():
+                # In train mode BN would still update running mean/var from the new data: frozen means fixed.
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in head_modules:
+                    m.eval()
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training split (or the rest of it, after a mid-epoch resume): loss and accuracy."""
         model, cfg = self.model, self.cfg
         model.train()
+        self._set_trainable()
         sync_each_step = self.device.type == "cpu"  # on a GPU, reading the loss every step would stall it
         prog = self.progress if self.progress is not None else self._new_progress()
         self.progress = prog

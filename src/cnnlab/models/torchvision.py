@@ -341,8 +341,20 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _pretrained_model(name: str, weights: Any, weights_file: str | Path | None, kwargs: dict[str, Any]) -> nn.Module:
-    """Build with torchvision's own pretrained code path; a local file replaces only the download."""
+def _pretrained_model(
+    name: str, weights: Any, weights_file: str | Path | None, kwargs: dict[str, Any], architecture_only: bool = False
+) -> nn.Module:
+    """Build with torchvision's own pretrained code path; a local file replaces only the download.
+
+    `architecture_only`: the exact pretrained architecture (class count, transform_input, ...) with nothing loaded,
+    for a trained run whose own weights are loaded next.
+    """
+    if architecture_only:
+        with (
+            mock.patch.object(type(weights), "get_state_dict", lambda self, *a, **k: {}),
+            mock.patch.object(nn.Module, "load_state_dict", lambda self, *a, **k: None),
+        ):
+            return tvm.get_model(name, weights=weights, **kwargs)
     if weights_file is None:
         try:
             # torch.hub announces downloads with print(); the library stays quiet (the CLI owns the terminal).
@@ -373,8 +385,12 @@ def build_torchvision(
     weights_file: str | Path | None = None,
     weights_name: str | None = None,
     small_input: bool = True,
+    architecture_only: bool = False,
 ) -> nn.Module:
-    """Build torchvision's `name` for (in_channels, image_size, image_size) inputs and num_classes outputs."""
+    """Build torchvision's `name` for (in_channels, image_size, image_size) inputs and num_classes outputs.
+
+    `architecture_only` with `pretrained`: the fine-tuned architecture without loading (or downloading) weights.
+    """
     use_weights = pretrained or weights_file is not None
     weights = resolve_weights(name, weights_name) if use_weights else None
     image_size = image_size or (weights_input_size(weights) if weights else default_size(name))
@@ -393,7 +409,7 @@ def build_torchvision(
         model = tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
         changes: list[str] = []
     else:
-        model = _pretrained_model(name, weights, weights_file, kwargs)
+        model = _pretrained_model(name, weights, weights_file, kwargs, architecture_only)
         drop_aux_heads(model)
         n_cat = len(weights.meta["categories"] or range(1000))
         changes = replace_head(model, n_cat, num_classes) if num_classes != n_cat else []

@@ -1,0 +1,365 @@
+"""Commands that use a trained run: evaluate, predict, visualize, export (parsing and printing only)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from cnnlab.errors import UsageError
+
+EXIT_OK = 0
+
+
+def _int_min(lo: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where to run the model: cpu, cuda, cuda:N, mps, auto (cpu)")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from cnnlab.engine.inference import load_run
+    from cnnlab.engine.trainer import resolve_device
+
+    return load_run(args.run, device=resolve_device(args.device))
+
+
+def _out_dir(args: argparse.Namespace, run: Path) -> Path:
+    out = Path(args.out) if getattr(args, "out", None) else run
+    if not out.is_dir():
+        raise UsageError(f"--out {out}: no such directory")
+    return out
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------------------
+
+
+def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """Options of `cnnlab evaluate`."""
+    p = sub.add_parser(
+        "evaluate",
+        help="top-1/top-5, per-class metrics and the confusion matrix of a trained run",
+        description="Evaluate a trained run (its best weights) on its own test split, or on another dataset or "
+        "folder with the same classes. Writes confusion.png, misclassified.png and evaluation.json.",
+    )
+    p.add_argument("run", help="run directory (or a .safetensors/.ckpt file inside one)")
+    p.add_argument("--data", default=None, help="another dataset name or image folder (default: the run's own)")
+    p.add_argument("--data-dir", default=None, help="where to look for dataset files (as in train)")
+    p.add_argument("--split", choices=("test", "val", "train", "all"), default="test", help="which split (test)")
+    p.add_argument("--normalize", action="store_true", help="confusion.png shows row percentages, not counts")
+    p.add_argument("--worst", type=_int_min(0), default=16, help="misclassified images in the picture (16)")
+    p.add_argument("--out", default=None, help="folder for the pictures and evaluation.json (default: the run)")
+    p.add_argument("--json", action="store_true", help="print every number as one JSON document")
+    _device_option(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`cnnlab evaluate`."""
+    from cnnlab.engine.inference import evaluate_run
+    from cnnlab.fileio import atomic_write_json
+    from cnnlab.inspect.visualize import plot_confusion, plot_image_grid
+
+    loaded = _load(args)
+    ev = evaluate_run(loaded, data=args.data, data_dir=args.data_dir, split=args.split, worst=args.worst)
+    out = _out_dir(args, loaded.path)
+    suffix = "" if args.data is None and args.split == "test" else "-" + _safe(f"{ev.data}-{args.split}")
+    title = f"{loaded.config['model']['name']} on {ev.data} ({args.split}, {ev.n:,} images)"
+    files = {
+        "confusion": plot_confusion(
+            ev.confusion, ev.classes, out / f"confusion{suffix}.png", args.normalize, title=f"confusion matrix: {title}"
+        ),
+        "misclassified": plot_image_grid(
+            ev.images,
+            [f"true {w['true']}\npred {w['predicted']} ({w['confidence']:.0%})" for w in ev.worst],
+            out / f"misclassified{suffix}.png",
+            title=f"most confident mistakes: {title}",
+        ),
+    }
+    doc = {**ev.to_dict(), "files": {k: str(v) for k, v in files.items()}}
+    files["json"] = atomic_write_json(out / f"evaluation{suffix}.json", doc)
+    doc["files"]["json"] = str(files["json"])
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    _print_evaluation(ev, files)
+    return EXIT_OK
+
+
+def _print_evaluation(ev: Any, files: dict[str, Path]) -> None:
+    from cnnlab.reporting import print_table
+
+    print(f"{ev.data} {ev.split} split, {ev.n:,} images: top-1 {ev.top1:.2%} (error {1 - ev.top1:.2%}), "
+          f"top-5 {ev.top5:.2%} (error {1 - ev.top5:.2%}), loss {ev.loss:.4f}")  # fmt: skip
+    rows = [[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
+            for r in ev.report["per_class"]]  # fmt: skip
+    for avg in ("macro", "weighted"):
+        a = ev.report[avg]
+        rows.append([f"{avg} avg", f"{a['precision']:.3f}", f"{a['recall']:.3f}", f"{a['f1']:.3f}", a["support"]])
+    print_table(["class", "precision", "recall", "F1", "support"], rows, title="per-class metrics")
+    if len(ev.classes) <= 20:
+        cm = ev.confusion.tolist()
+        print_table(["true \\ predicted", *ev.classes], [[c, *row] for c, row in zip(ev.classes, cm, strict=True)],
+                    title="confusion matrix (rows: true class)")  # fmt: skip
+    if ev.confused:
+        pairs = ", ".join(f"{c['true']} -> {c['predicted']} ({c['count']})" for c in ev.confused)
+        print(f"most confused (true -> predicted): {pairs}")
+    for path in files.values():
+        print(path)
+
+
+# --- predict ----------------------------------------------------------------------------------------------------------
+
+
+def add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    """Options of `cnnlab predict`."""
+    p = sub.add_parser(
+        "predict",
+        help="top-k labels with probabilities for image files",
+        description="Predict image files (or every file in folders) with a trained run, preprocessed exactly as in "
+        "training; or, with --model NAME --pretrained, with torchvision's ImageNet weights and category names.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="RUN IMAGE", help="RUN then IMAGE... (with --model: IMAGE... only)")
+    p.add_argument("--top-k", type=_int_min(1), default=5, help="labels per image (5)")
+    p.add_argument("--model", default=None, help="a torchvision model with pretrained weights, instead of a RUN")
+    p.add_argument("--pretrained", action="store_true", help="with --model: use torchvision's weights")
+    p.add_argument("--weights", default=None, metavar="FILE", help="with --model: the weights from a local file")
+    p.add_argument("--weights-name", default=None, help="with --model: which weights, e.g. IMAGENET1K_V2 (DEFAULT)")
+    p.add_argument("--invert", action="store_true", help="invert grey levels first (dark digits on white paper)")
+    p.add_argument("--batch-size", type=_int_min(1), default=256, help="images per forward pass (256)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON document")
+    fmt.add_argument("--csv", action="store_true", help="CSV: file,rank,label,probability")
+    _device_option(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """`cnnlab predict`."""
+    from cnnlab.engine.inference import predict_files, predict_pretrained
+
+    if args.model:
+        if not (args.pretrained or args.weights or args.weights_name):
+            raise UsageError("--model: add --pretrained (or --weights FILE) to predict with torchvision's weights")
+        preds = predict_pretrained(args.model, args.inputs, args.top_k, args.weights_name, args.weights)
+    else:
+        if args.pretrained or args.weights or args.weights_name:
+            raise UsageError("--pretrained/--weights need --model NAME (a RUN has its own weights)")
+        if len(args.inputs) < 2:
+            raise UsageError("predict: give a RUN and at least one IMAGE (or --model NAME --pretrained IMAGE...)")
+        args.run = args.inputs[0]
+        loaded = _load(args)
+        preds = predict_files(loaded, args.inputs[1:], args.top_k, args.invert, args.batch_size)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in preds], indent=2))
+    elif args.csv:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["file", "rank", "label", "probability"])
+        for p in preds:
+            for rank, (label, prob) in enumerate(zip(p.labels, p.probs, strict=True), start=1):
+                w.writerow([p.file, rank, label, f"{prob:.6f}"])
+        sys.stdout.write(buf.getvalue())
+    else:
+        for p in preds:
+            top = "  ".join(f"{label} {prob:.1%}" for label, prob in zip(p.labels, p.probs, strict=True))
+            print(f"{p.file}  {top}")
+    return EXIT_OK
+
+
+# --- visualize --------------------------------------------------------------------------------------------------------
+
+
+def add_visualize_parser(sub: argparse._SubParsersAction) -> None:
+    """Options of `cnnlab visualize {filters,activations,gradcam,curves}`."""
+    p = sub.add_parser(
+        "visualize",
+        help="pictures of a trained run: filters, activation maps, Grad-CAM, curves",
+        description="Write PNG pictures of what a trained run learned; prints their paths. IMAGE is an image file, "
+        "or test:N for the N-th image of the run's test split.",
+    )
+    vs = p.add_subparsers(dest="what", metavar="WHAT", required=True, parser_class=type(p))
+    specs = {
+        "filters": "the kernels of the first conv layer (or --layer) as a grid; RGB kernels in colour",
+        "activations": "the activation maps of each conv stage (or --layer) for one image",
+        "gradcam": "a Grad-CAM heat map over the image for the predicted (or --class) label",
+        "curves": "loss and accuracy per epoch from metrics.csv",
+    }
+    for what, text in specs.items():
+        q = vs.add_parser(what, help=text, description=text)
+        q.add_argument("run", help="run directory")
+        if what in ("activations", "gradcam"):
+            q.add_argument("image", help="an image file, or test:N (the N-th test image of the run's data)")
+            q.add_argument("--invert", action="store_true", help="invert grey levels first (dark digits on white)")
+        if what in ("filters", "activations", "gradcam"):
+            q.add_argument("--layer", action="append", default=None, help="layer name (see `cnnlab summary`)")
+        if what == "gradcam":
+            q.add_argument("--class", dest="target", default=None, help="class name or index (default: predicted)")
+        q.add_argument("--out", default=None, help="folder for the PNG files (default: the run directory)")
+        _device_option(q)
+        q.set_defaults(func=cmd_visualize)
+
+
+def _run_image(loaded: Any, spec: str, invert: bool) -> tuple[Any, str]:
+    """uint8 (C, S, S) for IMAGE (a file, or test:N), and a short name for titles and file names."""
+    if spec.startswith("test:"):
+        from cnnlab.engine.inference import eval_data
+
+        try:
+            index = int(spec[5:])
+        except ValueError:
+            raise UsageError(f"{spec}: expected test:N with a whole number N") from None
+        data, _ = eval_data(loaded, None, None, "test")
+        if not 0 <= index < len(data):
+            raise UsageError(f"{spec}: the test split has {len(data)} images (0..{len(data) - 1})")
+        image = data.images[index]
+        return (255 - image if invert else image), f"test{index}"
+    from cnnlab.engine.inference import load_files_for_run
+
+    return load_files_for_run(loaded, [Path(spec)], invert)[0], Path(spec).stem
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    """`cnnlab visualize WHAT RUN ...`."""
+    from cnnlab.engine import rundir
+
+    if args.what == "curves":
+        from cnnlab.inspect.visualize import plot_curves
+
+        run = rundir.resolve_run(args.run)
+        rows = rundir.read_metrics(run)
+        if not rows:
+            raise UsageError(f"{run / rundir.METRICS}: no epochs recorded yet")
+        cfg = rundir.read_config(run)
+        with_val = [r for r in rows if r.get("val_loss")]
+        best = int(min(with_val, key=lambda r: float(r["val_loss"]))["epoch"]) if with_val else None
+        title = f"{cfg['model']['name']} on {cfg['data']['name']}"
+        path = plot_curves(rows, _out_dir(args, run) / rundir.CURVES, title=title, best_epoch=best)
+        print(path)
+        return EXIT_OK
+    loaded = _load(args)
+    out = _out_dir(args, loaded.path)
+    paths = {"filters": _filters, "activations": _activations, "gradcam": _gradcam}[args.what](args, loaded, out)
+    for path in paths:
+        print(path)
+    return EXIT_OK
+
+
+def _filters(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
+    from torch import nn
+
+    from cnnlab.inspect.features import check_layers
+    from cnnlab.inspect.visualize import plot_filters
+
+    model = loaded.model
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    layers = args.layer or convs[:1]
+    if not layers:
+        raise UsageError(f"{loaded.config['model']['name']} has no conv layer")
+    check_layers(model, layers)
+    paths = []
+    for name in layers:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if weight is None or weight.dim() != 4:
+            raise UsageError(f"--layer {name}: not a convolution (no 4-D weight); conv layers: {', '.join(convs[:8])}")
+        shape = "×".join(str(s) for s in weight.shape)
+        title = f"{loaded.config['model']['name']} {name}: {weight.shape[0]} kernels, weights {shape}"
+        paths.append(plot_filters(weight, out / f"filters_{_safe(name)}.png", title))
+    return paths
+
+
+def _activations(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
+    from cnnlab.inspect.features import activations, conv_layers_in_order, default_stages
+    from cnnlab.inspect.visualize import plot_activation_maps
+
+    image, label = _run_image(loaded, args.image, args.invert)
+    x = loaded.prepare(image[None])
+    layers = args.layer or default_stages(conv_layers_in_order(loaded.model, x))
+    maps = activations(loaded.model, x, layers)
+    paths = []
+    for name, a in maps.items():
+        shape = "×".join(str(s) for s in a.shape)
+        if a.dim() != 3:
+            raise UsageError(f"--layer {name}: output {shape} is not a stack of feature maps")
+        title = f"{name} {shape} for {label}"
+        paths.append(plot_activation_maps(a, out / f"activations_{label}_{_safe(name)}.png", title, image=image))
+    return paths
+
+
+def _gradcam(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
+    from cnnlab.inspect.features import grad_cam
+    from cnnlab.inspect.visualize import plot_gradcam
+
+    image, label = _run_image(loaded, args.image, args.invert)
+    target = None
+    if args.target is not None:
+        if args.target in loaded.classes:
+            target = loaded.classes.index(args.target)
+        elif args.target.isdigit() and int(args.target) < len(loaded.classes):
+            target = int(args.target)
+        else:
+            raise UsageError(f"--class {args.target!r}: not a class of this run ({', '.join(loaded.classes[:10])})")
+    layers = args.layer or [None]
+    cam = grad_cam(loaded.model, loaded.prepare(image[None]), layers[0], target)
+    name = loaded.classes[cam.class_index]
+    title = f"Grad-CAM for class '{name}' (p = {cam.prob:.2f}) at {cam.layer}, image {label}"
+    return [plot_gradcam(image.cpu(), cam.heatmap, out / f"gradcam_{label}_{_safe(name)}.png", title)]
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+
+
+# --- export -----------------------------------------------------------------------------------------------------------
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """Options of `cnnlab export`."""
+    p = sub.add_parser(
+        "export",
+        help="export a trained run to ONNX or TorchScript, with a parity check",
+        description="Export the run's best weights with a dynamic batch size, run the exported file on a real batch "
+        "of test images and fail if any logit differs by more than 1e-4. Writes <file>.json beside it with the "
+        "preprocessing and class names.",
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument(
+        "--format", choices=("onnx", "torchscript"), required=True, help="onnx (needs cnnlab[onnx]) or torchscript"
+    )
+    p.add_argument("-o", "--output", default=None, help="file to write (default RUN/model.onnx or RUN/model.pt)")
+    p.add_argument("--check-images", type=_int_min(2), default=32, help="test images in the parity batch (32)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`cnnlab export`."""
+    from cnnlab.engine.export import export_run
+    from cnnlab.engine.inference import eval_data, load_run
+
+    loaded = load_run(args.run)
+    data, _ = eval_data(loaded, None, None, "test")
+    result = export_run(loaded, args.format, data.images[: args.check_images], args.output)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"{result.path} ({args.format}, {result.exporter}): parity on batches of {result.batch_sizes[0]} and "
+              f"1 real test images, max |logit difference| {result.max_abs_diff:.2e} (limit 1e-4)")  # fmt: skip
+        print(result.metadata)
+    return EXIT_OK

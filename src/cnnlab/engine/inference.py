@@ -1,0 +1,265 @@
+"""Use a trained run: load it, evaluate it, predict image files; also predict with torchvision's ImageNet models.
+
+Preprocessing is the training run's own, read from its config.json: image size, channels, mean/std, class names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab.data.folders import decode, list_images
+from cnnlab.data.images import open_image
+from cnnlab.data.pipeline import Normalization
+from cnnlab.data.sources import Dataset, ImageSet, load_dataset
+from cnnlab.engine import rundir
+from cnnlab.engine.checkpoint import apply_state_dict, load_checkpoint, load_weights
+from cnnlab.engine.metrics import confusion_matrix, most_confused, per_class_report, topk_correct
+from cnnlab.errors import CnnlabError, UsageError
+from cnnlab.models.registry import create_model, model_info
+
+
+@dataclass
+class LoadedRun:
+    """A trained model in eval mode with everything needed to feed it as in training."""
+
+    path: Path
+    config: dict[str, Any]
+    model: nn.Module
+    classes: tuple[str, ...]
+    norm: Normalization
+    channels: int
+    image_size: int
+    weights: Path  # the file the weights came from
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> normalised float32 on the model's device."""
+        device = next(self.model.parameters()).device
+        return self.norm.apply(images.to(device).float().div_(255.0))
+
+
+def build_run_model(config: dict[str, Any]) -> nn.Module:
+    """The architecture a run trained, built from its config.json, with fresh (untrained) weights."""
+    m = config["model"]
+    kwargs: dict[str, Any] = dict(m.get("args") or {})
+    if m.get("pretrained"):
+        # Fine-tuned from torchvision weights: the same architecture (heads, stems), nothing downloaded.
+        kwargs.update(pretrained=True, weights_name=config.get("train", {}).get("weights_name"), architecture_only=True)
+    model_info(m["name"])  # an unknown name (a run from a newer cnnlab) is a clear error
+    return create_model(m["name"], num_classes=m["num_classes"], in_channels=m["in_channels"],
+                        image_size=m["image_size"], **kwargs)  # fmt: skip
+
+
+def load_run(run: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedRun:
+    """Load RUN (a run directory, or a weights/checkpoint file inside one) for inference."""
+    given = Path(run)
+    path = rundir.resolve_run(given)
+    config = rundir.read_config(path)
+    try:
+        model = build_run_model(config)
+    except KeyError as e:
+        raise UsageError(f"{path / rundir.CONFIG}: missing entry {e}; not a complete cnnlab run") from None
+    if given.is_file() and given.suffix == ".ckpt":
+        apply_state_dict(model, load_checkpoint(given)["model"], str(given))
+        weights = given
+    else:
+        weights = given if given.is_file() else path / rundir.BEST
+        if not weights.is_file():
+            raise UsageError(f"{path}: no {rundir.BEST} yet (the run has not finished an epoch)")
+        load_weights(model, weights)
+    data = config["data"]
+    model.to(device).eval()
+    return LoadedRun(
+        path=path, config=config, model=model, classes=tuple(data["classes"]),
+        norm=Normalization(tuple(data["mean"]), tuple(data["std"])), channels=int(data["channels"]),
+        image_size=int(data["image_size"]), weights=weights,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def logits_of(loaded: LoadedRun, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Raw model outputs (N, K) in float32 on the CPU for uint8 images (N, C, H, W)."""
+    out = [loaded.model(loaded.prepare(images[i : i + batch_size])).float().cpu()
+           for i in range(0, len(images), batch_size)]  # fmt: skip
+    return torch.cat(out) if out else torch.empty(0, len(loaded.classes))
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """Every number `cnnlab evaluate` reports, plus what the pictures need."""
+
+    run: str
+    data: str
+    split: str
+    n: int
+    top1: float
+    top5: float
+    loss: float  # mean cross-entropy, without label smoothing
+    classes: tuple[str, ...]
+    confusion: torch.Tensor  # (K, K): rows true, columns predicted
+    report: dict[str, Any]
+    confused: list[dict[str, Any]]
+    worst: list[dict[str, Any]]  # most confident mistakes: index, true, predicted, confidence
+    images: torch.Tensor = field(repr=False)  # uint8 images of the worst mistakes, for the picture
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able numbers (no pictures)."""
+        return {
+            "run": self.run, "data": self.data, "split": self.split, "n": self.n, "top1": self.top1,
+            "top5": self.top5, "top1_error": 1 - self.top1, "top5_error": 1 - self.top5, "loss": self.loss,
+            "classes": list(self.classes), "confusion_matrix": self.confusion.tolist(), **self.report,
+            "most_confused": self.confused, "worst": self.worst,
+        }  # fmt: skip
+
+
+def eval_data(loaded: LoadedRun, data: str | None, data_dir: str | None, split: str) -> tuple[ImageSet, str]:
+    """The images to evaluate: the run's own test split by default, or another dataset/folder with the same classes."""
+    train_cfg = loaded.config.get("train", {})
+    name = data or train_cfg.get("data") or loaded.config["data"]["name"]
+    ds: Dataset = load_dataset(
+        name, data_dir if data else (data_dir or train_cfg.get("data_dir")), download=bool(train_cfg.get("download")),
+        image_size=loaded.image_size, on_bad_image=train_cfg.get("on_bad_image", "error") if not data else "error",
+    )  # fmt: skip
+    if tuple(ds.classes) != loaded.classes:
+        raise UsageError(f"--data {name}: its classes ({_short(ds.classes)}) differ from the run's "
+                         f"({_short(loaded.classes)})")  # fmt: skip
+    if ds.channels != loaded.channels:
+        raise UsageError(f"--data {name}: {ds.channels}-channel images, the model takes {loaded.channels}")
+    parts = {"test": [ds.test], "train": [ds.train], "val": [ds.val] if ds.val is not None else [],
+             "all": [s for s in (ds.train, ds.val, ds.test) if s is not None]}  # fmt: skip
+    if not parts[split]:
+        raise UsageError(f"--split {split}: {name} has no separate validation split (it is held out of train)")
+    chosen = parts[split]
+    return ImageSet(torch.cat([s.images for s in chosen]), torch.cat([s.labels for s in chosen])), ds.name
+
+
+def _short(names: Sequence[str]) -> str:
+    return ", ".join(names[:4]) + (f", ... {len(names)} in all" if len(names) > 4 else "")
+
+
+def evaluate_run(
+    loaded: LoadedRun, data: str | None = None, data_dir: str | None = None, split: str = "test", worst: int = 16
+) -> Evaluation:
+    """Top-1/top-5, loss, per-class metrics, confusion matrix and the most confident mistakes of a trained run."""
+    images, name = eval_data(loaded, data, data_dir, split)
+    if len(images) == 0:
+        raise UsageError(f"{name}: the {split} split is empty")
+    logits = logits_of(loaded, images.images)
+    labels = images.labels
+    k = len(loaded.classes)
+    probs = logits.softmax(1)
+    conf, pred = probs.max(1)
+    c1, c5 = topk_correct(logits, labels, (1, 5))
+    cm = confusion_matrix(pred, labels, k)
+    wrong = (pred != labels).nonzero().flatten()
+    order = wrong[torch.argsort(conf[wrong], descending=True, stable=True)][:worst]
+    mistakes = [{"index": i, "true": loaded.classes[int(labels[i])], "predicted": loaded.classes[int(pred[i])],
+                 "confidence": float(conf[i])} for i in order.tolist()]  # fmt: skip
+    n = len(labels)
+    return Evaluation(
+        run=str(loaded.path), data=name, split=split, n=n, top1=c1.item() / n, top5=c5.item() / n,
+        loss=F.cross_entropy(logits, labels).item(), classes=loaded.classes, confusion=cm,
+        report=per_class_report(cm, loaded.classes), confused=most_confused(cm, loaded.classes),
+        worst=mistakes, images=images.images[order],
+    )  # fmt: skip
+
+
+# --- predict ----------------------------------------------------------------------------------------------------------
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Image arguments: files as given, folders expanded to every non-hidden file below them, sorted."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise UsageError(f"{p}: folder holds no files")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UsageError(f"{p}: no such file or folder")
+    return files
+
+
+@dataclass
+class Prediction:
+    """The top-k labels of one image, most probable first."""
+
+    file: str
+    labels: list[str]
+    probs: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """{'file', 'top': [{'label', 'prob'}, ...]}."""
+        return {
+            "file": self.file,
+            "top": [{"label": la, "prob": p} for la, p in zip(self.labels, self.probs, strict=True)],
+        }
+
+
+def _topk(probs: torch.Tensor, files: Sequence[Path], classes: Sequence[str], k: int) -> list[Prediction]:
+    values, idx = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [Prediction(str(f), [classes[j] for j in row], [round(v, 6) for v in vals])
+            for f, row, vals in zip(files, idx.tolist(), values.tolist(), strict=True)]  # fmt: skip
+
+
+def load_files_for_run(loaded: LoadedRun, files: Sequence[Path], invert: bool = False) -> torch.Tensor:
+    """Decode image files exactly as training decoded its images: uint8 (N, C, S, S)."""
+    import numpy as np
+
+    arrays = [decode(f, loaded.image_size, channels=loaded.channels)[0] for f in files]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return 255 - x if invert else x
+
+
+def predict_files(
+    loaded: LoadedRun, inputs: Sequence[str], top_k: int = 5, invert: bool = False, batch_size: int = 256
+) -> list[Prediction]:
+    """Top-k labels and probabilities for each image file (folders expanded), in batches."""
+    files = expand_inputs(inputs)
+    out: list[Prediction] = []
+    for i in range(0, len(files), batch_size):
+        chunk = files[i : i + batch_size]
+        probs = logits_of(loaded, load_files_for_run(loaded, chunk, invert), batch_size).softmax(1)
+        out += _topk(probs, chunk, loaded.classes, top_k)
+    return out
+
+
+@torch.no_grad()
+def predict_pretrained(
+    model_name: str, inputs: Sequence[str], top_k: int = 5, weights_name: str | None = None,
+    weights_file: str | None = None, batch_size: int = 32,
+) -> list[Prediction]:  # fmt: skip
+    """torchvision's ImageNet model with its own preprocessing (weights.transforms()) and category names."""
+    from cnnlab.models.torchvision import resolve_weights
+
+    info = model_info(model_name)
+    if "pretrained" not in info.tags:
+        raise UsageError(f"--model {model_name}: has no pretrained weights; see `cnnlab models --pretrained`")
+    files = expand_inputs(inputs)
+    weights = resolve_weights(model_name, weights_name)
+    classes = weights.meta.get("categories")
+    if not classes:
+        raise CnnlabError(f"{model_name} {weights.name}: the weights carry no category names")
+    model = create_model(model_name, num_classes=len(classes), in_channels=3, pretrained=True,
+                         weights_file=weights_file, weights_name=weights_name).eval()  # fmt: skip
+    preprocess = weights.transforms()  # resize, centre crop, normalise: exactly what the weights were evaluated with
+    out: list[Prediction] = []
+    for i in range(0, len(files), batch_size):
+        chunk = files[i : i + batch_size]
+        x = torch.stack([preprocess(open_image(f).convert("RGB")) for f in chunk])
+        out += _topk(model(x).float().softmax(1), chunk, classes, top_k)
+    return out
