@@ -245,7 +245,19 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="RUN",
         default=None,
-        help="continue a stopped run exactly, with its own options (only --device may change)",
+        help="continue a stopped run exactly, with its own options (only --device may change); 'auto' with --name: "
+        "resume runs-dir/NAME if it exists unfinished, else start it (for torchrun --max-restarts)",
+    )
+    g = p.add_argument_group("several processes (torchrun / DDP)")
+    g.add_argument(
+        "--devices",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="train with N processes on this machine (one per GPU, or CPU processes): launches torchrun for you",
+    )
+    g.add_argument(
+        "--sync-bn", action="store_true", help="BatchNorm statistics over the global batch (CUDA, several processes)"
     )
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the final metrics as one JSON document on stdout")
@@ -290,10 +302,35 @@ def parse_checkpoint_every(text: str | None) -> dict[str, Any]:
     raise UsageError(f"--checkpoint-every {text!r}: expected a number of steps (500) or minutes (10m), above 0")
 
 
+def launch_torchrun(argv: Sequence[str], nproc: int) -> int:
+    """`cnnlab train --devices N ...` -> `torchrun --standalone --nproc-per-node N -m cnnlab train ...`."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "cnnlab",
+           *rest]  # fmt: skip
+    print(f"cnnlab: launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m cnnlab "
+          f"{' '.join(rest)}", file=sys.stderr)  # fmt: skip
+    return subprocess.call(cmd)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """`cnnlab train`."""
+    from cnnlab.engine import distributed
     from cnnlab.engine.trainer import TrainConfig, fit
     from cnnlab.reporting import make_reporter
+
+    if args.devices > 1:
+        if distributed.env().enabled:
+            raise UsageError("--devices: already running under torchrun; drop --devices (torchrun sets the count)")
+        return launch_torchrun(args.argv, args.devices)
 
     cfg = TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, download=args.download, image_size=args.image_size,
@@ -305,9 +342,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, pretrained=args.pretrained, weights=args.weights, weights_name=args.weights_name,
         model_args=parse_model_args(args.model_args),
         on_nan=args.on_nan, clip_grad=args.clip_grad, freeze=args.freeze, unfreeze_after=args.unfreeze_after,
-        backbone_lr_mult=args.backbone_lr_mult, **parse_checkpoint_every(args.checkpoint_every),
+        backbone_lr_mult=args.backbone_lr_mult, sync_bn=args.sync_bn, **parse_checkpoint_every(args.checkpoint_every),
     )  # fmt: skip
-    reporter = make_reporter(quiet=args.quiet)
+    reporter = make_reporter(quiet=args.quiet or not distributed.env().is_main)
     device = args.device if args.resume and args.device != "auto" else None
     try:
         result = fit(
@@ -315,6 +352,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     finally:
         getattr(reporter, "close", lambda: None)()  # leave the terminal clean on errors and interrupts
+    if not distributed.env().is_main:
+        return EXIT_OK  # rank 0 prints the result for the whole job
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -838,6 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        args.argv = argv  # the command as typed (--devices relaunches it under torchrun)
         return args.func(args)
     except CnnlabError as e:
         if debug:

@@ -27,7 +27,7 @@ from torch import nn
 import cnnlab
 from cnnlab.data.pipeline import BatchLoader, Normalization, channel_stats, parse_augment
 from cnnlab.data.sources import BAD_IMAGE_POLICIES, Dataset, is_folder_name, load_dataset, stratified_split
-from cnnlab.engine import rundir
+from cnnlab.engine import distributed, rundir
 from cnnlab.engine.checkpoint import (
     load_checkpoint,
     load_weights,
@@ -90,6 +90,7 @@ class TrainConfig:
     freeze: str = "none"  # "features": train only the new classifier; the pretrained feature extractor stays fixed
     unfreeze_after: int | None = None  # with freeze: after this many epochs, fine-tune everything
     backbone_lr_mult: float = 0.1  # with pretrained weights or freeze: the feature extractor's lr = lr x this
+    sync_bn: bool = False  # data-parallel: BatchNorm statistics over the global batch (CUDA only)
 
     def resolved_lr(self) -> float:
         """The peak learning rate, defaulting per optimizer."""
@@ -398,6 +399,11 @@ def evaluate_batches(
         correct1 = c1 if correct1 is None else correct1 + c1
         correct5 = c5 if correct5 is None else correct5 + c5
         n += y.numel()
+    if distributed.env().enabled:  # every process evaluated its own shard: sum them, so all print the same numbers
+        zero = torch.zeros((), device=next(model.parameters()).device)
+        sums = [t if t is not None else zero for t in (loss_sum, correct1, correct5)] + [zero + n]
+        loss_sum, correct1, correct5, total = distributed.all_sum(sums)
+        n = int(total.item())
     if n == 0:
         return {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "n": 0}
     return {"loss": loss_sum.item() / n, "acc": correct1.item() / n, "top5": correct5.item() / n, "n": n}
@@ -407,17 +413,24 @@ class _Trainer:
     """The state of one fit() call; methods are the steps of the loop, each short."""
 
     def __init__(self, cfg: TrainConfig, reporter: Reporter, dataset: Dataset | None) -> None:
-        self.cfg, self.reporter = cfg, reporter
+        self.dist = distributed.env()
+        self.cfg, self.reporter = cfg, reporter if self.dist.is_main else Reporter()  # only rank 0 talks
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_precision(cfg.precision, self.device)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # the same on every process: identical initial weights
+        if not self.dist.is_main:
+            distributed.barrier()  # rank 0 loads first (and fills an image folder's decode cache for the others)
         self.data = dataset if dataset is not None else self._load_data()
+        if self.dist.is_main:
+            distributed.barrier()
         self.augment = tuple(cfg.augment) if cfg.augment is not None else self.data.default_augment
         self._split()
         self.model = self._create_model().to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * self.dist.rank)
+        # Data-parallel: the epoch permutation must be the same on every process, the augmentation draws not.
+        self.order_gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if self.dist.enabled else None
         self.train_loader = BatchLoader(
             self.train_set,
             cfg.batch_size,
@@ -426,6 +439,9 @@ class _Trainer:
             augment=self.augment,
             generator=self.gen,
             device=self.device,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            order_generator=self.order_gen,
         )
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -435,7 +451,13 @@ class _Trainer:
         if cfg.fine_tuning():
             probe = torch.zeros(1, self.data.channels, self.data.image_size, self.data.image_size, device=self.device)
             self.head = classifier_modules(self.model, probe)
+        if cfg.sync_bn and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise UsageError("--sync-bn needs CUDA devices (nccl); on CPU each process keeps its own statistics")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.opt = build_optimizer(self.model, cfg, self.head)
+        self.train_model: nn.Module = self.model
+        self._wrap_ddp()
         self.sched = build_scheduler(self.opt, cfg, self.total_steps, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.epoch, self.step = 0, 0
@@ -509,6 +531,8 @@ class _Trainer:
         data = self.val_set if which == "val" else self.data.test
         if data is None or len(data) == 0:
             return None
+        if self.dist.enabled:  # each process evaluates its own shard; evaluate_batches sums the results
+            data = data.subset(torch.arange(self.dist.rank, len(data), self.dist.world_size))
         return BatchLoader(data, self.cfg.eval_batch_size, self.norm, device=self.device)
 
     def config_dict(self) -> dict[str, Any]:
@@ -550,6 +574,8 @@ class _Trainer:
                 "precision": str(self.dtype).replace("torch.", ""),
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
+                "world_size": self.dist.world_size,
+                "global_batch": self.cfg.batch_size * self.dist.world_size,
             },
         }
 
@@ -565,7 +591,7 @@ class _Trainer:
             "history": self.history,
             "partial": self.progress.state() if self.progress is not None else None,
             "skipped_steps": self.skipped_steps,
-            "rng": rng_state({"data": self.gen}),
+            "rng": rng_state(self._generators()),
         }  # fmt: skip
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -583,12 +609,32 @@ class _Trainer:
         self.skipped_steps = state.get("skipped_steps", 0)
         partial = state.get("partial")
         self.progress = EpochProgress.from_state(partial, self.device) if partial else None
-        set_rng_state(state["rng"], {"data": self.gen})
+        saved = state["rng"]["generators"]
+        set_rng_state(state["rng"], {k: g for k, g in self._generators().items() if k in saved})
+        if self.dist.rank > 0:  # the checkpoint holds rank 0's augmentation stream; the others draw their own
+            self.gen.manual_seed(self.cfg.seed + 7919 * self.dist.rank + self.step)
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        gens = {"data": self.gen}
+        if self.order_gen is not None:
+            gens["order"] = self.order_gen
+        return gens
 
     def _new_progress(self) -> EpochProgress:
         zero = torch.zeros((), device=self.device)
         lr = self.opt.param_groups[-1]["lr"]  # the head's lr (fine-tuning: backbone groups come first)
         return EpochProgress(self.train_loader.epoch_order(), 0, zero.clone(), zero.long(), zero.long() - 1, 0, lr)
+
+    def _wrap_ddp(self) -> None:
+        """Data-parallel: DistributedDataParallel averages gradients over processes in backward."""
+        if not self.dist.enabled:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        if any(p.requires_grad for p in self.model.parameters()):
+            # DDP only syncs parameters that need gradients when it is built: rebuilt when the backbone unfreezes.
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
 
     def frozen(self) -> bool:
         """Whether the feature extractor is fixed during the coming epoch (--freeze features, --unfreeze-after)."""
@@ -601,6 +647,7 @@ class _Trainer:
             return
         frozen = self.frozen()
         backbone, _ = split_parameters(self.model, self.head)
+        changed = bool(backbone) and backbone[0].requires_grad == frozen
         if (
             self.cfg.unfreeze_after
             and self.epoch == self.cfg.unfreeze_after
@@ -612,6 +659,8 @@ class _Trainer:
             )
         for p in backbone:
             p.requires_grad_(not frozen)
+        if changed:
+            self._wrap_ddp()
         if frozen:
             head_modules = {m for name in self.head for m in self.model.get_submodule(name).modules()}
             for m in self.model.modules():
@@ -630,7 +679,7 @@ class _Trainer:
         self.reporter.epoch_start(self.epoch + 1, min(self.steps_per_epoch - prog.batch, self.total_steps - self.step))
         for x, y in self.train_loader.batches(prog.order, prog.batch):
             with autocast(self.device, self.dtype):
-                logits = model(x)
+                logits = self.train_model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             if self.scaler:
@@ -656,6 +705,7 @@ class _Trainer:
                     break
                 continue
             self.step += 1
+            distributed.maybe_inject_fault(self.step, self.dist)
             prog.add(loss.detach(), logits.detach(), y, self.step)
             self.reporter.step(self.epoch + 1, prog.batch, loss.detach().item() if sync_each_step else None)
             if self.step >= self.total_steps:
@@ -664,9 +714,10 @@ class _Trainer:
                 self._save_mid_epoch()
         self._check_finite(prog)
         self.progress = None
+        loss_sum, correct, seen = distributed.all_sum([prog.loss_sum, prog.correct, prog.correct.new_tensor(prog.seen)])
         return {
-            "train_loss": prog.loss_sum.item() / max(1, prog.seen),
-            "train_acc": prog.correct.item() / max(1, prog.seen),
+            "train_loss": loss_sum.item() / max(1, int(seen.item())),
+            "train_acc": correct.item() / max(1, int(seen.item())),
             "lr": prog.lr,
         }
 
@@ -826,6 +877,43 @@ def fit(
     """
     started = time.perf_counter()
     reporter = reporter or Reporter()
+    owns_group = not distributed.is_initialized()
+    dist_env, dist_device = distributed.setup(device or (config.device if config else "auto"))
+    try:
+        if resume == AUTO:
+            resume = _auto_resume(runs_dir, run_name)
+        return _fit(config, runs_dir, run_name, reporter, dataset, resume, dist_device if dist_env.enabled else device,
+                    started)  # fmt: skip
+    finally:
+        if owns_group:
+            distributed.teardown()
+
+
+AUTO = "auto"
+
+
+def _auto_resume(runs_dir: str | Path | None, run_name: str | None) -> Path | None:
+    """--resume auto: the named run if it exists and is unfinished (a torchrun restart), else None (start it)."""
+    if runs_dir is None or not run_name:
+        raise UsageError("--resume auto needs --name NAME: the run to continue if it exists, or to start if not")
+    run = Path(runs_dir) / run_name
+    if not (run / rundir.CONFIG).is_file():
+        return None
+    if (run / rundir.RESULTS).is_file():
+        raise UsageError(f"{run}: this run has already finished; nothing to resume")
+    return run
+
+
+def _fit(
+    config: TrainConfig | None,
+    runs_dir: str | Path | None,
+    run_name: str | None,
+    reporter: Reporter,
+    dataset: Dataset | None,
+    resume: str | Path | None,
+    device: str | None,
+    started: float,
+) -> TrainResult:
     state = None
     if resume is not None:
         run = rundir.resolve_run(resume)
@@ -838,20 +926,26 @@ def fit(
     if device is not None:
         cfg.device = device
     cfg.validate()
-    if resume is None and runs_dir is not None:
+    main = distributed.env().is_main  # only rank 0 writes the run directory
+    if resume is None and runs_dir is not None and main:
         rundir.check_writable(Path(runs_dir))
     t = _Trainer(cfg, reporter, dataset)
     if resume is not None:
-        t.run = run
+        t.run = run if main else None
         if state is not None:
             t.restore(state)
             inside = f", batch {t.progress.batch} of epoch {t.epoch + 1}" if t.progress is not None else ""
-            reporter.message(f"resuming {run} after epoch {t.epoch}{inside} (step {t.step})")
-    elif runs_dir is not None:
+            t.reporter.message(f"resuming {run} after epoch {t.epoch}{inside} (step {t.step})")
+    elif runs_dir is not None and main:
         # Created only now, after options, data and model all proved valid: a bad invocation leaves nothing behind.
         t.run = rundir.new_run_dir(runs_dir, cfg.model, t.data.name, run_name)
         rundir.write_config(t.run, t.config_dict())
-    reporter.train_start(
+    if t.dist.enabled:
+        t.reporter.message(
+            f"data-parallel: {t.dist.world_size} processes ({'nccl' if t.device.type == 'cuda' else 'gloo'}), "
+            f"{cfg.batch_size} images each per step, global batch {cfg.batch_size * t.dist.world_size}"
+        )
+    t.reporter.train_start(
         {
             **t.config_dict(),
             "run_dir": str(t.run) if t.run else None,
@@ -863,5 +957,5 @@ def fit(
     with _graceful_stop(t):
         stopped = t.run_epochs()
     result = t.finish(stopped, started)
-    reporter.train_end(result)
+    t.reporter.train_end(result)
     return result

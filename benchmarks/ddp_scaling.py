@@ -1,0 +1,80 @@
+"""Data-parallel scaling: training images/s with 1, 2, ... processes under torchrun, on CPU (gloo) or GPUs (nccl).
+
+    python benchmarks/ddp_scaling.py --data fashion-mnist (CPU processes: 1 and 2, or up to --max-procs)
+    python benchmarks/ddp_scaling.py --device cuda        (one process per GPU)
+
+Each point runs `cnnlab train --devices N` (torchrun underneath) on --data (default mnist-mini; fashion-mnist gives
+longer, steadier epochs) with lenet5-modern (or --model),
+per-process batch --batch-size, for --epochs epochs; images/s is the training split size over the median epoch
+time after the first epoch (which includes warm-up). Throughput is the whole job's, all processes together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import machine_line, write_section
+
+
+def run_point(nproc: int, args: argparse.Namespace, tmp: Path) -> dict:
+    """One `cnnlab train --devices N` run; its images/s."""
+    name = f"p{nproc}"
+    cmd = [sys.executable, "-m", "cnnlab", "train", "--devices", str(nproc), "--model", args.model,
+           "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--device", args.device,
+           "--data", args.data, "--runs-dir", str(tmp), "--name", name, "--patience", "0", "--quiet",
+           "--json"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{nproc} processes failed:\n{out.stderr[-2000:]}")
+    result = json.loads(out.stdout)
+    config = json.loads((tmp / name / "config.json").read_text())
+    with open(tmp / name / "metrics.csv") as f:
+        seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
+    epoch_s = statistics.median(seconds[1:] or seconds)
+    return {"procs": nproc, "images_per_s": config["data"]["train_size"] / epoch_s, "epoch_s": epoch_s,
+            "test_acc": result["test_acc"], "global_batch": config["runtime"]["global_batch"]}  # fmt: skip
+
+
+def main() -> None:
+    """Measure each process count and write the RESULTS.md section."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process)")
+    ap.add_argument("--max-procs", type=int, default=2, help="largest process count (powers of two up to it)")
+    ap.add_argument("--model", default="lenet5-modern")
+    ap.add_argument("--data", default="mnist-mini", help="dataset (fashion-mnist gives longer, steadier epochs)")
+    ap.add_argument("--batch-size", type=int, default=64, help="per process")
+    ap.add_argument("--epochs", type=int, default=4)
+    args = ap.parse_args()
+    counts = [n for n in (1, 2, 4, 8, 16) if n <= args.max_procs]
+    with tempfile.TemporaryDirectory() as tmp:
+        points = [run_point(n, args, Path(tmp)) for n in counts]
+    base = points[0]["images_per_s"]
+    lines = [
+        f"Command: `python benchmarks/ddp_scaling.py --device {args.device} --max-procs {args.max_procs} --data "
+        f"{args.data} --epochs {args.epochs}`: {args.model} on {args.data}, {args.batch_size} images per process "
+        "per step, "
+        f"{args.epochs} epochs, images/s from the median epoch after the first. Threads per process: cores / N.",
+        "",
+        f"Machine: {machine_line()}",
+        "",
+        "| processes | global batch | epoch s | images/s | speed-up | test accuracy |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(f"| {p['procs']} | {p['global_batch']} | {p['epoch_s']:.2f} | {p['images_per_s']:,.0f} | "
+          f"{p['images_per_s'] / base:.2f}x | {p['test_acc']:.2%} |" for p in points),
+    ]  # fmt: skip
+    body = "\n".join(lines)
+    print(body)
+    write_section(f"Data-parallel scaling ({args.device}, {os.cpu_count()} cores)", body)
+
+
+if __name__ == "__main__":
+    main()

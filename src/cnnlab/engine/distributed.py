@@ -1,0 +1,119 @@
+"""Data-parallel training through PyTorch's own engine: torchrun's environment, the process group, DDP.
+
+`torchrun --nproc-per-node N -m cnnlab train ...` sets RANK, WORLD_SIZE, LOCAL_RANK (and the rendezvous); this
+module reads them, starts the process group (nccl on CUDA, gloo on CPU), picks each process's device and sums
+metrics across processes. A single process (no torchrun) sees world_size 1 and every function is a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cnnlab.errors import UsageError
+
+FAULT_ENV = "CNNLAB_FAULT_AT_STEP"  # testing torchrun restarts: rank 1 dies at this step on the first attempt
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """True when more than one process trains together."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints and writes files."""
+        return self.rank == 0
+
+
+def env() -> DistEnv:
+    """Read torchrun's variables; a plain `cnnlab train` is rank 0 of 1."""
+    try:
+        return DistEnv(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
+    except ValueError as e:
+        raise UsageError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from None
+
+
+def setup(requested_device: str) -> tuple[DistEnv, str]:
+    """Start the process group if torchrun launched us; return the environment and this process's device name."""
+    e = env()
+    if not e.enabled:
+        return e, requested_device
+    use_cuda = requested_device != "cpu" and not requested_device.startswith("mps") and torch.cuda.is_available()
+    if use_cuda:
+        if e.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {e.local_rank} but only {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(e.local_rank)
+        device = f"cuda:{e.local_rank}"
+    else:
+        device = "cpu"
+    if not dist.is_initialized():
+        # A long timeout: rank 0 may spend minutes decoding an image folder while the others wait at a barrier.
+        timeout = datetime.timedelta(minutes=30)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # After a torchrun restart the agent's store can still hold the dead attempt's addresses (seen here: gloo
+        # connecting to a port of a killed worker); keys prefixed by the attempt number cannot be stale.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"cnnlab/attempt_{attempt}", store)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
+    return e, device
+
+
+def is_initialized() -> bool:
+    """Whether a process group exists (started by us or by the caller)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def teardown() -> None:
+    """Leave the process group (end of training, success or failure)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum each tensor over all processes (one collective); unchanged in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    flat = torch.stack([v.detach().to(torch.float64).reshape(()) for v in values])
+    if flat.device.type == "cpu" or dist.get_backend() != "nccl":
+        flat = flat.cpu()
+    dist.all_reduce(flat)
+    return list(flat.unbind())
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_text(text: str | None) -> str | None:
+    """Rank 0's string on every rank (e.g. the run directory it created)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def maybe_inject_fault(step: int, e: DistEnv) -> None:
+    """For the restart test: with $CNNLAB_FAULT_AT_STEP set, rank 1 dies at that step, on the first attempt only."""
+    at = os.environ.get(FAULT_ENV)
+    if at and e.rank == 1 and step == int(at) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os._exit(17)

@@ -1,0 +1,83 @@
+"""Data-parallel training with torchrun on CPU (gloo): two processes, as CI can run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.data import BatchLoader, ImageSet, Normalization
+from cnnlab.engine.inference import evaluate_run, load_run
+
+TRAIN = ["train", "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--quiet", "--json"]
+
+
+def torchrun(*args: str, cwd: Path, nproc: int = 2, extra: tuple[str, ...] = (), env: dict | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """`torchrun --standalone --nproc-per-node N -m cnnlab ARGS` on CPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra,
+           "-m", "cnnlab", *args]  # fmt: skip
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_global_batches_cover_every_sample_once_per_epoch() -> None:
+    n, bs, ws = 103, 10, 3
+    data = ImageSet(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).contiguous(), torch.zeros(n, dtype=torch.long))
+    norm = Normalization((0.0,), (1.0,))
+    seen: list[list[int]] = []
+    lengths = set()
+    for rank in range(ws):
+        g = torch.Generator().manual_seed(5)  # every rank: the same seed, so the same permutation
+        loader = BatchLoader(data, bs, norm, shuffle=True, generator=g, rank=rank, world_size=ws)
+        lengths.add(len(loader))
+        seen.append([int(v) for x, _ in loader for v in (x.flatten() * 255).round().tolist()])
+    assert lengths == {4}, "every process takes the same number of steps"
+    assert sorted(v for part in seen for v in part) == list(range(n)), "each sample exactly once across processes"
+    assert not set(seen[0]) & set(seen[1])
+    tiny = BatchLoader(ImageSet(data.images[:31], data.labels[:31]), bs, norm, rank=0, world_size=ws)
+    assert len(tiny) == 1, "a last global batch of 1 sample for 3 processes is left out (documented)"
+
+
+@pytest.mark.slow
+def test_two_processes_train_write_once_and_match_single_process_metrics(tmp_path: Path) -> None:
+    r = torchrun(*TRAIN, "--runs-dir", "runs", "--name", "ddp", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)  # rank 0 alone prints the result
+    run = tmp_path / "runs" / "ddp"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"], "rank 0 alone creates the run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["runtime"]["world_size"] == 2 and config["runtime"]["global_batch"] == 128
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 3
+    losses = [float(row.split(",")[1]) for row in rows[1:]]
+    assert losses[1] < losses[0], "the training loss goes down"
+    # The test metrics printed by the 2-process run are those of the same weights evaluated in one process.
+    single = evaluate_run(load_run(run))
+    assert result["test_acc"] == pytest.approx(single.top1, abs=1e-9)
+    assert result["test_top5"] == pytest.approx(single.top5, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_the_run_resumes_to_completion(tmp_path: Path) -> None:
+    args = [a for a in TRAIN if a != "--quiet"]  # the resume notice is progress output
+    r = torchrun(*args, "--runs-dir", "runs", "--name", "elastic", "--resume", "auto", "--checkpoint-every", "5",
+                 cwd=tmp_path, extra=("--max-restarts=1",), env={"CNNLAB_FAULT_AT_STEP": "12"})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "elastic"
+    assert (run / "results.json").is_file()
+    assert "exitcode: 17" in r.stderr, "the injected fault killed rank 1"
+    assert "resuming" in r.stderr and "(step 10)" in r.stderr, "the restarted group resumed from the checkpoint"
+    assert json.loads((run / "results.json").read_text())["epochs_run"] == 2
+
+
+def test_resume_auto_needs_a_name(tmp_path: Path) -> None:
+    from cnnlab.cli import main
+
+    assert main(["train", "--resume", "auto", "--runs-dir", str(tmp_path)]) == 2
