@@ -106,3 +106,12 @@ def write_idx(path: Path, array: np.ndarray) -> Path:
     data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
     path.write_bytes(gzip.compress(data, compresslevel=1) if path.suffix == ".gz" else data)
     return path
+
+
+@pytest.fixture(scope="session")
+def digit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """lenet5-modern trained briefly on mnist-mini: a real run directory for evaluate/predict/explore tests."""
+    from cnnlab.engine.trainer import TrainConfig, fit
+
+    runs = tmp_path_factory.mktemp("runs")
+    return fit(TrainConfig(epochs=2, max_steps=120, batch_size=64), runs_dir=runs, run_name="digits").run_dir

@@ -81,3 +81,19 @@ def test_resume_auto_needs_a_name(tmp_path: Path) -> None:
     from cnnlab.cli import main
 
     assert main(["train", "--resume", "auto", "--runs-dir", str(tmp_path)]) == 2
+
+
+def test_devices_relaunches_the_same_command_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess as sp
+
+    from cnnlab.cli import main
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(sp, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", "--devices", "3", "--epochs", "2", "--devices=3", "--data", "mnist-mini"]) == 0
+    (cmd,) = calls
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m"]
+    assert cmd[6:] == ["cnnlab", "train", "--epochs", "2", "--data", "mnist-mini"], "--devices itself is dropped"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--devices", "2"]) == 2, "already under torchrun: a usage error, not a fork bomb"

@@ -14,7 +14,6 @@ from PIL import Image
 from cnnlab.engine.export import export_run
 from cnnlab.engine.inference import eval_data, evaluate_run, load_run, predict_files
 from cnnlab.engine.metrics import confusion_matrix, most_confused, per_class_report
-from cnnlab.engine.trainer import TrainConfig, fit
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.inspect.features import activations, conv_layers_in_order, default_stages, grad_cam
 from tests.conftest import main_error
@@ -44,14 +43,6 @@ def test_class_never_predicted_has_zero_precision_not_nan() -> None:
     cm = confusion_matrix(torch.tensor([0, 0]), torch.tensor([0, 1]), 2)
     rep = per_class_report(cm, ["x", "y"])
     assert rep["per_class"][1]["precision"] == 0.0 and rep["per_class"][1]["f1"] == 0.0
-
-
-@pytest.fixture(scope="module")
-def digit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """lenet5-modern trained briefly on mnist-mini: a real run directory to use."""
-    runs = tmp_path_factory.mktemp("runs")
-    cfg = TrainConfig(epochs=2, max_steps=120, batch_size=64)
-    return fit(cfg, runs_dir=runs, run_name="digits").run_dir
 
 
 def test_evaluate_numbers_agree_with_the_training_run(digit_run: Path) -> None:

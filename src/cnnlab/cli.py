@@ -864,6 +864,7 @@ def build_parser() -> Parser:
     cli_use.add_predict_parser(sub)
     cli_use.add_visualize_parser(sub)
     cli_use.add_export_parser(sub)
+    cli_use.add_explore_parser(sub)
     return parser
 
 

@@ -363,3 +363,52 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"1 real test images, max |logit difference| {result.max_abs_diff:.2e} (limit 1e-4)")  # fmt: skip
         print(result.metadata)
     return EXIT_OK
+
+
+# --- explore ----------------------------------------------------------------------------------------------------------
+
+
+def add_explore_parser(sub: argparse._SubParsersAction) -> None:
+    """Options of `cnnlab explore`."""
+    p = sub.add_parser(
+        "explore",
+        help="a local web page: draw a digit, watch the prediction and every activation map; kernel playground",
+        description="Start a local web server with one page: draw or upload an image and see the run's prediction, "
+        "its activation maps and the weighted sum behind any pixel; a kernel playground (works with no RUN); the "
+        "run's layer table, curves and confusion matrix.",
+    )
+    p.add_argument("run", nargs="?", default=None, help="run directory (optional: without it, the kernel playground)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this computer only)")
+    p.add_argument("--port", type=_int_min(0), default=8000, help="port (8000; 0 picks a free one)")
+    _device_option(p)
+    p.set_defaults(func=cmd_explore)
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    """`cnnlab explore`."""
+    import socket
+
+    import uvicorn
+
+    from cnnlab.explore.app import create_app
+
+    if args.port > 65535:
+        raise UsageError(f"--port {args.port}: must be at most 65535")
+    loaded = _load(args) if args.run else None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"cnnlab: warning: listening on {args.host}: other computers on the network can reach this page",
+              file=sys.stderr)  # fmt: skip
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
+    port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"cnnlab explore: http://{host}:{port}/  ({'run ' + str(loaded.path) if loaded else 'no run'}; Ctrl-C stops)",
+          flush=True)  # fmt: skip
+    config = uvicorn.Config(create_app(loaded), log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
+    return EXIT_OK

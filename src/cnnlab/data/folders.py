@@ -47,7 +47,11 @@ def decode(path: Path, size: int, channels: int | None = None) -> tuple[np.ndarr
 
     `channels` forces 1 (grayscale) or 3 (RGB); by default the file's own mode decides.
     """
-    img = open_image(path, draft=(size, size))
+    return fit_image(open_image(path, draft=(size, size)), size, channels)
+
+
+def fit_image(img: Image.Image, size: int, channels: int | None = None) -> tuple[np.ndarray, bool]:
+    """A decoded image -> (uint8 (size, size, C) pixels, grayscale?): 8-bit, shorter side resized, centre square."""
     gray = img.mode in GRAY_MODES if channels is None else channels == 1
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit (or float) grayscale: scale its range to 8 bits rather than clipping everything above 255.

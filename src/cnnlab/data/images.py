@@ -44,13 +44,19 @@ def open_image(path: str | os.PathLike[str], draft: tuple[int, int] | None = Non
         raise UsageError(f"{path}: is a directory, not an image")
     if path.stat().st_size == 0:
         raise UsageError(f"{path}: empty file (0 bytes), not an image")
+    return decode_image(path, str(path), draft)
+
+
+def decode_image(source: Path | io.BytesIO, label: str, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode a file or in-memory bytes strictly (bomb limit, truncation, non-images are errors naming `label`)."""
+    path = label
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded with grey
     old_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if draft is not None and img.format == "JPEG":
                     img.draft(img.mode, draft)
                 img.load()

@@ -18,16 +18,16 @@ from cnnlab.errors import UsageError
 MAX_STAGES = 8  # default activation pictures: at most this many layers
 
 
-def conv_layers_in_order(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Size]]:
-    """(name, output shape) of every Conv2d in the order the forward pass calls them (a module called twice: once)."""
+def calls_in_order(model: nn.Module, x: torch.Tensor, types: tuple[type, ...]) -> list[tuple[str, torch.Size]]:
+    """(name, output shape) of every module of `types` with a 4-D output, in forward order (each name once)."""
     names = {m: n for n, m in model.named_modules()}
     calls: list[tuple[str, torch.Size]] = []
 
     def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
-        if names[module] not in {c[0] for c in calls}:
+        if names[module] not in {c[0] for c in calls} and isinstance(output, torch.Tensor) and output.dim() == 4:
             calls.append((names[module], output.shape))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, types)]
     try:
         with torch.no_grad():
             model(x)
@@ -35,6 +35,11 @@ def conv_layers_in_order(model: nn.Module, x: torch.Tensor) -> list[tuple[str, t
         for h in handles:
             h.remove()
     return calls
+
+
+def conv_layers_in_order(model: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Size]]:
+    """(name, output shape) of every Conv2d in the order the forward pass calls them (a module called twice: once)."""
+    return calls_in_order(model, x, (nn.Conv2d,))
 
 
 def default_stages(calls: Sequence[tuple[str, torch.Size]]) -> list[str]:
@@ -69,7 +74,7 @@ def activations(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dic
 
         def hook(module: nn.Module, inputs: object, output: torch.Tensor, name: str = name) -> None:
             if name not in out and isinstance(output, torch.Tensor):
-                out[name] = output.detach()[0].float().cpu()
+                out[name] = output.detach()[0].float().cpu().clone()  # clone: a later in-place ReLU would overwrite it
 
         handles.append(modules[name].register_forward_hook(hook))
     try:
@@ -134,3 +139,75 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str | None = None, class_
     cam = F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     cam = cam / cam.max() if float(cam.max()) > 0 else cam
     return GradCam(cam.cpu(), k, float(probs[k]), layer)
+
+
+STAGE_TYPES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+MAX_EXPLORE_LAYERS = 12
+
+
+def stage_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Conv and pooling layers in forward order (for a deep network: the last conv of each stage)."""
+    calls = calls_in_order(model, x, STAGE_TYPES)
+    if len(calls) <= MAX_EXPLORE_LAYERS:
+        return [n for n, _ in calls]
+    convs = [(n, s) for n, s in calls if isinstance(model.get_submodule(n), nn.Conv2d)]
+    return default_stages(convs)
+
+
+def layer_inputs_and_outputs(
+    model: nn.Module, x: torch.Tensor, layers: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """For input x (1, C, H, W): each named layer's input and output (first sample, CPU), and the model's logits."""
+    check_layers(model, layers)
+    ins: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = []
+    for name in layers:
+
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
+            if name not in outs:
+                # clone: a later in-place ReLU would overwrite what we keep (the conv's own output is wanted)
+                ins[name] = inputs[0].detach()[0].float().cpu().clone()
+                outs[name] = output.detach()[0].float().cpu().clone()
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = model(x).float().cpu()
+    finally:
+        for h in handles:
+            h.remove()
+    return ins, outs, logits
+
+
+def explain_conv_pixel(conv: nn.Conv2d, inp: torch.Tensor, channel: int, y: int, x: int) -> dict:
+    """The weighted sum behind output pixel (channel, y, x) of a conv layer, given its input (C_in, H, W).
+
+    Uses the same code as `cnnlab filter --explain` on the zero-padded input: one window x kernel product grid per
+    input channel of the group, their subtotals, the bias and the total (= the layer's output there).
+    """
+    from cnnlab.kernels import explain_pixel
+
+    if conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise UsageError("this layer uses dilation, non-zero or named padding: its sums are not shown")
+    out_c = conv.out_channels
+    if not 0 <= channel < out_c:
+        raise UsageError(f"channel {channel} outside 0..{out_c - 1}")
+    (ph, pw), (sh, sw) = conv.padding, conv.stride
+    padded = F.pad(inp, (pw, pw, ph, ph))  # (C_in, H + 2ph, W + 2pw)
+    kh, kw = conv.kernel_size
+    out_h, out_w = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
+    if not (0 <= y < out_h and 0 <= x < out_w):
+        raise UsageError(f"pixel ({x}, {y}) outside the {out_w}x{out_h} output")
+    per_group = conv.in_channels // conv.groups
+    first = (channel // (out_c // conv.groups)) * per_group
+    weight = conv.weight.detach().double().cpu()[channel]  # (C_in / groups, kh, kw)
+    terms = []
+    for i in range(per_group):
+        e = explain_pixel(padded[first + i : first + i + 1], weight[i].numpy(), x * sw, y * sh, padding="valid")[0]
+        terms.append({"input_channel": first + i, "window": e.window.tolist(), "kernel": e.kernel.tolist(),
+                      "products": e.products.tolist(), "subtotal": e.total})  # fmt: skip
+    bias = float(conv.bias.detach()[channel]) if conv.bias is not None else 0.0
+    return {"channel": channel, "x": x, "y": y, "terms": terms, "bias": bias,
+            "total": sum(t["subtotal"] for t in terms) + bias}  # fmt: skip

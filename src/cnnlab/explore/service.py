@@ -1,0 +1,262 @@
+"""What the explore page asks for, computed with the library: predictions with every activation map, the weighted
+sum behind one pixel, kernels on an image, and the run's own tables and pictures. Images travel as PNG data URLs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image
+from torch import nn
+
+from cnnlab.data.folders import fit_image
+from cnnlab.data.images import decode_image, sample_image_path
+from cnnlab.engine.inference import LoadedRun, eval_data, evaluate_run
+from cnnlab.errors import UsageError
+from cnnlab.inspect.features import explain_conv_pixel, layer_inputs_and_outputs, stage_layers
+
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # a decoded upload larger than this is refused (413)
+MAX_MAPS = 32  # activation maps sent per layer (the first ones); wide layers are summarised by these
+MAX_PLAYGROUND_SIDE = 1024  # the kernel playground works on images shrunk to at most this side
+
+
+class TooLarge(UsageError):
+    """An upload over the size limit (HTTP 413)."""
+
+
+def decode_data_url(text: str) -> Image.Image:
+    """'data:image/png;base64,....' (or bare base64) -> a Pillow image, strictly checked."""
+    payload = text.split(",", 1)[1] if text.startswith("data:") else text
+    if len(payload) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
+        raise TooLarge(f"image larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError("image: not valid base64") from None
+    if not data:
+        raise UsageError("image: empty")
+    return decode_image(io.BytesIO(data), "image")
+
+
+def png_data_url(pixels: np.ndarray) -> str:
+    """uint8 (H, W) or (H, W, 3) -> 'data:image/png;base64,...'."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def map_to_png(a: torch.Tensor) -> str:
+    """One activation map (H, W) as a viridis PNG, scaled to its own min..max."""
+    lo, hi = float(a.min()), float(a.max())
+    x = (a - lo) / (hi - lo) if hi > lo else torch.zeros_like(a)
+    rgb = (colormaps["viridis"](x.numpy())[..., :3] * 255).round().astype(np.uint8)
+    return png_data_url(rgb)
+
+
+def center_digit(pixels: np.ndarray, size: int) -> np.ndarray:
+    """MNIST's own preprocessing for a drawn digit: its bounding box scaled to fit 20/28 of the side, then placed
+    so that its centre of mass is the image centre. uint8 (H, W) -> uint8 (size, size)."""
+    ys, xs = np.nonzero(pixels > 20)
+    if len(ys) == 0:
+        return np.zeros((size, size), dtype=np.uint8)
+    crop = Image.fromarray(pixels[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1])
+    box = max(1, round(size * 20 / 28))
+    scale = box / max(crop.size)
+    crop = crop.resize(
+        (max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.Resampling.LANCZOS
+    )
+    glyph = np.asarray(crop, dtype=np.float64)
+    mass = glyph.sum() or 1.0
+    cy = (glyph.sum(1) * np.arange(glyph.shape[0])).sum() / mass
+    cx = (glyph.sum(0) * np.arange(glyph.shape[1])).sum() / mass
+    out = np.zeros((size, size), dtype=np.float64)
+    top, left = round(size / 2 - cy), round(size / 2 - cx)
+    top = min(max(top, 0), size - glyph.shape[0])
+    left = min(max(left, 0), size - glyph.shape[1])
+    out[top : top + glyph.shape[0], left : left + glyph.shape[1]] = glyph
+    return out.clip(0, 255).round().astype(np.uint8)
+
+
+class Explorer:
+    """The state behind one `cnnlab explore` page: the run (or none) and cached pictures."""
+
+    def __init__(self, loaded: LoadedRun | None) -> None:
+        self.loaded = loaded
+        self._pictures: dict[str, bytes] = {}
+        self._layers: list[str] | None = None
+
+    # --- the run ------------------------------------------------------------------------------------------------
+
+    def need_run(self) -> LoadedRun:
+        """The run, or a 404-style error for pages started without one."""
+        if self.loaded is None:
+            raise LookupError("no run: start the page with `cnnlab explore RUN` to see a network")
+        return self.loaded
+
+    def layers(self) -> list[str]:
+        """The conv/pool layers shown, found once with a blank input."""
+        run = self.need_run()
+        if self._layers is None:
+            blank = torch.zeros(1, run.channels, run.image_size, run.image_size, dtype=torch.uint8)
+            self._layers = stage_layers(run.model, run.prepare(blank))
+        return self._layers
+
+    def info(self) -> dict[str, Any]:
+        """What the page needs to set itself up."""
+        from cnnlab.kernels import list_kernels, resolve_kernel
+
+        named = [resolve_kernel(n) for n in list_kernels()]
+        kernels = [{"name": k.name, "description": k.description, "matrix": k.matrix.tolist(),
+                    "matrices": len(k.matrices)} for k in named]  # fmt: skip
+        out: dict[str, Any] = {"run": None, "kernels": kernels}
+        if self.loaded is not None:
+            run = self.loaded
+            cfg = run.config
+            out["run"] = {
+                "path": str(run.path), "name": run.path.name, "model": cfg["model"]["name"],
+                "data": cfg["data"]["name"], "classes": list(run.classes), "channels": run.channels,
+                "image_size": run.image_size, "digits": run.channels == 1 and run.image_size <= 32,
+                "test_size": cfg["data"].get("test_size", 0), "layers": self.layers(),
+            }  # fmt: skip
+        return out
+
+    def input_image(self, image: str | None, test_index: int | None, center: bool) -> torch.Tensor:
+        """uint8 (C, S, S) as the run's model sees it, from an uploaded image or the run's test split."""
+        run = self.need_run()
+        if test_index is not None:
+            data, _ = eval_data(run, None, None, "test")
+            if not 0 <= test_index < len(data):
+                raise UsageError(f"test_index: the test split has {len(data)} images (0..{len(data) - 1})")
+            return data.images[test_index]
+        if image is None:
+            raise UsageError("give an image or a test_index")
+        img = decode_data_url(image)
+        if center and run.channels == 1:
+            pixels = center_digit(np.asarray(img.convert("L")), run.image_size)
+            return torch.from_numpy(pixels)[None]
+        arr, _ = fit_image(img, run.image_size, run.channels)
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def predict(self, image: str | None, test_index: int | None, center: bool, top_k: int = 5) -> dict[str, Any]:
+        """Top-k classes and the activation maps of every shown layer for one image."""
+        run = self.need_run()
+        pixels = self.input_image(image, test_index, center)
+        x = run.prepare(pixels[None])
+        _, outs, logits = layer_inputs_and_outputs(run.model, x, self.layers())
+        probs = logits.softmax(1)[0]
+        values, idx = probs.topk(min(top_k, len(run.classes)))
+        layers = []
+        for name, a in outs.items():
+            module = run.model.get_submodule(name)
+            layers.append({
+                "name": name, "kind": type(module).__name__, "shape": list(a.shape),
+                "maps": [map_to_png(a[c]) for c in range(min(MAX_MAPS, a.shape[0]))],
+            })  # fmt: skip
+        shown = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+        top = [{"label": run.classes[i], "prob": float(v)} for v, i in zip(values.tolist(), idx.tolist(), strict=True)]
+        return {"top": top, "input": png_data_url(shown), "layers": layers}
+
+    def explain(self, image: str | None, test_index: int | None, center: bool, layer: str, channel: int, x: int,
+                y: int) -> dict[str, Any]:  # fmt: skip
+        """The weighted sum behind one pixel of one conv layer's map, with the layer's actual output there."""
+        run = self.need_run()
+        if layer not in self.layers():
+            raise UsageError(f"layer {layer!r} is not one of the shown layers")
+        module = run.model.get_submodule(layer)
+        if not isinstance(module, nn.Conv2d):
+            raise UsageError(f"{layer} is a {type(module).__name__}, not a convolution: it has no weighted sum")
+        x_in = run.prepare(self.input_image(image, test_index, center)[None])
+        ins, outs, _ = layer_inputs_and_outputs(run.model, x_in, [layer])
+        result = explain_conv_pixel(module, ins[layer], channel, y, x)
+        result["output"] = float(outs[layer][channel, y, x])
+        result["layer"] = layer
+        return result
+
+    def kernel_weights(self, layer: str, channel: int) -> dict[str, Any]:
+        """The kernel(s) that make one map of a conv layer: (C_in / groups, kh, kw) plus the bias."""
+        run = self.need_run()
+        module = run.model.get_submodule(layer) if layer in self.layers() else None
+        if not isinstance(module, nn.Conv2d):
+            raise UsageError(f"layer {layer!r} is not a shown convolution")
+        if not 0 <= channel < module.out_channels:
+            raise UsageError(f"channel {channel} outside 0..{module.out_channels - 1}")
+        w = module.weight.detach().float().cpu()[channel]
+        bias = float(module.bias.detach()[channel]) if module.bias is not None else 0.0
+        return {"layer": layer, "channel": channel, "weights": w[:MAX_MAPS].tolist(), "in_channels": w.shape[0],
+                "bias": bias}  # fmt: skip
+
+    # --- the kernel playground -----------------------------------------------------------------------------------
+
+    def playground(
+        self, image: str | None, kernel: str, pool: str | None, size: int, mode: str, gray: bool
+    ) -> dict[str, Any]:
+        """Apply a named or typed kernel (and optional pooling) to an uploaded image or the sample photo."""
+        from cnnlab.kernels import apply_kernel, resolve_kernel, to_display_range
+        from cnnlab.kernels import pool as pool_image
+
+        img = decode_data_url(image) if image else decode_image(sample_image_path(), "sample")
+        if max(img.size) > MAX_PLAYGROUND_SIDE:
+            img.thumbnail((MAX_PLAYGROUND_SIDE, MAX_PLAYGROUND_SIDE))
+        img = img.convert("L" if gray else "RGB")
+        arr = np.asarray(img, dtype=np.float32)
+        x = torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())  # (C, H, W) 0..255
+        k = resolve_kernel(kernel.strip()) if kernel.strip() else None
+        out = apply_kernel(x, k) if k is not None else x
+        out = to_display_range(out, 255, mode)
+        if pool:
+            out = pool_image(out, pool, size)
+        pixels = out.round().clamp(0, 255).to(torch.uint8)
+        shown = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+        original = arr.clip(0, 255).astype(np.uint8)
+        return {
+            "input": png_data_url(original), "output": png_data_url(shown),
+            "kernel": k.matrix.tolist() if k is not None else None, "shape": list(pixels.shape),
+        }  # fmt: skip
+
+    # --- the run's tables and pictures ---------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """The per-layer table of `cnnlab summary` for the run's model and input size."""
+        from cnnlab.inspect.summary import summarize
+
+        run = self.need_run()
+        rows = summarize(run.model, (run.channels, run.image_size, run.image_size))
+        table = [{"name": r.name, "kind": r.kind, "shape": list(r.out_shape), "params": r.params, "macs": r.macs}
+                 for r in rows]  # fmt: skip
+        return {"rows": table, "params": sum(p.numel() for p in run.model.parameters()),
+                "macs": sum(r.macs for r in rows)}  # fmt: skip
+
+    def picture(self, what: str) -> bytes:
+        """curves / confusion / misclassified as PNG bytes, made once (in memory, never written into the run)."""
+        run = self.need_run()
+        if what not in ("curves", "confusion", "misclassified"):
+            raise LookupError(f"no picture {what!r}")
+        if what not in self._pictures:
+            self._pictures.update(self._make_pictures(run, what))
+        return self._pictures[what]
+
+    def _make_pictures(self, run: LoadedRun, what: str) -> dict[str, bytes]:
+        from cnnlab.engine import rundir
+        from cnnlab.inspect.visualize import plot_confusion, plot_curves, plot_image_grid
+
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            if what == "curves":
+                rows = rundir.read_metrics(run.path)
+                if not rows:
+                    raise LookupError("the run has no metrics.csv rows")
+                plot_curves(rows, d / "x.png", title=f"{run.config['model']['name']} on {run.config['data']['name']}")
+                return {"curves": (d / "x.png").read_bytes()}
+            ev = evaluate_run(run)
+            plot_confusion(ev.confusion, ev.classes, d / "c.png", title=f"confusion matrix ({ev.n:,} test images)")
+            captions = [f"true {w['true']}\npred {w['predicted']} ({w['confidence']:.0%})" for w in ev.worst]
+            plot_image_grid(ev.images, captions, d / "m.png", title="most confident mistakes")
+            return {"confusion": (d / "c.png").read_bytes(), "misclassified": (d / "m.png").read_bytes()}

@@ -1,0 +1,255 @@
+"""`cnnlab explore`: every API endpoint and bad request through FastAPI's test client, then the page in a real
+headless browser (Playwright driving Debian's chromium)."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cnnlab.engine.inference import eval_data, load_run
+from cnnlab.explore.app import create_app
+from cnnlab.explore.service import MAX_UPLOAD_BYTES, center_digit
+
+
+def data_url(img: Image.Image, fmt: str = "PNG") -> str:
+    """An image as the page sends it."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def drawn_seven() -> str:
+    """A 280x280 canvas with a white 7 on black, as the drawing pad produces."""
+    img = Image.new("L", (280, 280), 0)
+    from PIL import ImageDraw
+
+    d = ImageDraw.Draw(img)
+    d.line([(80, 70), (200, 70), (130, 220)], fill=255, width=22)
+    return data_url(img.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def client(digit_run: Path) -> TestClient:
+    """The app for the trained digit run."""
+    return TestClient(create_app(load_run(digit_run)), raise_server_exceptions=False)
+
+
+def test_info_lists_run_layers_and_kernels(client: TestClient) -> None:
+    info = client.get("/api/info").json()
+    assert info["run"]["classes"] == list("0123456789") and info["run"]["digits"] is True
+    assert info["run"]["layers"] == ["features.1", "features.3", "features.4", "features.6"]
+    assert any(k["name"] == "sharpen" for k in info["kernels"])
+
+
+def test_predict_a_drawn_digit_gives_probabilities_and_every_activation_map(client: TestClient) -> None:
+    out = client.post("/api/predict", json={"image": drawn_seven(), "center": True}).json()
+    probs = [t["prob"] for t in out["top"]]
+    assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
+    shapes = [layer["shape"] for layer in out["layers"]]
+    assert shapes == [[6, 28, 28], [6, 14, 14], [16, 10, 10], [16, 5, 5]]
+    assert [len(layer["maps"]) for layer in out["layers"]] == [6, 6, 16, 16]
+    assert all(m.startswith("data:image/png;base64,") for layer in out["layers"] for m in layer["maps"])
+
+
+def test_predict_a_test_image_matches_the_model(client: TestClient, digit_run: Path) -> None:
+    run = load_run(digit_run)
+    data, _ = eval_data(run, None, None, "test")
+    with torch.no_grad():
+        expected = run.model(run.prepare(data.images[5:6])).softmax(1)[0]
+    out = client.post("/api/predict", json={"test_index": 5, "top_k": 10}).json()
+    got = {t["label"]: t["prob"] for t in out["top"]}
+    assert got == pytest.approx({str(i): float(p) for i, p in enumerate(expected)}, abs=1e-5)
+
+
+def test_explain_is_the_layers_own_output(client: TestClient) -> None:
+    for layer, channel, x, y in (("features.1", 2, 14, 10), ("features.4", 7, 3, 6)):
+        ex = client.post("/api/explain", json={"test_index": 0, "layer": layer, "channel": channel, "x": x, "y": y})
+        body = ex.json()
+        assert ex.status_code == 200, body
+        assert body["total"] == pytest.approx(body["output"], abs=1e-4), "products + bias = the activation"
+        first = np.array(body["terms"][0]["products"])
+        window, kernel = np.array(body["terms"][0]["window"]), np.array(body["terms"][0]["kernel"])
+        assert np.allclose(first, window * kernel) and first.shape == (5, 5)
+    assert len(body["terms"]) == 6, "a conv of the 6 maps below it: six windows"
+
+
+def test_kernel_weights_and_playground(client: TestClient) -> None:
+    w = client.get("/api/kernel-weights", params={"layer": "features.1", "channel": 0}).json()
+    assert np.array(w["weights"]).shape == (1, 5, 5) and "bias" in w
+    out = client.post("/api/kernel", json={"kernel": "sobel", "gray": True, "mode": "normalize"}).json()
+    assert out["shape"][0] == 1 and out["output"] != out["input"]
+    pooled = client.post("/api/kernel", json={"kernel": "1,1;1,1", "pool": "max", "size": 4}).json()
+    assert pooled["shape"][1] == out["shape"][1] // 4
+
+
+def test_run_summary_and_pictures(client: TestClient) -> None:
+    s = client.get("/api/summary").json()
+    assert s["params"] == 61_706 and s["rows"][0]["name"]
+    for what in ("curves", "confusion", "misclassified"):
+        r = client.get(f"/api/picture/{what}")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(r.content)).width > 300
+    assert client.get("/api/picture/../../etc/passwd").status_code == 404
+    assert client.get("/api/picture/secrets").status_code == 404
+
+
+def _bomb_url() -> str:
+    buf = io.BytesIO()
+    Image.new("1", (9500, 9500)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "payload", "status", "message"),
+    [
+        ("post", "/api/predict", {"image": "data:image/png;base64,@@@"}, 400, "not valid base64"),
+        ("post", "/api/predict", {"image": base64.b64encode(b"plain text").decode()}, 400, "not an image"),
+        ("post", "/api/predict", {"image": _bomb_url()}, 400, "decompression bomb"),
+        ("post", "/api/predict", {"test_index": 5000}, 400, "test split has 1000 images"),
+        ("post", "/api/predict", {}, 400, "give an image or a test_index"),
+        ("post", "/api/predict", {"test_index": -1}, 422, "test_index"),
+        ("post", "/api/predict", "not json", 422, "malformed request"),
+        ("post", "/api/explain", {"test_index": 0, "layer": "x", "channel": 0, "x": 0, "y": 0}, 400, "not one of"),
+        ("post", "/api/explain", {"test_index": 0, "layer": "features.3", "channel": 0, "x": 0, "y": 0}, 400,
+         "MaxPool2d, not a convolution"),
+        ("post", "/api/explain", {"test_index": 0, "layer": "features.1", "channel": 0, "x": 99, "y": 0}, 400,
+         "outside the 28x28 output"),
+        ("post", "/api/kernel", {"kernel": "1,2;3"}, 400, "kernel"),
+        ("post", "/api/kernel", {"kernel": "sharpen", "pool": "median"}, 422, "pool"),
+        ("get", "/api/kernel-weights?layer=features.1&channel=99", None, 400, "channel 99 outside"),
+        ("get", "/static/../../pyproject.toml", None, 404, None),
+        ("get", "/api/nothing", None, 404, None),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_clear_4xx_json(
+    client: TestClient, method: str, path: str, payload: object, status: int, message: str | None
+) -> None:
+    if isinstance(payload, str):
+        r = client.post(path, content=payload, headers={"content-type": "application/json"})
+    else:
+        r = getattr(client, method)(path, **({"json": payload} if payload is not None else {}))
+    assert r.status_code == status, r.text
+    if message:
+        assert message in r.json()["error"]
+    assert client.get("/api/info").status_code == 200, "the server keeps serving"
+
+
+def test_oversize_upload_is_413(client: TestClient) -> None:
+    big = "A" * (MAX_UPLOAD_BYTES * 4 // 3 + 8)
+    r = client.post("/api/predict", json={"image": big})
+    assert r.status_code == 413 and "error" in r.json()
+
+
+def test_without_a_run_only_the_playground_works() -> None:
+    c = TestClient(create_app(None), raise_server_exceptions=False)
+    assert c.get("/api/info").json()["run"] is None
+    r = c.post("/api/predict", json={"test_index": 0})
+    assert r.status_code == 404 and "no run" in r.json()["error"]
+    assert c.post("/api/kernel", json={"kernel": "box-blur"}).status_code == 200
+    assert c.get("/").status_code == 200 and "cnnlab explore" in c.get("/").text
+
+
+def test_center_digit_puts_the_mass_in_the_middle() -> None:
+    canvas = np.zeros((280, 280), dtype=np.uint8)
+    canvas[10:60, 200:230] = 255  # a small stroke in a corner
+    out = center_digit(canvas, 28).astype(float)
+    ys, _ = np.nonzero(out)
+    cy, cx = (out.sum(1) * np.arange(28)).sum() / out.sum(), (out.sum(0) * np.arange(28)).sum() / out.sum()
+    assert abs(cy - 14) <= 1 and abs(cx - 14) <= 1 and ys.max() - ys.min() + 1 == 20
+
+
+# --- a real browser -------------------------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_browser = pytest.mark.skipif(
+    (CHROMIUM is None or importlib.util.find_spec("playwright") is None)
+    and not os.environ.get("CNNLAB_REQUIRE_BROWSER"),
+    reason="needs Playwright and a chromium executable (CI installs Debian's chromium, CNNLAB_REQUIRE_BROWSER=1)",
+)
+
+
+@pytest.fixture(scope="module")
+def server(digit_run: Path) -> Iterator[str]:
+    """The app served by uvicorn on a free local port, in a background thread."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(create_app(load_run(digit_run)), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_the_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server)
+        expect(page.locator("#bars .bar")).to_have_count(5, timeout=20_000)  # test image 0 on load
+        box = page.locator("#pad").bounding_box()
+        page.mouse.move(box["x"] + 80, box["y"] + 70)
+        page.mouse.down()
+        for x, y in ((200, 70), (170, 140), (130, 220)):
+            page.mouse.move(box["x"] + x, box["y"] + y, steps=6)
+        page.mouse.up()
+        expect(page.locator("#status")).to_contain_text("round trip", timeout=20_000)
+        expect(page.locator(".maps img")).to_have_count(44)  # 6 + 6 + 16 + 16 activation maps
+        assert page.locator("#seen").get_attribute("src").startswith("data:image/png")
+        page.locator(".maps img").first.click()
+        expect(page.locator("#kernel-view")).to_contain_text("kernel of this map")
+        page.locator("#big").click(position={"x": 140, "y": 140})
+        expect(page.locator("#explain")).to_contain_text("bias")
+        page.screenshot(path=str(tmp_path / "network.png"), full_page=True)
+        page.locator('[data-tab="kernels"]').click()
+        expect(page.locator("#k-out")).to_have_attribute("src", re.compile(r"^data:image/png"), timeout=20_000)
+        before = page.locator("#k-out").get_attribute("src")
+        page.select_option("#kernel-name", "sobel")
+        expect(page.locator("#k-out")).not_to_have_attribute("src", before, timeout=20_000)
+        page.locator('[data-tab="run"]').click()
+        expect(page.locator("#summary table")).to_be_visible(timeout=20_000)
+        assert errors == [], errors
+        browser.close()
+
+
+def test_cli_refuses_a_busy_or_impossible_port(capsys: pytest.CaptureFixture) -> None:
+    from tests.conftest import main_error
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        code, err = main_error(["explore", "--port", str(busy.getsockname()[1])], capsys)
+    finally:
+        busy.close()
+    assert code == 2 and "cannot listen there" in err[-1]
+    code, err = main_error(["explore", "--port", "70000"], capsys)
+    assert code == 2 and "must be at most 65535" in err[-1]
+    code, err = main_error(["explore", "no/such/run"], capsys)
+    assert code == 2 and "no such run directory" in err[-1]
