@@ -247,10 +247,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         if not rows:
             raise UsageError(f"{run / rundir.METRICS}: no epochs recorded yet")
         cfg = rundir.read_config(run)
-        with_val = [r for r in rows if r.get("val_loss")]
-        best = int(min(with_val, key=lambda r: float(r["val_loss"]))["epoch"]) if with_val else None
         title = f"{cfg['model']['name']} on {cfg['data']['name']}"
-        path = plot_curves(rows, _out_dir(args, run) / rundir.CURVES, title=title, best_epoch=best)
+        path = plot_curves(rows, _out_dir(args, run) / rundir.CURVES, title=title, best_epoch=rundir.best_epoch(rows))
         print(path)
         return EXIT_OK
     loaded = _load(args)

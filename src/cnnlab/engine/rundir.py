@@ -108,6 +108,12 @@ def read_metrics(run: Path) -> list[dict[str, str]]:
         raise UsageError(f"{run / METRICS}: unreadable ({e})") from e
 
 
+def best_epoch(rows: list[dict[str, str]]) -> int | None:
+    """The epoch with the lowest validation loss in metrics.csv rows (None without validation)."""
+    with_val = [r for r in rows if r.get("val_loss")]
+    return int(min(with_val, key=lambda r: float(r["val_loss"]))["epoch"]) if with_val else None
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return ""

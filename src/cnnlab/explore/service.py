@@ -253,7 +253,8 @@ class Explorer:
                 rows = rundir.read_metrics(run.path)
                 if not rows:
                     raise LookupError("the run has no metrics.csv rows")
-                plot_curves(rows, d / "x.png", title=f"{run.config['model']['name']} on {run.config['data']['name']}")
+                title = f"{run.config['model']['name']} on {run.config['data']['name']}"
+                plot_curves(rows, d / "x.png", title=title, best_epoch=rundir.best_epoch(rows))
                 return {"curves": (d / "x.png").read_bytes()}
             ev = evaluate_run(run)
             plot_confusion(ev.confusion, ev.classes, d / "c.png", title=f"confusion matrix ({ev.n:,} test images)")
