@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 
 from cnnlab.data.images import open_image
 from cnnlab.data.locate import cache_root
@@ -172,10 +173,9 @@ def _decode_folder(root: Path, splits: dict, size: int) -> tuple[dict[str, Image
 
 def _read_cache(path: Path) -> tuple[dict[str, ImageSet], list[BadImage]] | None:
     try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as f:  # the metadata sits in the safetensors header
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        bad = [BadImage(**b) for b in json.loads(header["__metadata__"]["bad"])]
+        with safe_open(str(path), framework="pt") as f:  # one open: the tensors and the header's metadata
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+            bad = [BadImage(**b) for b in json.loads(f.metadata()["bad"])]
         sets = {
             s: ImageSet(tensors[f"{s}_images"], tensors[f"{s}_labels"]) for s in SPLIT_NAMES if f"{s}_images" in tensors
         }
