@@ -6,27 +6,14 @@ import argparse
 import csv
 import io
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from cnnlab.cli import _int_at_least
 from cnnlab.errors import UsageError
 
 EXIT_OK = 0
-
-
-def _int_min(lo: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {value}")
-        return value
-
-    return parse
 
 
 def _device_option(p: argparse.ArgumentParser) -> None:
@@ -63,7 +50,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="where to look for dataset files (as in train)")
     p.add_argument("--split", choices=("test", "val", "train", "all"), default="test", help="which split (test)")
     p.add_argument("--normalize", action="store_true", help="confusion.png shows row percentages, not counts")
-    p.add_argument("--worst", type=_int_min(0), default=16, help="misclassified images in the picture (16)")
+    p.add_argument("--worst", type=_int_at_least(0), default=16, help="misclassified images in the picture (16)")
     p.add_argument("--out", default=None, help="folder for the pictures and evaluation.json (default: the run)")
     p.add_argument("--json", action="store_true", help="print every number as one JSON document")
     _device_option(p)
@@ -73,13 +60,14 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """`cnnlab evaluate`."""
     from cnnlab.engine.inference import evaluate_run
+    from cnnlab.engine.rundir import safe_name
     from cnnlab.fileio import atomic_write_json
     from cnnlab.inspect.visualize import plot_confusion, plot_image_grid
 
     loaded = _load(args)
     ev = evaluate_run(loaded, data=args.data, data_dir=args.data_dir, split=args.split, worst=args.worst)
     out = _out_dir(args, loaded.path)
-    suffix = "" if args.data is None and args.split == "test" else "-" + _safe(f"{ev.data}-{args.split}")
+    suffix = "" if args.data is None and args.split == "test" else "-" + safe_name(f"{ev.data}-{args.split}")
     title = f"{loaded.config['model']['name']} on {ev.data} ({args.split}, {ev.n:,} images)"
     files = {
         "confusion": plot_confusion(
@@ -87,7 +75,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ),
         "misclassified": plot_image_grid(
             ev.images,
-            [f"true {w['true']}\npred {w['predicted']} ({w['confidence']:.0%})" for w in ev.worst],
+            ev.mistake_captions(),
             out / f"misclassified{suffix}.png",
             title=f"most confident mistakes: {title}",
         ),
@@ -136,13 +124,13 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
         "training; or, with --model NAME --pretrained, with torchvision's ImageNet weights and category names.",
     )
     p.add_argument("inputs", nargs="+", metavar="RUN IMAGE", help="RUN then IMAGE... (with --model: IMAGE... only)")
-    p.add_argument("--top-k", type=_int_min(1), default=5, help="labels per image (5)")
+    p.add_argument("--top-k", type=_int_at_least(1), default=5, help="labels per image (5)")
     p.add_argument("--model", default=None, help="a torchvision model with pretrained weights, instead of a RUN")
     p.add_argument("--pretrained", action="store_true", help="with --model: use torchvision's weights")
     p.add_argument("--weights", default=None, metavar="FILE", help="with --model: the weights from a local file")
     p.add_argument("--weights-name", default=None, help="with --model: which weights, e.g. IMAGENET1K_V2 (DEFAULT)")
     p.add_argument("--invert", action="store_true", help="invert grey levels first (dark digits on white paper)")
-    p.add_argument("--batch-size", type=_int_min(1), default=256, help="images per forward pass (256)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=256, help="images per forward pass (256)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON document")
     fmt.add_argument("--csv", action="store_true", help="CSV: file,rank,label,probability")
@@ -262,6 +250,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def _filters(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
     from torch import nn
 
+    from cnnlab.engine.rundir import safe_name
     from cnnlab.inspect.features import check_layers
     from cnnlab.inspect.visualize import plot_filters
 
@@ -278,11 +267,12 @@ def _filters(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
             raise UsageError(f"--layer {name}: not a convolution (no 4-D weight); conv layers: {', '.join(convs[:8])}")
         shape = "×".join(str(s) for s in weight.shape)
         title = f"{loaded.config['model']['name']} {name}: {weight.shape[0]} kernels, weights {shape}"
-        paths.append(plot_filters(weight, out / f"filters_{_safe(name)}.png", title))
+        paths.append(plot_filters(weight, out / f"filters_{safe_name(name)}.png", title))
     return paths
 
 
 def _activations(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
+    from cnnlab.engine.rundir import safe_name
     from cnnlab.inspect.features import activations, conv_layers_in_order, default_stages
     from cnnlab.inspect.visualize import plot_activation_maps
 
@@ -296,11 +286,12 @@ def _activations(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]
         if a.dim() != 3:
             raise UsageError(f"--layer {name}: output {shape} is not a stack of feature maps")
         title = f"{name} {shape} for {label}"
-        paths.append(plot_activation_maps(a, out / f"activations_{label}_{_safe(name)}.png", title, image=image))
+        paths.append(plot_activation_maps(a, out / f"activations_{label}_{safe_name(name)}.png", title, image=image))
     return paths
 
 
 def _gradcam(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
+    from cnnlab.engine.rundir import safe_name
     from cnnlab.inspect.features import grad_cam
     from cnnlab.inspect.visualize import plot_gradcam
 
@@ -317,11 +308,7 @@ def _gradcam(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
     cam = grad_cam(loaded.model, loaded.prepare(image[None]), layers[0], target)
     name = loaded.classes[cam.class_index]
     title = f"Grad-CAM for class '{name}' (p = {cam.prob:.2f}) at {cam.layer}, image {label}"
-    return [plot_gradcam(image.cpu(), cam.heatmap, out / f"gradcam_{label}_{_safe(name)}.png", title)]
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+    return [plot_gradcam(image.cpu(), cam.heatmap, out / f"gradcam_{label}_{safe_name(name)}.png", title)]
 
 
 # --- export -----------------------------------------------------------------------------------------------------------
@@ -341,7 +328,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         "--format", choices=("onnx", "torchscript"), required=True, help="onnx (needs cnnlab[onnx]) or torchscript"
     )
     p.add_argument("-o", "--output", default=None, help="file to write (default RUN/model.onnx or RUN/model.pt)")
-    p.add_argument("--check-images", type=_int_min(2), default=32, help="test images in the parity batch (32)")
+    p.add_argument("--check-images", type=_int_at_least(2), default=32, help="test images in the parity batch (32)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_export)
 
@@ -377,7 +364,7 @@ def add_explore_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", nargs="?", default=None, help="run directory (optional: without it, the kernel playground)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this computer only)")
-    p.add_argument("--port", type=_int_min(0), default=8000, help="port (8000; 0 picks a free one)")
+    p.add_argument("--port", type=_int_at_least(0), default=8000, help="port (8000; 0 picks a free one)")
     _device_option(p)
     p.set_defaults(func=cmd_explore)
 

@@ -112,6 +112,10 @@ class Evaluation:
     worst: list[dict[str, Any]]  # most confident mistakes: index, true, predicted, confidence
     images: torch.Tensor = field(repr=False)  # uint8 images of the worst mistakes, for the picture
 
+    def mistake_captions(self) -> list[str]:
+        """One caption per worst mistake, for the picture: 'true 4 / pred 9 (97%)' on two lines."""
+        return [f"true {w['true']}\npred {w['predicted']} ({w['confidence']:.0%})" for w in self.worst]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able numbers (no pictures)."""
         return {

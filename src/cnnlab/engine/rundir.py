@@ -58,8 +58,12 @@ def new_run_dir(runs_dir: str | os.PathLike[str], model: str, data: str, name: s
 
 def _slug(text: str) -> str:
     # A folder path as dataset name becomes its last component; keep names filesystem-friendly.
-    base = Path(text.rstrip("/\\")).name or "data"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", base)
+    return safe_name(Path(text.rstrip("/\\")).name or "data")
+
+
+def safe_name(text: str) -> str:
+    """Text made safe for a file name: runs of anything but letters, digits, '.', '_', '-' become '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
 
 
 def resolve_run(path: str | os.PathLike[str]) -> Path:

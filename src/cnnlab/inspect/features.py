@@ -65,25 +65,9 @@ def check_layers(model: nn.Module, layers: Sequence[str]) -> None:
 
 
 def activations(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The outputs of the named modules for input x (1, C, H, W): {name: (C', H', W')} on the CPU."""
-    check_layers(model, layers)
-    out: dict[str, torch.Tensor] = {}
-    modules = dict(model.named_modules())
-    handles = []
-    for name in layers:
-
-        def hook(module: nn.Module, inputs: object, output: torch.Tensor, name: str = name) -> None:
-            if name not in out and isinstance(output, torch.Tensor):
-                out[name] = output.detach()[0].float().cpu().clone()  # clone: a later in-place ReLU would overwrite it
-
-        handles.append(modules[name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: out[name] for name in layers if name in out}
+    """The outputs of the named modules for input x (1, C, H, W): {name: (C', H', W')} on the CPU, in `layers` order."""
+    _, outs, _ = layer_inputs_and_outputs(model, x, layers)
+    return {name: outs[name] for name in layers if name in outs}
 
 
 @dataclass
@@ -166,7 +150,7 @@ def layer_inputs_and_outputs(
     for name in layers:
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
-            if name not in outs:
+            if name not in outs and isinstance(output, torch.Tensor):
                 # clone: a later in-place ReLU would overwrite what we keep (the conv's own output is wanted)
                 ins[name] = inputs[0].detach()[0].float().cpu().clone()
                 outs[name] = output.detach()[0].float().cpu().clone()
