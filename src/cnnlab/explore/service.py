@@ -19,6 +19,7 @@ from torch import nn
 
 from cnnlab.data.folders import fit_image
 from cnnlab.data.images import decode_image, sample_image_path
+from cnnlab.data.sources import ImageSet
 from cnnlab.engine.inference import LoadedRun, eval_data, evaluate_run
 from cnnlab.errors import UsageError
 from cnnlab.inspect.features import explain_conv_pixel, layer_inputs_and_outputs, stage_layers
@@ -92,6 +93,13 @@ class Explorer:
         self.loaded = loaded
         self._pictures: dict[str, bytes] = {}
         self._layers: list[str] | None = None
+        self._test: ImageSet | None = None
+
+    def test_split(self) -> ImageSet:
+        """The run's test images, loaded once (a dataset load per drawn stroke would dominate the round trip)."""
+        if self._test is None:
+            self._test, _ = eval_data(self.need_run(), None, None, "test")
+        return self._test
 
     # --- the run ------------------------------------------------------------------------------------------------
 
@@ -132,7 +140,7 @@ class Explorer:
         """uint8 (C, S, S) as the run's model sees it, from an uploaded image or the run's test split."""
         run = self.need_run()
         if test_index is not None:
-            data, _ = eval_data(run, None, None, "test")
+            data = self.test_split()
             if not 0 <= test_index < len(data):
                 raise UsageError(f"test_index: the test split has {len(data)} images (0..{len(data) - 1})")
             return data.images[test_index]
@@ -258,6 +266,5 @@ class Explorer:
                 return {"curves": (d / "x.png").read_bytes()}
             ev = evaluate_run(run)
             plot_confusion(ev.confusion, ev.classes, d / "c.png", title=f"confusion matrix ({ev.n:,} test images)")
-            captions = [f"true {w['true']}\npred {w['predicted']} ({w['confidence']:.0%})" for w in ev.worst]
-            plot_image_grid(ev.images, captions, d / "m.png", title="most confident mistakes")
+            plot_image_grid(ev.images, ev.mistake_captions(), d / "m.png", title="most confident mistakes")
             return {"confusion": (d / "c.png").read_bytes(), "misclassified": (d / "m.png").read_bytes()}
