@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import re
 from datetime import date
 from pathlib import Path
 
-import torch
-import torchvision
-
-import cnnlab
+from cnnlab.engine import bench
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name, from /proc/cpuinfo where there is one."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        match = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_line() -> str:
-    """One line naming the hardware and software a result was measured with."""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{date.today().isoformat()}; {cpu_model()}, {os.cpu_count()} cores, {gpu}; "
-        f"Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), torchvision {torchvision.__version__}, "
-        f"cnnlab {cnnlab.__version__}"
-    )
+    """One line naming the date, hardware and software a result was measured with."""
+    return f"{date.today().isoformat()}; {bench.machine_line()}"
 
 
 def write_section(name: str, body: str) -> None:

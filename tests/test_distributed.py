@@ -97,3 +97,13 @@ def test_devices_relaunches_the_same_command_under_torchrun(monkeypatch: pytest.
     assert cmd[6:] == ["cnnlab", "train", "--epochs", "2", "--data", "mnist-mini"], "--devices itself is dropped"
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--devices", "2"]) == 2, "already under torchrun: a usage error, not a fork bomb"
+
+
+def test_two_processes_follow_one_time_budget_plan(tmp_path: Path) -> None:
+    # Timing is collective (the same number of steps on every process) and rank 0's plan is everyone's: no hang.
+    r = torchrun("train", "--time-budget", "12", "--batch-size", "64", "--device", "cpu", "--quiet", "--json",
+                 "--runs-dir", "runs", "--name", "budget", cwd=tmp_path, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    planned = json.loads((tmp_path / "runs" / "budget" / "config.json").read_text())["train"]["planned_steps"]
+    assert result["steps"] == planned >= 1 and result["time_budget"] == 12

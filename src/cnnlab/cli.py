@@ -65,6 +65,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab train`; defaults come from TrainConfig so the help never disagrees with the library."""
     from cnnlab.data.pipeline import AUGMENTATIONS
     from cnnlab.data.sources import list_sources, source_info
+    from cnnlab.engine.recipes import RECIPES, list_recipes
     from cnnlab.engine.trainer import OPTIMIZERS, PRECISIONS, SCHEDULES
 
     d = _defaults()
@@ -144,6 +145,24 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         metavar="K=V,...",
         help="builder options, e.g. 'width=16,stages=2,act=elu' for cnn-compact",
     )
+    g = p.add_argument_group("speed")
+    g.add_argument(
+        "--recipe",
+        choices=list_recipes(),
+        default=None,
+        help="a tuned set of options (options you give win): "
+        + "; ".join(f"{r.name}: {r.measured}" for r in RECIPES.values()).replace("%", "%%"),
+    )
+    g.add_argument(
+        "--time-budget",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="time a few steps, then plan the schedule (steps, epochs, lr) so the whole run ends within this time",
+    )
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (pays compile time up front)")
+    g.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation (image + its mirror)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, help=f"passes over the data ({d.epochs})")
     g.add_argument(
@@ -262,7 +281,22 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the final metrics as one JSON document on stdout")
     g.add_argument("--quiet", action="store_true", help="no progress output on stderr")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, given=lambda argv: _given_options(p, argv))
+
+
+def _given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The destinations of the options typed on the command line (a recipe must not override them)."""
+    if "train" in argv:
+        argv = argv[list(argv).index("train") + 1 :]
+    saved = {a.dest: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(list(argv))
+    finally:
+        for a in parser._actions:
+            a.default = saved[a.dest]
+    return set(vars(given))
 
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
@@ -343,8 +377,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_args=parse_model_args(args.model_args),
         on_nan=args.on_nan, clip_grad=args.clip_grad, freeze=args.freeze, unfreeze_after=args.unfreeze_after,
         backbone_lr_mult=args.backbone_lr_mult, sync_bn=args.sync_bn, **parse_checkpoint_every(args.checkpoint_every),
+        time_budget=args.time_budget, channels_last=args.channels_last, compile=args.compile, tta=args.tta,
     )  # fmt: skip
+    given = args.given(args.argv)
+    if args.time_budget is not None and "epochs" in given:
+        raise UsageError("--epochs and --time-budget: give one; a time budget plans the number of epochs itself")
+    if args.recipe and not args.resume:
+        from cnnlab.engine.recipes import apply_recipe
+
+        cfg = apply_recipe(cfg, args.recipe, keep=given)  # every option the user typed wins over the recipe
     reporter = make_reporter(quiet=args.quiet or not distributed.env().is_main)
+    if args.recipe and not args.resume:
+        from cnnlab.engine.recipes import get_recipe
+
+        reporter.message(f"recipe {args.recipe}: {get_recipe(args.recipe).summary}")
     device = args.device if args.resume and args.device != "auto" else None
     try:
         result = fit(
@@ -362,7 +408,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(
             f"test accuracy {result.test_acc:.2%} (top-5 {result.test_top5:.2%}, loss {result.test_loss:.4f})"
             f" | {result.epochs_run} epochs (best {result.best_epoch}{early})"
-            f" | {result.seconds:.1f} s on {result.device} | {result.run_dir}"
+            f" | {result.seconds:.1f} s"
+            + (f" of a {result.time_budget:g} s budget" if result.time_budget else "")
+            + f" on {result.device} | {result.run_dir}"
         )
     return EXIT_OK
 
@@ -865,6 +913,9 @@ def build_parser() -> Parser:
     cli_use.add_visualize_parser(sub)
     cli_use.add_export_parser(sub)
     cli_use.add_explore_parser(sub)
+    from cnnlab import cli_bench
+
+    cli_bench.add_bench_parser(sub)
     return parser
 
 

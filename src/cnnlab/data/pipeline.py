@@ -145,6 +145,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         order_generator: torch.Generator | None = None,
+        channels_last: bool = False,
     ) -> None:
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
@@ -155,6 +156,7 @@ class BatchLoader:
         self.augment, self.generator, self.drop_last = tuple(augment), generator, drop_last
         self.rank, self.world_size = rank, world_size
         self.order_generator = order_generator if order_generator is not None else generator
+        self.channels_last = channels_last
 
     def __len__(self) -> int:
         n, step = len(self.labels), self.batch_size * self.world_size
@@ -181,11 +183,13 @@ class BatchLoader:
             yield self.prepare(self.images[idx]), self.labels[idx]
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> augmented, normalised float32 (B, C, H, W)."""
+        """uint8 (B, C, H, W) -> augmented, normalised float32 (B, C, H, W) (NHWC in memory with channels_last)."""
         x = images.float().div_(255.0)
         if self.augment:
             x = augment_batch(x, self.augment, self.generator)
         x = self.norm.apply(x)
         if "erase" in self.augment:
             x = random_erase(x, self.generator)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return x

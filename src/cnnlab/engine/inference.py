@@ -22,6 +22,7 @@ from cnnlab.data.sources import Dataset, ImageSet, load_dataset
 from cnnlab.engine import rundir
 from cnnlab.engine.checkpoint import apply_state_dict, load_checkpoint, load_weights
 from cnnlab.engine.metrics import confusion_matrix, most_confused, per_class_report, topk_correct
+from cnnlab.engine.trainer import predict_logits
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.models.registry import create_model, model_info
 
@@ -38,6 +39,11 @@ class LoadedRun:
     channels: int
     image_size: int
     weights: Path  # the file the weights came from
+
+    @property
+    def tta(self) -> bool:
+        """Whether the run evaluates with test-time augmentation (the mean of each image's and its mirror's logits)."""
+        return bool(self.config.get("train", {}).get("tta"))
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> normalised float32 on the model's device."""
@@ -86,7 +92,7 @@ def load_run(run: str | os.PathLike[str], device: str | torch.device = "cpu") ->
 @torch.no_grad()
 def logits_of(loaded: LoadedRun, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Raw model outputs (N, K) in float32 on the CPU for uint8 images (N, C, H, W)."""
-    out = [loaded.model(loaded.prepare(images[i : i + batch_size])).float().cpu()
+    out = [predict_logits(loaded.model, loaded.prepare(images[i : i + batch_size]), loaded.tta).float().cpu()
            for i in range(0, len(images), batch_size)]  # fmt: skip
     return torch.cat(out) if out else torch.empty(0, len(loaded.classes))
 

@@ -7,12 +7,14 @@ Device and precision are resolved once; data lives on the device; every epoch wr
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +50,8 @@ SCHEDULES = ("onecycle", "cosine", "step", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FREEZE_CHOICES = ("none", "features")
 DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.05}
+# --time-budget planning: the fraction of the budget planned for, seconds per checkpoint, seconds to finish a run.
+BUDGET_SAFETY, BUDGET_SAVE_S, BUDGET_FINISH_S = 0.96, 0.05, 0.5
 
 
 @dataclass
@@ -91,6 +95,12 @@ class TrainConfig:
     unfreeze_after: int | None = None  # with freeze: after this many epochs, fine-tune everything
     backbone_lr_mult: float = 0.1  # with pretrained weights or freeze: the feature extractor's lr = lr x this
     sync_bn: bool = False  # data-parallel: BatchNorm statistics over the global batch (CUDA only)
+    recipe: str | None = None  # the named recipe these options came from (recorded; see engine/recipes.py)
+    time_budget: float | None = None  # seconds for the whole run: steps are timed and the schedule planned to fit
+    planned_steps: int | None = None  # the step count a time budget planned (set by the trainer; resume reuses it)
+    channels_last: bool = False  # NHWC memory format for model and batches (faster convolutions on CPU and GPU)
+    compile: bool = False  # torch.compile the training forward/backward (pays a compile time up front)
+    tta: bool = False  # test-time augmentation: evaluation averages the logits of each image and its mirror
 
     def resolved_lr(self) -> float:
         """The peak learning rate, defaulting per optimizer."""
@@ -150,6 +160,12 @@ class TrainConfig:
             raise bad("backbone_lr_mult", f"must be a positive number, got {self.backbone_lr_mult}")
         if self.image_size is not None and self.image_size < 1:
             raise bad("image_size", f"must be at least 1, got {self.image_size}")
+        if self.time_budget is not None and not (self.time_budget > 0 and math.isfinite(self.time_budget)):
+            raise bad("time_budget", f"must be a positive number of seconds, got {self.time_budget}")
+        if self.recipe is not None:
+            from cnnlab.engine.recipes import get_recipe
+
+            get_recipe(self.recipe)
         if self.on_bad_image not in BAD_IMAGE_POLICIES:
             raise bad("on_bad_image", f"must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {self.on_bad_image!r}")
         if self.augment is not None:
@@ -191,6 +207,8 @@ class TrainResult:
     seconds: float
     device: str
     skipped_steps: int = 0  # steps skipped by --on-nan skip
+    steps: int = 0  # optimizer steps taken
+    time_budget: float | None = None  # seconds, when the schedule was planned to a time budget
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -366,8 +384,10 @@ def build_scheduler(
             return None
         # At least ~2 warm-up steps, or the first phase has zero length on very short runs.
         pct = min(max(cfg.warmup, 2.0 / total_steps), 0.5)
+        # A rebuilt schedule (a time budget re-planned) keeps each group's peak: its current lr is mid-cycle.
+        peaks = [g.get("max_lr", g["lr"]) for g in opt.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps, pct_start=pct,
+            opt, max_lr=peaks, total_steps=total_steps, pct_start=pct,
             cycle_momentum=cfg.optimizer == "sgd",
         )  # fmt: skip
     if cfg.schedule == "cosine":
@@ -377,20 +397,29 @@ def build_scheduler(
     return None
 
 
+def predict_logits(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Logits (B, K) for a batch (B, C, H, W); with `tta`, the mean of the logits of the batch and of its mirror."""
+    logits = model(x)
+    if tta:
+        logits = (logits.float() + model(x.flip(3)).float()) * 0.5
+    return logits
+
+
 @torch.no_grad()
 def evaluate_batches(
     model: nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     label_smoothing: float = 0.0,
     dtype: torch.dtype = torch.float32,
+    tta: bool = False,
 ) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 accuracy of `model` (put in eval mode) over the batches."""
+    """Mean loss, top-1 and top-5 accuracy of `model` (put in eval mode) over the batches (`tta`: with mirrors)."""
     model.eval()
     loss_sum = correct1 = correct5 = None
     n = 0
     for x, y in batches:
         with autocast(x.device, dtype):
-            logits = model(x)
+            logits = predict_logits(model, x, tta)
         logits = logits.float()
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="sum")
         c1, c5 = topk_correct(logits, y, (1, 5))
@@ -412,7 +441,7 @@ def evaluate_batches(
 class _Trainer:
     """The state of one fit() call; methods are the steps of the loop, each short."""
 
-    def __init__(self, cfg: TrainConfig, reporter: Reporter, dataset: Dataset | None) -> None:
+    def __init__(self, cfg: TrainConfig, reporter: Reporter, dataset: Dataset | None, started: float) -> None:
         self.dist = distributed.env()
         self.cfg, self.reporter = cfg, reporter if self.dist.is_main else Reporter()  # only rank 0 talks
         self.device = resolve_device(cfg.device)
@@ -426,6 +455,8 @@ class _Trainer:
         self.augment = tuple(cfg.augment) if cfg.augment is not None else self.data.default_augment
         self._split()
         self.model = self._create_model().to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * self.dist.rank)
@@ -442,6 +473,7 @@ class _Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             order_generator=self.order_gen,
+            channels_last=cfg.channels_last,
         )
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -458,8 +490,16 @@ class _Trainer:
         self.opt = build_optimizer(self.model, cfg, self.head)
         self.train_model: nn.Module = self.model
         self._wrap_ddp()
-        self.sched = build_scheduler(self.opt, cfg, self.total_steps, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        self.budget_clock: float | None = None  # --time-budget: when the budgeted run started (None: not re-planned)
+        self.budget_fixed = 0.0  # seconds the run needs after its last step (test evaluation, results)
+        if cfg.time_budget is not None and cfg.planned_steps is None:
+            cfg.planned_steps = self._plan_time_budget(started)
+            self.budget_clock = started
+        if cfg.planned_steps is not None:  # a time budget's plan (also on resume): the schedule ends right there
+            self.total_steps = cfg.planned_steps
+            cfg.epochs = math.ceil(cfg.planned_steps / self.steps_per_epoch)
+        self.sched = build_scheduler(self.opt, cfg, self.total_steps, self.steps_per_epoch)
         self.epoch, self.step = 0, 0
         self.best_loss, self.best_epoch, self.bad_epochs = math.inf, 0, 0
         self.history: list[dict[str, Any]] = []
@@ -533,7 +573,105 @@ class _Trainer:
             return None
         if self.dist.enabled:  # each process evaluates its own shard; evaluate_batches sums the results
             data = data.subset(torch.arange(self.dist.rank, len(data), self.dist.world_size))
-        return BatchLoader(data, self.cfg.eval_batch_size, self.norm, device=self.device)
+        return BatchLoader(data, self.cfg.eval_batch_size, self.norm, device=self.device,
+                           channels_last=self.cfg.channels_last)  # fmt: skip
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _time_steps(self) -> tuple[float, float]:
+        """(seconds per training step, seconds per evaluated image), timed on real batches after a warm-up.
+
+        The weights, BatchNorm statistics, optimizer, scaler and random streams are put back afterwards: the run that
+        follows is the same as without the timing.
+        """
+        cfg, loader = self.cfg, self.train_loader
+        saved_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        saved_opt = copy.deepcopy(self.opt.state_dict())
+        saved_scaler = self.scaler.state_dict() if self.scaler else None
+        saved_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        saved_gens = loader.generator, loader.order_generator
+        loader.generator = loader.order_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        warmup, stamps = 2, []  # the first steps pay for kernel selection and allocation
+
+        def enough() -> bool:
+            if self.dist.enabled:  # every process must take the same number of (collective) steps
+                return len(stamps) >= warmup + 10
+            return len(stamps) >= warmup + 40 or (len(stamps) > warmup + 3 and stamps[-1] - stamps[warmup] >= 0.5)
+
+        try:
+            self.train_model.train()
+            while not enough():
+                for x, y in loader.batches(loader.epoch_order()):
+                    loss, _ = self._forward_backward(x, y)
+                    if self.scaler:
+                        self.scaler.step(self.opt)
+                        self.scaler.update()
+                    else:
+                        self.opt.step()
+                    loss.item()
+                    self._sync()
+                    stamps.append(time.perf_counter())
+                    if enough():
+                        break
+            step_s = (stamps[-1] - stamps[warmup]) / (len(stamps) - 1 - warmup)
+            per_image = self._time_eval()
+        finally:
+            self.model.load_state_dict(saved_model)
+            self.opt.load_state_dict(saved_opt)
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler and saved_scaler:
+                self.scaler.load_state_dict(saved_scaler)
+            torch.set_rng_state(saved_rng[0])
+            if saved_rng[1] is not None:
+                torch.cuda.set_rng_state_all(saved_rng[1])
+            loader.generator, loader.order_generator = saved_gens
+        return step_s, per_image
+
+    @torch.no_grad()
+    def _time_eval(self) -> float:
+        """Seconds per evaluated image (with test-time augmentation if on), timed on a test batch."""
+        loader = self.eval_loader("test") or self.eval_loader("val")
+        if loader is None:
+            return 0.0
+        x, _ = next(iter(loader))
+        self.model.eval()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            with autocast(self.device, self.dtype):
+                predict_logits(self.model, x, self.cfg.tta).float().sum().item()
+            times.append(time.perf_counter() - t0)
+        self.model.train()
+        return min(times[1:]) / len(x)
+
+    def _plan_time_budget(self, started: float) -> int:
+        """--time-budget: the number of steps that ends training, evaluation and saving within the budget."""
+        cfg = self.cfg
+        step_s, image_s = self._time_steps()
+        n_val = len(self.val_set) if self.val_set is not None else 0
+        per_epoch = n_val * image_s + (BUDGET_SAVE_S if self.dist.is_main else 0.0)  # validation + checkpoint
+        fixed = len(self.data.test) * image_s + BUDGET_FINISH_S  # the test evaluation, results and curves
+        self.budget_fixed = fixed
+        left = cfg.time_budget * BUDGET_SAFETY - (time.perf_counter() - started) - fixed
+        # s steps run ceil(s / steps_per_epoch) <= s / steps_per_epoch + 1 epochs, each with its own overhead.
+        steps = int((left - per_epoch) / (step_s + per_epoch / self.steps_per_epoch))
+        if cfg.max_steps:
+            steps = min(steps, cfg.max_steps)
+        # Every process must run the same plan: rank 0's.
+        steps = int(distributed.all_sum([torch.tensor(float(steps if self.dist.is_main else 0))])[0].item())
+        if steps < 1:
+            need = (time.perf_counter() - started) + fixed + per_epoch + step_s
+            raise UsageError(
+                f"--time-budget {cfg.time_budget:g}: too short; one step takes {step_s:.3g} s and evaluation "
+                f"{fixed:.3g} s after {time.perf_counter() - started:.3g} s of set-up; give at least {need:.0f} s"
+            )
+        self.reporter.message(
+            f"time budget {cfg.time_budget:g} s: one step takes {step_s * 1e3:.1f} ms, evaluating one image "
+            f"{image_s * 1e6:.0f} us -> {steps} steps ({steps / self.steps_per_epoch:.2f} epochs)"
+        )
+        return steps
 
     def config_dict(self) -> dict[str, Any]:
         """Everything config.json records: options, model, data (classes, normalisation), runtime."""
@@ -626,15 +764,16 @@ class _Trainer:
         return EpochProgress(self.train_loader.epoch_order(), 0, zero.clone(), zero.long(), zero.long() - 1, 0, lr)
 
     def _wrap_ddp(self) -> None:
-        """Data-parallel: DistributedDataParallel averages gradients over processes in backward."""
-        if not self.dist.enabled:
-            return
-        from torch.nn.parallel import DistributedDataParallel
+        """The module the training step calls: DDP (averages gradients over processes), compiled with --compile."""
+        self.train_model = self.model
+        if self.dist.enabled and any(p.requires_grad for p in self.model.parameters()):
+            from torch.nn.parallel import DistributedDataParallel
 
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        if any(p.requires_grad for p in self.model.parameters()):
+            ids = [self.device.index] if self.device.type == "cuda" else None
             # DDP only syncs parameters that need gradients when it is built: rebuilt when the backbone unfreezes.
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        if self.cfg.compile:
+            self.train_model = torch.compile(self.train_model)
 
     def frozen(self) -> bool:
         """Whether the feature extractor is fixed during the coming epoch (--freeze features, --unfreeze-after)."""
@@ -670,7 +809,7 @@ class _Trainer:
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training split (or the rest of it, after a mid-epoch resume): loss and accuracy."""
-        model, cfg = self.model, self.cfg
+        model = self.model
         model.train()
         self._set_trainable()
         sync_each_step = self.device.type == "cpu"  # on a GPU, reading the loss every step would stall it
@@ -678,15 +817,7 @@ class _Trainer:
         self.progress = prog
         self.reporter.epoch_start(self.epoch + 1, min(self.steps_per_epoch - prog.batch, self.total_steps - self.step))
         for x, y in self.train_loader.batches(prog.order, prog.batch):
-            with autocast(self.device, self.dtype):
-                logits = self.train_model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            self.opt.zero_grad(set_to_none=True)
-            if self.scaler:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.opt)
-            else:
-                loss.backward()
+            loss, logits = self._forward_backward(x, y)
             ok = self._clip_and_check(loss)
             if ok:
                 if self.scaler:
@@ -720,6 +851,19 @@ class _Trainer:
             "train_acc": correct.item() / max(1, int(seen.item())),
             "lr": prog.lr,
         }
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and logits of one batch, gradients in .grad (unscaled: ready to clip and step)."""
+        with autocast(self.device, self.dtype):
+            logits = self.train_model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        return loss, logits
 
     def _clip_and_check(self, loss: torch.Tensor) -> bool:
         """Clip gradients (--clip-grad); with --on-nan skip, False for a non-finite loss or gradient."""
@@ -769,21 +913,55 @@ class _Trainer:
             f"with: cnnlab train --resume {self.run}"
         )
 
+    def _replan(self, epoch_seconds: float, epoch_steps: int) -> str | None:
+        """--time-budget: after an epoch, re-plan the remaining steps at the pace measured over it.
+
+        The first plan rests on a second of timing; a machine whose speed drifts (shared or throttled CPUs) would
+        otherwise overrun. The one-cycle schedule is rebuilt over the new total, continuing at the current step.
+        """
+        cfg = self.cfg
+        if self.budget_clock is None or epoch_steps < 1 or self.step >= self.total_steps:
+            return None
+        pace = epoch_seconds / epoch_steps  # seconds per step, this epoch's validation and checkpoint included
+        left = cfg.time_budget * BUDGET_SAFETY - (time.perf_counter() - self.budget_clock) - self.budget_fixed
+        total = self.step + max(1, int(left / pace))
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        total = int(distributed.all_sum([torch.tensor(float(total if self.dist.is_main else 0))])[0].item())
+        if abs(total - self.total_steps) <= max(2, self.total_steps // 200):
+            return None  # within 0.5%: keep the schedule as it is
+        note = f"time budget: re-planned from {self.total_steps} to {total} steps ({pace * 1e3:.1f} ms per step)"
+        self.total_steps = cfg.planned_steps = total
+        cfg.epochs = math.ceil(total / self.steps_per_epoch)
+        self.sched = build_scheduler(self.opt, cfg, total, self.steps_per_epoch)
+        if self.sched is not None:
+            with warnings.catch_warnings():  # "step() before optimizer.step()": the optimizer has stepped long ago
+                warnings.simplefilter("ignore", UserWarning)
+                self.sched.last_epoch = self.step - 1
+                self.sched.step()  # the learning rate at step self.step of the new schedule
+        if self.run:  # a resumed run follows the new plan
+            config = rundir.read_config(self.run)
+            config["train"] = cfg.to_dict()
+            rundir.write_config(self.run, config)
+        return note
+
     def run_epochs(self) -> bool:
         """Train until the epochs, the step cap or early stopping end it; True if stopped early."""
         cfg, run = self.cfg, self.run
         val_loader = self.eval_loader("val")
         while self.epoch < cfg.epochs and self.step < self.total_steps:
             t0 = time.perf_counter()
+            step_before = self.step
             row: dict[str, Any] = {"epoch": self.epoch + 1, **self.train_epoch()}
             if val_loader is not None:
-                val = evaluate_batches(self.model, iter(val_loader), cfg.label_smoothing, self.dtype)
+                val = evaluate_batches(self.model, iter(val_loader), cfg.label_smoothing, self.dtype, cfg.tta)
                 row.update(val_loss=val["loss"], val_acc=val["acc"])
             self.epoch += 1
             row["seconds"] = time.perf_counter() - t0
             self.elapsed += row["seconds"]
             row["elapsed"] = self.elapsed
             self.history.append(row)
+            replanned = self._replan(row["seconds"], self.step - step_before)  # before the checkpoint saves the plan
             improved = val_loader is None or row["val_loss"] < self.best_loss
             if improved:
                 self.best_loss = row.get("val_loss", math.inf) if val_loader is not None else math.inf
@@ -798,6 +976,8 @@ class _Trainer:
                 save_checkpoint(self.checkpoint_state(), run / rundir.LAST)
                 rundir.write_metrics(run, self.history)
             self.reporter.epoch_end(row)
+            if replanned:
+                self.reporter.message(replanned)
             if self.stop_requested:
                 self._raise_interrupted()
             if cfg.patience and self.bad_epochs >= cfg.patience:
@@ -817,7 +997,7 @@ class _Trainer:
             self.model.load_state_dict(self.best_state)
         test_loader = self.eval_loader("test")
         test = (
-            evaluate_batches(self.model, iter(test_loader), self.cfg.label_smoothing, self.dtype)
+            evaluate_batches(self.model, iter(test_loader), self.cfg.label_smoothing, self.dtype, self.cfg.tta)
             if test_loader
             else {"loss": float("nan"), "acc": float("nan"), "top5": float("nan")}
         )
@@ -825,7 +1005,7 @@ class _Trainer:
             run_dir=run, model=self.cfg.model, data=self.data.name, test_acc=test["acc"], test_loss=test["loss"],
             test_top5=test["top5"], best_epoch=self.best_epoch, epochs_run=self.epoch, stopped_early=stopped_early,
             seconds=time.perf_counter() - started, device=str(self.device),
-            skipped_steps=self.skipped_steps, history=self.history,
+            skipped_steps=self.skipped_steps, steps=self.step, time_budget=self.cfg.time_budget, history=self.history,
         )  # fmt: skip
         if run:
             atomic_write_json(run / rundir.RESULTS, result.to_dict())
@@ -929,7 +1109,7 @@ def _fit(
     main = distributed.env().is_main  # only rank 0 writes the run directory
     if resume is None and runs_dir is not None and main:
         rundir.check_writable(Path(runs_dir))
-    t = _Trainer(cfg, reporter, dataset)
+    t = _Trainer(cfg, reporter, dataset, started)
     if resume is not None:
         t.run = run if main else None
         if state is not None:

@@ -1,0 +1,113 @@
+"""Named training recipes: tuned sets of TrainConfig options for the shortest time to a good model.
+
+A recipe only fills options: anything the user sets explicitly wins. `--time-budget SECONDS` (TrainConfig.time_budget)
+works with any recipe or none: the trainer times a few steps and plans the schedule to end on time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cnnlab.errors import unknown_name
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of training options and what it was measured to reach (benchmarks/RESULTS.md)."""
+
+    name: str
+    summary: str
+    settings: dict[str, Any]
+    measured: str
+
+
+# Shared by the recipes: SGD-Nesterov with a one-cycle schedule peaking at lr 0.2 for batches of 128 ...
+_SGD_ONE_CYCLE: dict[str, Any] = {
+    "batch_size": 128, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "onecycle",
+    "warmup": 0.2, "label_smoothing": 0.1,
+}  # fmt: skip
+# ... and a schedule fixed in advance, which leaves early stopping nothing to choose: all images train, none validate.
+_FIXED_SCHEDULE_NATIVE: dict[str, Any] = {"val_split": 0.0, "patience": 0, "precision": "native", "channels_last": True}
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "fast",
+            "cnn-fast 16-64-128, 2 epochs, batch 128, SGD-Nesterov lr 0.2 one-cycle, label smoothing 0.1, no "
+            "augmentation, all 60k training images (no validation split), bf16 where the CPU/GPU computes it natively, "
+            "channels-last",
+            {
+                "model": "cnn-fast",
+                "model_args": {"widths": "16-64-128", "depth": 1},
+                "epochs": 2,
+                **_SGD_ONE_CYCLE,
+                "augment": (),
+                **_FIXED_SCHEDULE_NATIVE,
+                "tta": False,
+            },
+            "Fashion-MNIST: 91.4% test accuracy in 11.5 s on 2 CPU cores",
+        ),
+        Recipe(
+            "accurate",
+            "cnn-fast 32-64-128 with 2 convs in the last two stages, 15 epochs, batch 128, SGD-Nesterov lr 0.2 "
+            "one-cycle, label smoothing 0.1, flip + crop augmentation, flip test-time augmentation, no validation "
+            "split, bf16 where native, channels-last",
+            {
+                "model": "cnn-fast",
+                "model_args": {"widths": "32-64-128", "depth": "1-2-2"},
+                "epochs": 15,
+                **_SGD_ONE_CYCLE,
+                "augment": ("flip", "crop"),
+                **_FIXED_SCHEDULE_NATIVE,
+                "tta": True,
+            },
+            "Fashion-MNIST with --time-budget 175: 93.9% in 167 s on 2 CPU cores",
+        ),
+    )
+}
+
+
+def list_recipes() -> list[str]:
+    """Names of the registered recipes."""
+    return list(RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called `name` (UsageError naming the known ones otherwise)."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise unknown_name("recipe", name, RECIPES, "see `cnnlab train --help`") from None
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast here: CUDA with bf16, or a CPU with AVX-512 BF16 / AMX (oneDNN's check)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def apply_recipe(cfg: Any, name: str, keep: Iterable[str] = ()) -> Any:
+    """A copy of TrainConfig `cfg` with recipe `name`'s options, except the fields in `keep` (set by the user)."""
+    from cnnlab.engine.trainer import resolve_device
+
+    recipe = get_recipe(name)
+    keep = set(keep)
+    changes = {k: v for k, v in recipe.settings.items() if k not in keep}
+    if changes.get("model_args") is not None and "model" in keep:
+        changes.pop("model_args")  # the recipe's builder options belong to the recipe's model
+    if changes.get("precision") == "native":
+        # bf16 halves the work only where the hardware computes it natively; emulated bf16 is slower than fp32.
+        device = resolve_device(getattr(cfg, "device", "auto"))
+        changes["precision"] = "bf16" if native_bf16(device) else ("auto" if device.type == "cuda" else "fp32")
+    if "model_args" in changes:
+        changes["model_args"] = dict(changes["model_args"])
+    return dataclasses.replace(cfg, recipe=name, **changes)

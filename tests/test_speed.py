@@ -1,0 +1,212 @@
+"""Speed features, checked for correctness only (timings live in benchmarks/): recipes, --time-budget planning,
+channels-last, test-time augmentation, `cnnlab bench` JSON, and the peer loop."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cnnlab.data.sources import IDX_FILES, Dataset, ImageSet
+from cnnlab.engine import rundir
+from cnnlab.engine.checkpoint import load_checkpoint
+from cnnlab.engine.recipes import RECIPES, apply_recipe, get_recipe, native_bf16
+from cnnlab.engine.reporter import Reporter
+from cnnlab.engine.trainer import TrainConfig, _Trainer, fit, predict_logits
+from cnnlab.errors import UsageError
+from cnnlab.models.registry import create_model
+from tests.conftest import run_cli, write_idx
+
+
+def tiny_dataset(n_train: int = 96, n_test: int = 32, side: int = 28) -> Dataset:
+    """Learnable random data: the class is the brightest quadrant-ish pattern (enough to make training do something)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n_train + n_test) % 4
+    images = torch.randint(0, 60, (n_train + n_test, 1, side, side), generator=g, dtype=torch.uint8)
+    for k in range(4):
+        r, c = divmod(k, 2)
+        images[labels == k, :, r * side // 2 : (r + 1) * side // 2, c * side // 2 : (c + 1) * side // 2] += 150
+    return Dataset("tiny", ImageSet(images[:n_train], labels[:n_train]), ImageSet(images[n_train:], labels[n_train:]),
+                   classes=("a", "b", "c", "d"), default_augment=())  # fmt: skip
+
+
+def write_fashion_files(folder: Path, n_train: int = 256, n_test: int = 64) -> Path:
+    """A small Fashion-MNIST in its real IDX format, for the bench and peer loop."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = tiny_dataset(n_train, n_test)
+    write_idx(folder / (IDX_FILES[0] + ".gz"), data.train.images[:, 0].numpy())
+    write_idx(folder / (IDX_FILES[1] + ".gz"), data.train.labels.numpy().astype(np.uint8))
+    write_idx(folder / IDX_FILES[2], data.test.images[:, 0].numpy())
+    write_idx(folder / IDX_FILES[3], data.test.labels.numpy().astype(np.uint8))
+    return folder
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_makes_a_valid_config_and_trains(name: str) -> None:
+    cfg = apply_recipe(TrainConfig(device="cpu"), name).validate()
+    assert cfg.recipe == name and cfg.precision in ("bf16", "fp32")
+    assert cfg.precision == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    for key, value in get_recipe(name).settings.items():
+        if key != "precision":
+            assert getattr(cfg, key) == value, key
+    cfg.max_steps, cfg.eval_batch_size = 3, 16
+    result = fit(cfg, runs_dir=None, dataset=tiny_dataset(n_train=400))  # batch 128: 4 steps per epoch
+    assert result.steps == 3 and 0.0 <= result.test_acc <= 1.0
+
+
+def test_options_the_user_gives_win_over_the_recipe() -> None:
+    cfg = apply_recipe(TrainConfig(batch_size=32, lr=0.01, model="lenet5-modern"), "fast", keep={"batch_size", "model"})
+    assert (
+        cfg.batch_size == 32 and cfg.model == "lenet5-modern" and cfg.model_args == {}
+    )  # the recipe's args: its model's
+    assert cfg.lr == get_recipe("fast").settings["lr"]  # not kept: the recipe's
+    with pytest.raises(UsageError, match="recipe"):
+        get_recipe("fastest")
+
+
+def test_time_budget_plans_the_schedule_and_it_ends_at_the_planned_step(tmp_path: Path) -> None:
+    cfg = TrainConfig(model="cnn-fast", batch_size=16, val_split=0.25, patience=0, time_budget=4.0, device="cpu")
+    result = fit(cfg, runs_dir=tmp_path, run_name="budget", dataset=tiny_dataset())
+    config = rundir.read_config(result.run_dir)
+    planned = config["train"]["planned_steps"]
+    assert planned >= 1 and result.steps == planned and result.time_budget == 4.0
+    steps_per_epoch = 72 // 16 + 1  # 96 images, a quarter held out for validation, batch 16
+    assert config["train"]["epochs"] == result.epochs_run == -(-planned // steps_per_epoch)
+    sched = load_checkpoint(result.run_dir / rundir.LAST)["scheduler"]
+    assert sched["total_steps"] == planned and sched["last_epoch"] == planned  # one-cycle planned to, and ended at, it
+
+
+def test_a_planned_run_is_not_re_planned_and_timing_leaves_the_run_unchanged() -> None:
+    data = tiny_dataset()
+    fixed = fit(TrainConfig(model="cnn-fast", batch_size=16, val_split=0, patience=0, time_budget=60.0,
+                            planned_steps=7, device="cpu"), runs_dir=None, dataset=data)  # fmt: skip
+    assert fixed.steps == 7 and fixed.epochs_run == 2
+    t = _Trainer(TrainConfig(model="cnn-fast", batch_size=16, val_split=0, patience=0, device="cpu"), Reporter(), data,
+                 0.0)  # fmt: skip
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    rng, gen = torch.get_rng_state(), t.gen.get_state()
+    step_s, image_s = t._time_steps()
+    assert step_s > 0 and image_s > 0
+    after = t.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
+    assert not t.opt.state and torch.equal(torch.get_rng_state(), rng) and torch.equal(t.gen.get_state(), gen)
+
+
+def test_replanning_after_an_epoch_follows_the_measured_pace() -> None:
+    cfg = TrainConfig(model="cnn-fast", batch_size=16, val_split=0, patience=0, time_budget=30.0, device="cpu")
+    t = _Trainer(cfg, Reporter(), tiny_dataset(), time.perf_counter())
+    planned = t.total_steps
+    t.step = 6  # as if 6 steps had run...
+    t._replan(epoch_seconds=6.0, epoch_steps=6)  # ...at 1 s per step, far slower than the timing said
+    assert t.total_steps < planned and cfg.planned_steps == t.total_steps and cfg.epochs * t.steps_per_epoch >= 6
+    assert t.sched.total_steps == t.total_steps and t.sched.last_epoch == 6  # the schedule continues at step 6
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(t.sched.get_last_lr()[0])
+    assert {g["max_lr"] for g in t.opt.param_groups} == {cfg.resolved_lr()}  # the same peak, not the lr of the moment
+    peak_step = int(t.sched._schedule_phases[0]["end_step"])
+    t.sched.last_epoch = peak_step - 1
+    t.sched.step()
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(cfg.resolved_lr(), rel=0.05)  # near the peak step
+
+
+def test_too_short_a_time_budget_is_a_usage_error_naming_the_option() -> None:
+    with pytest.raises(UsageError, match="--time-budget"):
+        fit(TrainConfig(model="cnn-fast", time_budget=1e-4, val_split=0, patience=0, device="cpu"), runs_dir=None,
+            dataset=tiny_dataset())  # fmt: skip
+
+
+def test_cli_recipe_keeps_typed_options_and_refuses_epochs_with_a_budget(tmp_path: Path) -> None:
+    data = write_fashion_files(tmp_path / "fm")
+    r = run_cli("train", "--data", "fashion-mnist", "--data-dir", str(data), "--recipe", "fast", "--batch-size", "64",
+                "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--max-steps", "2", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    train = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())["train"]
+    assert train["recipe"] == "fast" and train["batch_size"] == 64 and train["model"] == "cnn-fast"
+    assert train["channels_last"] is True and train["val_split"] == 0.0
+    r = run_cli("train", "--recipe", "fast", "--time-budget", "30", "--epochs", "3", "--runs-dir", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--time-budget" in r.stderr
+    r = run_cli("train", "--time-budget", "-3", "--runs-dir", str(tmp_path))
+    assert r.returncode == 2 and "--time-budget" in r.stderr
+
+
+def test_tta_averages_the_logits_of_an_image_and_its_mirror() -> None:
+    model = create_model("cnn-fast", num_classes=4).eval()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        both = predict_logits(model, x, tta=True)
+        assert torch.allclose(both, (model(x) + model(x.flip(3))) / 2, atol=1e-6)
+        assert torch.equal(predict_logits(model, x), model(x))
+
+
+def test_channels_last_and_tta_train_and_evaluate_like_the_default() -> None:
+    data = tiny_dataset()
+    base = dict(model="cnn-fast", batch_size=16, epochs=1, val_split=0, patience=0, device="cpu", seed=3)
+    a = fit(TrainConfig(**base), runs_dir=None, dataset=data)
+    b = fit(TrainConfig(**base, channels_last=True), runs_dir=None, dataset=data)
+    assert a.steps == b.steps and abs(a.test_loss - b.test_loss) < 1e-3  # the same maths in another memory layout
+    c = fit(TrainConfig(**base, tta=True), runs_dir=None, dataset=data)
+    assert c.steps == a.steps and 0.0 <= c.test_acc <= 1.0
+
+
+def test_bench_train_json_has_both_sides_on_a_tiny_dataset(tmp_path: Path) -> None:
+    data = write_fashion_files(tmp_path / "fm")
+    r = run_cli("bench", "train", "--data", "fashion-mnist", "--data-dir", str(data), "--epochs", "1",
+                "--target", "0", "--peer-max-epochs", "1", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["target"] == 0 and out["recipe"] == "fast" and out["seeds"] == [0]
+    run = out["cnnlab"]["runs"][0]
+    assert run["epochs"] == 1 and run["seconds_to_target"] == run["seconds"] > 0 and 0 <= run["test_acc"] <= 1
+    peer = out["peer"]["runs"][0]
+    assert len(peer["curve"]) == 1 and peer["seconds_to_target"] == peer["curve"][0]["seconds"] > 0
+    assert out["speedup"] == pytest.approx(peer["seconds_to_target"] / run["seconds"])
+    for key in ("cpu", "cores", "gpus", "torch", "torch_threads", "torchvision", "cnnlab", "date"):
+        assert key in out["machine"]
+
+
+def test_bench_train_text_names_the_machine_and_the_ratio(tmp_path: Path) -> None:
+    data = write_fashion_files(tmp_path / "fm")
+    r = run_cli("bench", "train", "--data-dir", str(data), "--epochs", "1", "--target", "0", "--peer-max-epochs", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("machine: ") and "cores" in r.stdout and "sooner than the peer" in r.stdout
+
+
+@pytest.mark.parametrize("mode", ["--train", "--infer"])
+def test_bench_throughput_json_fields(mode: str) -> None:
+    r = run_cli("bench", "throughput", "--model", "cnn-fast", "--batch-size", "8", "--seconds", "0.2", "--warmup", "1",
+                mode, "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["train"] is (mode == "--train") and out["images_per_s"] > 0 and out["steps"] >= 1
+    assert out["forward_gflops_per_image"] == pytest.approx(11.07e-3, rel=0.01)  # 16-64-128 on 28x28: 11.07 MFLOP
+    assert out["achieved_gflops_s"] == pytest.approx(
+        out["images_per_s"] * out["forward_gflops_per_image"] * (3 if mode == "--train" else 1)
+    )
+    assert out["matmul_peak_fp32_gflops_s"] > 0
+    assert out["fraction_of_fp32_peak"] == pytest.approx(out["achieved_gflops_s"] / out["matmul_peak_fp32_gflops_s"])
+    assert out["machine"]["cores"] >= 1
+
+
+def test_bench_errors_are_one_line_usage_errors(tmp_path: Path) -> None:
+    for args in (
+        ("bench", "throughput", "--model", "no-such-net"),
+        ("bench", "train", "--target", "1.5"),
+        ("bench", "train", "--data", "cifar10", "--epochs", "1"),
+        ("bench",),
+    ):
+        r = run_cli(*args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("cnnlab: error:") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_peer_loop_runs_torchvisions_dataset_class_on_the_files_cnnlab_finds(tmp_path: Path) -> None:
+    from cnnlab.engine.peer import PeerCNN, run_peer
+
+    data = write_fashion_files(tmp_path / "fm", n_train=128, n_test=40)
+    out = run_peer("fashion-mnist", data, target=2.0, max_epochs=2, download=False)
+    assert [row["epoch"] for row in out["curve"]] == [1, 2] and out["seconds_to_target"] is None
+    assert all(0 <= row["test_acc"] <= 1 for row in out["curve"])
+    assert sum(p.numel() for p in PeerCNN().parameters()) == 421_834
