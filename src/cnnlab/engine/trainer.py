@@ -441,7 +441,10 @@ def evaluate_batches(
 class _Trainer:
     """The state of one fit() call; methods are the steps of the loop, each short."""
 
-    def __init__(self, cfg: TrainConfig, reporter: Reporter, dataset: Dataset | None, started: float) -> None:
+    def __init__(
+        self, cfg: TrainConfig, reporter: Reporter, dataset: Dataset | None, started: float | None = None
+    ) -> None:
+        started = time.perf_counter() if started is None else started  # when the run began (--time-budget counts)
         self.dist = distributed.env()
         self.cfg, self.reporter = cfg, reporter if self.dist.is_main else Reporter()  # only rank 0 talks
         self.device = resolve_device(cfg.device)
