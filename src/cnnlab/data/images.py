@@ -57,6 +57,10 @@ def decode_image(source: Path | io.BytesIO, label: str, draft: tuple[int, int] |
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
+                # Also checked here, before any pixel is decoded: warning filters are process-wide, so with threaded
+                # decoding another thread leaving its catch_warnings() can remove ours, and a bomb would only warn.
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
                 if draft is not None and img.format == "JPEG":
                     img.draft(img.mode, draft)
                 img.load()
