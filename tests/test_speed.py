@@ -172,6 +172,9 @@ def test_bench_train_text_names_the_machine_and_the_ratio(tmp_path: Path) -> Non
     r = run_cli("bench", "train", "--data-dir", str(data), "--epochs", "1", "--target", "0", "--peer-max-epochs", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("machine: ") and "cores" in r.stdout and "sooner than the peer" in r.stdout
+    r = run_cli("bench", "train", "--data-dir", str(data), "--epochs", "1", "--target", "1", "--peer-max-epochs", "1")
+    assert r.returncode == 0, r.stderr
+    assert "NOT reached by every seed" in r.stdout and "not reached" in r.stdout and "no ratio" in r.stdout
 
 
 @pytest.mark.parametrize("mode", ["--train", "--infer"])

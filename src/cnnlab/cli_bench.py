@@ -89,8 +89,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     target = f"{result['target']:.1%}"
     ours = result["cnnlab"]
     for r in ours["runs"]:
+        epochs = f"{r['epochs']} epoch{'s' if r['epochs'] != 1 else ''}"
         print(f"cnnlab --recipe {result['recipe']} seed {r['seed']}: {r['test_acc']:.2%} in {r['seconds']:.1f} s "
-              f"({r['epochs']} epochs, {r['steps']} steps, {r['precision']})")  # fmt: skip
+              f"({epochs}, {r['steps']} steps, {r['precision']})")  # fmt: skip
     ours_t = ours["mean_seconds_to_target"]
     print(f"cnnlab: mean {ours['mean_test_acc']:.2%} in {ours['mean_seconds']:.1f} s; "
           + (f"{target} reached by every seed, mean {ours_t:.1f} s" if ours_t else f"{target} NOT reached by every "
@@ -108,6 +109,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         if result.get("speedup"):
             print(f"cnnlab reaches {target} {result['speedup']:.1f}x sooner than the peer "
                   f"({ours_t / peer_t:.3f} of its time)")  # fmt: skip
+        else:
+            print(f"no ratio: {target} was not reached by every seed of both")
     return EXIT_OK
 
 
