@@ -22,7 +22,9 @@ from cnnlab.data.locate import cache_root
 from cnnlab.data.sources import FILE_SPECS, locate_files
 from cnnlab.errors import UsageError
 
-PEER_DATASETS = ("fashion-mnist", "mnist", "kmnist")  # those with a torchvision class reading IDX files
+# The datasets with a torchvision class reading IDX files, and the (mean, std) a lecture normalises each with.
+PEER_NORMALIZE = {"fashion-mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081), "kmnist": (0.1918, 0.3483)}
+PEER_DATASETS = tuple(PEER_NORMALIZE)
 
 
 class PeerCNN(nn.Module):
@@ -89,7 +91,8 @@ def run_peer(
     root = torchvision_root(data, data_dir, download)
     cls = getattr(torchvision.datasets, FILE_SPECS[data].torchvision_class)
     torch.manual_seed(seed)
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
+    mean, std = PEER_NORMALIZE[data]
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     train = cls(str(root), train=True, download=False, transform=tf)
     test = cls(str(root), train=False, download=False, transform=tf)
     train_loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True)
