@@ -101,8 +101,9 @@ def test_devices_relaunches_the_same_command_under_torchrun(monkeypatch: pytest.
 
 def test_two_processes_follow_one_time_budget_plan(tmp_path: Path) -> None:
     # Timing is collective (the same number of steps on every process) and rank 0's plan is everyone's: no hang.
-    r = torchrun("train", "--time-budget", "12", "--batch-size", "64", "--device", "cpu", "--quiet", "--json",
-                 "--runs-dir", "runs", "--name", "budget", cwd=tmp_path, timeout=120)  # fmt: skip
+    # --patience 0: early stopping would end the run before its planned last step.
+    r = torchrun("train", "--time-budget", "12", "--patience", "0", "--batch-size", "64", "--device", "cpu", "--json",
+                 "--quiet", "--runs-dir", "runs", "--name", "budget", cwd=tmp_path, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout)
     planned = json.loads((tmp_path / "runs" / "budget" / "config.json").read_text())["train"]["planned_steps"]
