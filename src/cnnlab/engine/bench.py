@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import cnnlab
-from cnnlab.engine.trainer import TrainConfig, autocast, fit, resolve_device, resolve_precision
+from cnnlab.engine.trainer import TrainConfig, autocast, fit, resolve_device, resolve_precision, synchronize
 from cnnlab.errors import UsageError
 from cnnlab.models.registry import create_model, model_info
 
@@ -67,11 +67,6 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
             f"torchvision {m['torchvision']}, Python {m['python']}, cnnlab {m['cnnlab']}")  # fmt: skip
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None,
                 seconds: float = 1.0) -> float:  # fmt: skip
     """Dense matrix-multiply GFLOP/s of an n x n product (n = 4096 on CPU, 8192 on GPU), best of repeated runs."""
@@ -80,12 +75,12 @@ def matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up: library initialisation, kernel selection
-    _sync(device)
+    synchronize(device)
     best, spent = float("inf"), 0.0
     while spent < seconds or best == float("inf"):
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        synchronize(device)
         took = time.perf_counter() - t0
         best, spent = min(best, took), spent + took
     return 2 * n**3 / best / 1e9
@@ -154,13 +149,13 @@ def throughput(cfg: ThroughputConfig) -> dict[str, Any]:
 
     for _ in range(cfg.warmup):
         step()
-    _sync(device)
+    synchronize(device)
     steps, t0 = 0, time.perf_counter()
     while True:
         step()
         steps += 1
         if steps % 5 == 0 or cfg.seconds < 0.5:
-            _sync(device)
+            synchronize(device)
             if time.perf_counter() - t0 >= cfg.seconds:
                 break
     elapsed = time.perf_counter() - t0

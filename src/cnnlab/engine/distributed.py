@@ -10,11 +10,14 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from cnnlab.errors import UsageError
+
+T = TypeVar("T")
 
 FAULT_ENV = "CNNLAB_FAULT_AT_STEP"  # testing torchrun restarts: rank 1 dies at this step on the first attempt
 
@@ -103,11 +106,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_text(text: str | None) -> str | None:
-    """Rank 0's string on every rank (e.g. the run directory it created)."""
+def from_rank0(value: T) -> T:
+    """Rank 0's value (any picklable object) on every rank, so that all follow one decision; as is in one process."""
     if not (dist.is_available() and dist.is_initialized()):
-        return text
-    box = [text]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

@@ -310,6 +310,12 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a clock reading means it is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -579,10 +585,6 @@ class _Trainer:
         return BatchLoader(data, self.cfg.eval_batch_size, self.norm, device=self.device,
                            channels_last=self.cfg.channels_last)  # fmt: skip
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _time_steps(self) -> tuple[float, float]:
         """(seconds per training step, seconds per evaluated image), timed on real batches after a warm-up.
 
@@ -608,13 +610,9 @@ class _Trainer:
             while not enough():
                 for x, y in loader.batches(loader.epoch_order()):
                     loss, _ = self._forward_backward(x, y)
-                    if self.scaler:
-                        self.scaler.step(self.opt)
-                        self.scaler.update()
-                    else:
-                        self.opt.step()
+                    self._optimizer_step()
                     loss.item()
-                    self._sync()
+                    synchronize(self.device)
                     stamps.append(time.perf_counter())
                     if enough():
                         break
@@ -663,7 +661,7 @@ class _Trainer:
         if cfg.max_steps:
             steps = min(steps, cfg.max_steps)
         # Every process must run the same plan: rank 0's.
-        steps = int(distributed.all_sum([torch.tensor(float(steps if self.dist.is_main else 0))])[0].item())
+        steps = distributed.from_rank0(steps)
         if steps < 1:
             need = (time.perf_counter() - started) + fixed + per_epoch + step_s
             raise UsageError(
@@ -823,11 +821,7 @@ class _Trainer:
             loss, logits = self._forward_backward(x, y)
             ok = self._clip_and_check(loss)
             if ok:
-                if self.scaler:
-                    self.scaler.step(self.opt)
-                    self.scaler.update()
-                else:
-                    self.opt.step()
+                self._optimizer_step()
             if self.sched:
                 self.sched.step()
             if not ok:  # --on-nan skip: this step changes no weight and counts in no metric
@@ -867,6 +861,14 @@ class _Trainer:
         else:
             loss.backward()
         return loss, logits
+
+    def _optimizer_step(self) -> None:
+        """Apply the gradients (through the grad scaler in fp16, which skips steps with inf/nan gradients)."""
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
 
     def _clip_and_check(self, loss: torch.Tensor) -> bool:
         """Clip gradients (--clip-grad); with --on-nan skip, False for a non-finite loss or gradient."""
@@ -930,7 +932,7 @@ class _Trainer:
         total = self.step + max(1, int(left / pace))
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
-        total = int(distributed.all_sum([torch.tensor(float(total if self.dist.is_main else 0))])[0].item())
+        total = distributed.from_rank0(total)
         if abs(total - self.total_steps) <= max(2, self.total_steps // 200):
             return None  # within 0.5%: keep the schedule as it is
         note = f"time budget: re-planned from {self.total_steps} to {total} steps ({pace * 1e3:.1f} ms per step)"
