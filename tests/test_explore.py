@@ -46,7 +46,7 @@ def drawn_seven() -> str:
 @pytest.fixture(scope="module")
 def client(digit_run: Path) -> TestClient:
     """The app for the trained digit run."""
-    return TestClient(create_app(load_run(digit_run)), raise_server_exceptions=False)
+    return TestClient(create_app(load_run(digit_run), allowed_hosts=("testserver",)), raise_server_exceptions=False)
 
 
 def test_info_lists_run_layers_and_kernels(client: TestClient) -> None:
@@ -156,7 +156,7 @@ def test_oversize_upload_is_413(client: TestClient) -> None:
 
 
 def test_without_a_run_only_the_playground_works() -> None:
-    c = TestClient(create_app(None), raise_server_exceptions=False)
+    c = TestClient(create_app(None, allowed_hosts=("testserver",)), raise_server_exceptions=False)
     assert c.get("/api/info").json()["run"] is None
     r = c.post("/api/predict", json={"test_index": 0})
     assert r.status_code == 404 and "no run" in r.json()["error"]

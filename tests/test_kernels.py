@@ -125,12 +125,12 @@ def test_kernel_files(tmp_path: Path) -> None:
     (tmp_path / "k.json").write_text(json.dumps({"kernel": k}))
     np.save(tmp_path / "k.npy", np.array(k))
     for name in ("k.txt", "k.json", "k.npy"):
-        np.testing.assert_array_equal(resolve_kernel(str(tmp_path / name)).matrix, k)
+        np.testing.assert_array_equal(resolve_kernel(str(tmp_path / name), allow_files=True).matrix, k)
     np.save(tmp_path / "obj.npy", np.array([object()]), allow_pickle=True)
     with pytest.raises(UsageError, match="cannot read kernel file"):
-        resolve_kernel(str(tmp_path / "obj.npy"))
+        resolve_kernel(str(tmp_path / "obj.npy"), allow_files=True)
     with pytest.raises(UsageError, match="no such kernel file"):
-        resolve_kernel(str(tmp_path / "missing.json"))
+        resolve_kernel(str(tmp_path / "missing.json"), allow_files=True)
 
 
 def test_parametrised_kernels() -> None:

@@ -28,10 +28,11 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _out_dir(args: argparse.Namespace, run: Path) -> Path:
-    out = Path(args.out) if getattr(args, "out", None) else run
-    if not out.is_dir():
-        raise UsageError(f"--out {out}: no such directory")
-    return out
+    from cnnlab.engine.rundir import make_dir
+
+    if not getattr(args, "out", None):
+        return run
+    return make_dir(Path(args.out), "--out")
 
 
 # --- evaluate ---------------------------------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         rows = rundir.read_metrics(run)
         if not rows:
             raise UsageError(f"{run / rundir.METRICS}: no epochs recorded yet")
-        cfg = rundir.read_config(run)
+        cfg = rundir.check_config(rundir.read_config(run), run / rundir.CONFIG)
         title = f"{cfg['model']['name']} on {cfg['data']['name']}"
         path = plot_curves(rows, _out_dir(args, run) / rundir.CURVES, title=title, best_epoch=rundir.best_epoch(rows))
         print(path)
@@ -373,16 +374,16 @@ def cmd_explore(args: argparse.Namespace) -> int:
     """`cnnlab explore`."""
     import socket
 
-    import uvicorn
-
     from cnnlab.explore.app import create_app
+    from cnnlab.explore.server import WILDCARD_HOSTS, allowed_hosts_for, serve
 
     if args.port > 65535:
         raise UsageError(f"--port {args.port}: must be at most 65535")
     loaded = _load(args) if args.run else None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"cnnlab: warning: listening on {args.host}: other computers on the network can reach this page",
-              file=sys.stderr)  # fmt: skip
+        anyname = ", by any name for this computer" if args.host in WILDCARD_HOSTS else ""
+        print(f"cnnlab: warning: listening on {args.host}: other computers on the network can reach this page"
+              f"{anyname}", file=sys.stderr)  # fmt: skip
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -394,6 +395,5 @@ def cmd_explore(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"cnnlab explore: http://{host}:{port}/  ({'run ' + str(loaded.path) if loaded else 'no run'}; Ctrl-C stops)",
           flush=True)  # fmt: skip
-    config = uvicorn.Config(create_app(loaded), log_level="warning")
-    uvicorn.Server(config).run(sockets=[sock])
+    serve(create_app(loaded, allowed_hosts=allowed_hosts_for(args.host, port)), sock)
     return EXIT_OK

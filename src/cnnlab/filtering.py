@@ -91,7 +91,7 @@ def run_filter(
     pool_stride: int | None = None,
 ) -> FilterReport:
     """Filter `image` with the kernels in order, then pool; write files unless only explaining."""
-    kernels = [resolve_kernel(s) for s in kernel_specs]
+    kernels = [resolve_kernel(s, allow_files=True) for s in kernel_specs]  # the user's own files, on the CLI
     out_path = Path(out) if out else None
     if out_path is not None and not out_path.parent.exists():
         raise UsageError(f"--out {out}: directory {out_path.parent} does not exist")
@@ -111,7 +111,7 @@ def run_filter(
         x = pool(x, pool_kind, pool_size, pool_stride)
         report.steps.append(f"{pool_kind} pool {pool_size}x{pool_size} stride {pool_stride or pool_size}")
     report.out_shape = tuple(x.shape)
-    report.raw_min, report.raw_max = float(x.min()), float(x.max())
+    report.raw_min, report.raw_max = float(x.min()) + 0.0, float(x.max()) + 0.0  # + 0.0: no -0 printed
     shown = to_display_range(x, max_value, value_range)
     if explain is None or out_path is not None:
         out_path = out_path or default_output(image, kernels, pool_kind)
@@ -155,7 +155,7 @@ def _explain_kernel(
             label = name if len(per_matrix) == 1 else f"{name}, {kernel.name} part {i + 1}"
             parts.append(format_explanation(expl[c], label, padding, convolve))
         if len(per_matrix) > 1:
-            totals = [e[c].total for e in per_matrix]
+            totals = [e[c].total + 0.0 for e in per_matrix]  # + 0.0: print 0, never -0
             mag = math.sqrt(sum(t * t for t in totals))
             parts.append(f"  magnitude = sqrt({' + '.join(f'({t:g})^2' for t in totals)}) = {mag:.6g}")
         report.explanations.append(f"[{kernel.name}] " + "\n".join(parts))
@@ -183,8 +183,8 @@ def _explain_pool(
         raise UsageError(f"--explain {px},{py}: outside the {out_w}x{out_h} pooled output")
     r0, c0 = py * stride, px * stride
     for c, name in enumerate(channels):
-        window = x[c, r0 : r0 + size, c0 : c0 + size].double().numpy()
-        value = window.max() if kind == "max" else window.mean()
+        window = x[c, r0 : r0 + size, c0 : c0 + size].double().numpy() + 0.0  # + 0.0: -0.0 prints as 0
+        value = float(window.max() if kind == "max" else window.mean()) + 0.0
         rows = "\n".join("    " + "  ".join(f"{v:g}" for v in row) for row in window)
         report.explanations.append(
             f"[{kind} pool] output pixel x={px}, y={py}, channel {name}: window rows {r0}..{r0 + size - 1}, "

@@ -11,7 +11,6 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,21 @@ from cnnlab.errors import UsageError, unknown_name
 
 PADDINGS = ("zero", "reflect", "replicate", "circular", "valid")
 _TORCH_PAD = {"zero": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+MAX_KERNEL_SIDE = 255  # rows and columns of any kernel: typed, from a file, gaussian:N:S or box:N
+SIGMA_RANGE = (0.01, 1000.0)  # gaussian:N:S, pixels; below 0.01 the Gaussian is the identity, above 1000 a box
+# Work bound of one kernel application: channels x output pixels x kernel area multiply-adds (x matrices for a
+# composite). 2e10 is about 7 s on 2 CPU cores (~3e9 multiply-adds/s for large kernels); `explore` uses less.
+MAX_KERNEL_WORK = 2 * 10**10
+KERNEL_FILE_SUFFIXES = (".npy", ".json", ".txt", ".csv")
+MAX_KERNEL_FILE_BYTES = 16 * 2**20  # a 255x255 matrix as text is ~1 MB; anything far larger is not a kernel
+
+
+def short(text: object, limit: int = 40) -> str:
+    """User input quoted for an error message: an escaped prefix of at most `limit` characters, never all of it."""
+    s = str(text)
+    if len(s) <= limit:
+        return repr(s)
+    return f"{s[:limit]!r}... ({len(s):,} characters)"
 
 
 @dataclass(frozen=True)
@@ -111,82 +125,189 @@ def list_kernels() -> list[str]:
 
 def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
     """A normalised size x size Gaussian with standard deviation sigma (pixels)."""
-    if size < 1 or sigma <= 0:
-        raise UsageError(f"gaussian kernel needs size >= 1 and sigma > 0, got size {size}, sigma {sigma}")
+    lo, hi = SIGMA_RANGE
+    if not (1 <= size <= MAX_KERNEL_SIDE and lo <= sigma <= hi):
+        raise UsageError(
+            f"gaussian kernel needs size 1..{MAX_KERNEL_SIDE} and sigma {lo:g}..{hi:g}, "
+            f"got size {size}, sigma {sigma:g}"
+        )
     ax = np.arange(size, dtype=np.float64) - (size - 1) / 2
     g = np.exp(-(ax**2) / (2 * sigma**2))
     k = np.outer(g, g)
     return k / k.sum()
 
 
-def parse_matrix(text: str) -> np.ndarray:
-    """Parse an inline kernel: rows separated by ';' or newlines, values by ',' or spaces; '1/9' is allowed."""
-    rows = [r for r in re.split(r"[;\n]", text.strip()) if r.strip() and not r.strip().startswith("#")]
+def parse_matrix(text: str, *, lines: bool = False) -> np.ndarray:
+    """Parse an inline kernel: rows separated by ';' or newlines, values by ',' or spaces; '1/9' is allowed.
+
+    Every row must hold numbers ('1;;2' is an error, not a 2x1 matrix). With `lines=True` (a kernel file) blank
+    lines and lines starting with '#' are skipped.
+    """
+    label = short(text)
+    rows: list[str] = []
+    for line in text.strip().split("\n"):
+        if lines and (not line.strip() or line.strip().startswith("#")):
+            continue
+        for row in line.split(";"):
+            if not row.strip():
+                raise UsageError(f"kernel {label}: row {len(rows) + 1} is empty (rows are separated by ';' or lines)")
+            rows.append(row)
+    values: list[list[float]] = []
+    for row in rows:
+        values.append([])
+        for v in re.split(r"[,\s]+", row.strip()):
+            if v:
+                values[-1].append(_number(v, label))
+    return _check_matrix(values, label)
+
+
+def _number(text: str, label: str) -> float:
+    """One matrix entry: a decimal or a fraction such as 1/9, finite.
+
+    Plain float arithmetic, not fractions.Fraction: Fraction('1e99999999') builds a 10**99999999 integer (minutes).
+    """
+    num, slash, den = text.partition("/")
     try:
-        values = [[float(Fraction(v)) for v in re.split(r"[,\s]+", r.strip()) if v] for r in rows]
-    except (ValueError, ZeroDivisionError, OverflowError) as e:  # OverflowError: found by fuzzing ("1e309")
-        raise UsageError(f"kernel {text!r}: not a matrix of numbers ({e})") from None
-    return _check_matrix(values, repr(text))
+        value = float(num) / float(den) if slash else float(text)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise UsageError(f"kernel {label}: not a matrix of numbers ({short(text, 20)} is not a number)") from None
+    if not math.isfinite(value):
+        raise UsageError(f"kernel {label}: values must be finite numbers")
+    return value
 
 
 def _check_matrix(values: object, label: str) -> np.ndarray:
     try:
         arr = np.asarray(values, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise UsageError(f"kernel {label}: rows have different lengths") from None
+    except RecursionError:  # a JSON list nested thousands deep
+        raise UsageError(f"kernel {label}: nested too deeply; expected a list of rows of numbers") from None
+    except (ValueError, TypeError, OverflowError):
+        raise UsageError(f"kernel {label}: rows have different lengths, or values that are not numbers") from None
     if arr.ndim == 1 and arr.size:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.size == 0:
         raise UsageError(f"kernel {label}: expected a non-empty 2-D matrix, got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise UsageError(f"kernel {label}: values must be finite numbers")
-    if max(arr.shape) > 255:
-        raise UsageError(f"kernel {label}: {arr.shape[0]}x{arr.shape[1]} is too large (at most 255x255)")
+    if max(arr.shape) > MAX_KERNEL_SIDE:
+        raise UsageError(
+            f"kernel {label}: {arr.shape[0]}x{arr.shape[1]} is too large (at most {MAX_KERNEL_SIDE}x{MAX_KERNEL_SIDE})"
+        )
     return arr
 
 
 def read_kernel_file(path: Path) -> np.ndarray:
     """A kernel from .npy (no pickle), .json (a list of rows or {"kernel": rows}) or text (one row per line)."""
+    label = short(path, 200)
     try:
+        if path.stat().st_size > MAX_KERNEL_FILE_BYTES:
+            raise UsageError(f"{label}: {path.stat().st_size:,} bytes is too large for a kernel file")
         if path.suffix.lower() == ".npy":
-            return _check_matrix(np.load(path, allow_pickle=False), str(path))
+            return _check_matrix(np.load(path, allow_pickle=False), label)
         text = path.read_text(encoding="utf-8")
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: cannot read kernel file ({e})") from None
+        raise UsageError(f"{label}: cannot read kernel file ({type(e).__name__}: {short(e, 80)})") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise UsageError(f"{label}: JSON nested too deeply; expected a list of rows of numbers") from None
         except ValueError as e:
-            raise UsageError(f"{path}: not valid JSON ({e})") from None
+            raise UsageError(f"{label}: not valid JSON ({short(e, 80)})") from None
         if isinstance(data, dict):
             data = data.get("kernel")
-        return _check_matrix(data, str(path))
-    return parse_matrix(text)
+        return _check_matrix(data, label)
+    return parse_matrix(text, lines=True)
 
 
-def resolve_kernel(spec: str) -> Kernel:
-    """A named kernel, `gaussian:SIZE:SIGMA`, `box:SIZE`, a kernel file, or an inline matrix like '0,-1,0;...'."""
+def _looks_like_path(spec: str) -> bool:
+    """Text (that is not a matrix) naming a file: a path separator, '~', or a kernel file suffix."""
+    return spec.startswith("~") or "/" in spec or "\\" in spec or spec.lower().endswith(KERNEL_FILE_SUFFIXES)
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file() that says False for names the OS refuses (too long, NUL bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _parametrised(spec: str) -> Kernel | None:
+    """`gaussian:SIZE:SIGMA` or `box:SIZE`, with every parameter capped; None for any other text."""
+    kind, colon, params = spec.partition(":")
+    if kind not in ("gaussian", "box") or not colon:
+        return None
+    form = "gaussian:SIZE:SIGMA such as gaussian:7:1.5" if kind == "gaussian" else "box:SIZE such as box:5"
+    m = re.fullmatch(r"(\d{1,6}):([0-9.eE+-]{1,32})" if kind == "gaussian" else r"(\d{1,6})", params)
+    try:
+        size = int(m.group(1)) if m else 0
+        sigma = float(m.group(2)) if m and kind == "gaussian" else 1.0
+    except ValueError:
+        m = None
+    if m is None:
+        raise UsageError(f"kernel {short(spec)}: expected {form}")
+    if not 1 <= size <= MAX_KERNEL_SIDE:
+        raise UsageError(f"kernel {short(spec)}: size must be 1..{MAX_KERNEL_SIDE}")
+    if kind == "box":
+        return Kernel(spec, f"{size}x{size} mean", (np.full((size, size), 1.0 / size**2),))
+    lo, hi = SIGMA_RANGE
+    if not lo <= sigma <= hi:
+        raise UsageError(f"kernel {short(spec)}: sigma must be {lo:g}..{hi:g} pixels")
+    return Kernel(spec, f"{size}x{size} Gaussian blur, sigma {sigma:g}", (gaussian_kernel(size, sigma),))
+
+
+def resolve_kernel(spec: str, *, allow_files: bool = False) -> Kernel:
+    """A named kernel, `gaussian:SIZE:SIGMA`, `box:SIZE`, an inline matrix like '0,-1,0;...', or (with
+    `allow_files=True`, as `cnnlab filter` does) a kernel file.
+
+    Without `allow_files` no path is ever opened or even looked up: the text is a name, parameters or numbers.
+    """
     spec = spec.strip()
     if spec in _NAMED:
         return _NAMED[spec]
-    m = re.fullmatch(r"gaussian:(\d+):([0-9.eE+-]+)", spec)
-    if m:
-        size, sigma = int(m.group(1)), float(m.group(2))
-        return Kernel(spec, f"{size}x{size} Gaussian blur, sigma {sigma:g}", (gaussian_kernel(size, sigma),))
-    m = re.fullmatch(r"box:(\d+)", spec)
-    if m:
-        size = int(m.group(1))
-        if not 1 <= size <= 255:
-            raise UsageError(f"kernel {spec!r}: size must be 1..255")
-        return Kernel(spec, f"{size}x{size} mean", (np.full((size, size), 1.0 / size**2),))
-    path = Path(spec)
-    if path.suffix.lower() in (".npy", ".json", ".txt", ".csv") or path.is_file():
-        if not path.is_file():
-            raise UsageError(f"{spec}: no such kernel file")
-        return Kernel(path.name, f"custom kernel from {path}", (read_kernel_file(path),))
-    if re.search(r"[\d.]", spec) and re.fullmatch(r"[\d\s,;./eE+-]+", spec):
+    kernel = _parametrised(spec)
+    if kernel is not None:
+        return kernel
+    if allow_files:
+        path = Path(spec)
+        if path.suffix.lower() in KERNEL_FILE_SUFFIXES or _is_file(path):
+            if not _is_file(path):
+                raise UsageError(f"{short(spec, 200)}: no such kernel file")
+            return Kernel(path.name, f"custom kernel from {path}", (read_kernel_file(path),))
+    if (re.search(r"[\d.]", spec) and re.fullmatch(r"[\d\s,;./eE+-]+", spec)) or (
+        re.search(r"\d", spec) and re.search(r"[,;]", spec)  # numbers in rows with a typo: say which value is bad
+    ):
         return Kernel("custom", "custom kernel", (parse_matrix(spec),))
-    raise unknown_name("kernel", spec, _NAMED, "see `cnnlab kernels`; or give a matrix like '0,-1,0;-1,5,-1;0,-1,0'")
+    if not allow_files and _looks_like_path(spec):
+        raise UsageError(
+            f"kernel {short(spec)}: kernel files are not read here; give a named kernel, gaussian:SIZE:SIGMA, "
+            "box:SIZE or a matrix like '0,-1,0;-1,5,-1;0,-1,0'"
+        )
+    name = spec if len(spec) <= 40 else spec[:40] + "..."
+    raise unknown_name("kernel", name, _NAMED, "see `cnnlab kernels`; or give a matrix like '0,-1,0;-1,5,-1;0,-1,0'")
+
+
+def kernel_work(shape: Sequence[int], kernel: Kernel, padding: str = "zero") -> int:
+    """Multiply-adds to apply `kernel` to a (C, H, W) image: channels x output pixels x kernel area, per matrix."""
+    c, h, w = (int(v) for v in shape[-3:])
+    total = 0
+    for m in kernel.matrices:
+        kh, kw = m.shape
+        oh, ow = (max(0, h - kh + 1), max(0, w - kw + 1)) if padding == "valid" else (h, w)
+        total += c * oh * ow * kh * kw
+    return total
+
+
+def check_work(shape: Sequence[int], kernel: Kernel, padding: str = "zero", limit: int = MAX_KERNEL_WORK) -> None:
+    """Refuse a kernel application that would need more than `limit` multiply-adds (named one-line error)."""
+    work = kernel_work(shape, kernel, padding)
+    if work > limit:
+        c, h, w = shape[-3:]
+        raise UsageError(
+            f"kernel {short(kernel.name)} on a {w}x{h} image with {c} channel(s) needs {work:.2g} multiply-adds, "
+            f"over the limit of {limit:.2g} per kernel; use a smaller kernel or a smaller image"
+        )
 
 
 def same_padding(kh: int, kw: int) -> tuple[int, int, int, int]:
@@ -197,7 +318,7 @@ def same_padding(kh: int, kw: int) -> tuple[int, int, int, int]:
 def pad_image(x: torch.Tensor, kh: int, kw: int, padding: str) -> torch.Tensor:
     """Pad (C, H, W) or (N, C, H, W) for a kh x kw kernel; `valid` pads nothing."""
     if padding not in PADDINGS:
-        raise UsageError(f"--padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+        raise UsageError(f"--padding must be one of {', '.join(PADDINGS)}, got {short(padding)}")
     if padding == "valid":
         return x
     pads = same_padding(kh, kw)
@@ -236,19 +357,35 @@ def correlate(
     return F.conv2d(x, weight, groups=c)[0].contiguous()  # (C, H', W')
 
 
-def apply_kernel(image: torch.Tensor, kernel: Kernel, padding: str = "zero", convolve: bool = False) -> torch.Tensor:
-    """Apply a (possibly composite) kernel to a (C, H, W) float image; composites give sqrt(sum of squares)."""
+def apply_kernel(
+    image: torch.Tensor,
+    kernel: Kernel,
+    padding: str = "zero",
+    convolve: bool = False,
+    *,
+    max_work: int = MAX_KERNEL_WORK,
+) -> torch.Tensor:
+    """Apply a (possibly composite) kernel to a (C, H, W) float image; composites give sqrt(sum of squares).
+
+    Refused (UsageError) when it would take more than `max_work` multiply-adds (see `check_work`), or when the
+    result leaves the image's float range (weights like 1e300 overflow 32-bit floats: inf, then NaN).
+    """
+    check_work(image.shape, kernel, padding, max_work)
     outs = [correlate(image, m, padding, convolve) for m in kernel.matrices]
-    if len(outs) == 1:
-        return outs[0]
-    return torch.sqrt(sum(o * o for o in outs))
+    out = outs[0] if len(outs) == 1 else torch.sqrt(sum(o * o for o in outs))
+    if image.is_floating_point() and bool(torch.isfinite(image).all()) and not bool(torch.isfinite(out).all()):
+        raise UsageError(
+            f"kernel {short(kernel.name)}: the result overflows {str(out.dtype).removeprefix('torch.')} "
+            f"(beyond {torch.finfo(out.dtype).max:.2g}); use smaller weights"
+        )
+    return out
 
 
 def pool(image: torch.Tensor, kind: str, size: int, stride: int | None = None) -> torch.Tensor:
     """Max or average pooling of a (C, H, W) image, like nn.MaxPool2d / nn.AvgPool2d (no padding)."""
     stride = stride or size
     if kind not in ("max", "avg"):
-        raise UsageError(f"--pool must be max or avg, got {kind!r}")
+        raise UsageError(f"--pool must be max or avg, got {short(kind)}")
     if size < 1 or stride < 1:
         raise UsageError(f"--size and --stride must be at least 1, got {size} and {stride}")
     if size > image.shape[-1] or size > image.shape[-2]:
@@ -268,7 +405,7 @@ def to_display_range(x: torch.Tensor, max_value: int, mode: str = "clip") -> tor
         if float(hi - lo) == 0.0:
             return torch.zeros_like(x)
         return (x - lo) / (hi - lo) * max_value
-    raise UsageError(f"unknown output range mode {mode!r}; use clip, abs or normalize")
+    raise UsageError(f"unknown output range mode {short(mode)}; use clip, abs or normalize")
 
 
 @dataclass
@@ -306,8 +443,8 @@ def explain_pixel(
     rows, cols = slice(y, y + kh), slice(x, x + kw)
     result = []
     for c in range(image.shape[0]):
-        window = padded_img[c, rows, cols]
-        products = window * k
+        window = padded_img[c, rows, cols] + 0.0  # + 0.0 turns -0.0 (from an earlier kernel) into 0.0
+        products = window * k + 0.0
         result.append(
             PixelExplanation(
                 c, x, y, window, inside[rows, cols] == 0, (y - top, x - left), k, products, float(products.sum())
@@ -317,7 +454,8 @@ def explain_pixel(
 
 
 def _num(v: float) -> str:
-    return f"{v:g}" if float(v).is_integer() or abs(v) >= 1e-3 else f"{v:.3g}"
+    v = float(v) + 0.0  # -0.0 + 0.0 is +0.0: a product like 0 x -1 prints as 0, not -0
+    return f"{v:g}" if v.is_integer() or abs(v) >= 1e-3 else f"{v:.3g}"
 
 
 def format_matrix(m: np.ndarray, mark: np.ndarray | None = None) -> list[str]:

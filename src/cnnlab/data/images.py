@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from cnnlab.fileio import atomic_write_bytes
 
 # Refuse images with more pixels than this (Pillow's own default limit, but as an error at 1x, not a warning).
 MAX_IMAGE_PIXELS = 89_478_485
+MAX_FLOAT_PIXEL = 65535  # float ('F') images: values above this have no 8- or 16-bit output to go to
 SAMPLE_NAME = "sample"  # `cnnlab filter sample ...`: a real photo that ships with matplotlib
 SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
                 ".webp": "WEBP"}  # fmt: skip
@@ -47,26 +49,32 @@ def open_image(path: str | os.PathLike[str], draft: tuple[int, int] | None = Non
     return decode_image(path, str(path), draft)
 
 
-def decode_image(source: Path | io.BytesIO, label: str, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Decode a file or in-memory bytes strictly (bomb limit, truncation, non-images are errors naming `label`)."""
+def decode_image(
+    source: Path | io.BytesIO, label: str, draft: tuple[int, int] | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """Decode a file or in-memory bytes strictly (bomb limit, truncation, non-images are errors naming `label`).
+
+    `max_pixels` lowers the bomb limit (explore takes smaller uploads); float images must hold finite numbers.
+    """
     path = label
+    limit = min(MAX_IMAGE_PIXELS, max_pixels or MAX_IMAGE_PIXELS)
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded with grey
     old_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 # Also checked here, before any pixel is decoded: warning filters are process-wide, so with threaded
                 # decoding another thread leaving its catch_warnings() can remove ours, and a bomb would only warn.
-                if img.width * img.height > MAX_IMAGE_PIXELS:
+                if img.width * img.height > limit:
                     raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
                 if draft is not None and img.format == "JPEG":
                     img.draft(img.mode, draft)
                 img.load()
                 img = ImageOps.exif_transpose(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise CnnlabError(f"{path}: refused: more than {MAX_IMAGE_PIXELS:,} pixels (decompression bomb limit)") from e
+        raise CnnlabError(f"{path}: refused: more than {limit:,} pixels (decompression bomb limit)") from e
     except UnidentifiedImageError as e:
         raise UsageError(f"{path}: not an image, or a format Pillow cannot read") from e
     except PermissionError as e:
@@ -77,6 +85,8 @@ def decode_image(source: Path | io.BytesIO, label: str, draft: tuple[int, int] |
         Image.MAX_IMAGE_PIXELS = old_limit
     if img.width == 0 or img.height == 0:
         raise CnnlabError(f"{path}: image has no pixels")
+    if img.mode == "F" and not np.isfinite(np.asarray(img)).all():
+        raise UsageError(f"{path}: float image with NaN or infinite pixel values")
     return img
 
 
@@ -84,12 +94,17 @@ def image_to_array(img: Image.Image, gray: bool = False) -> tuple[np.ndarray, in
     """Pixels as float32 (C, H, W) in [0, max_value], and max_value (255 or 65535); alpha is dropped."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float32)
+        arr = np.array(img, dtype=np.float32)  # a writable copy: torch.from_numpy warns on read-only arrays
         # Pillow's 'I' mode holds 32-bit ints; from 16-bit PNG/TIFF its values are 0..65535.
         return arr[None], 65535
     if mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        return arr[None], max(1, int(np.ceil(arr.max()))) if arr.size else 1
+        arr = np.array(img, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise UsageError("float image with NaN or infinite pixel values")
+        top = float(arr.max()) if arr.size else 1.0
+        if top > MAX_FLOAT_PIXEL:
+            raise UsageError(f"float image with values up to {top:g}: at most {MAX_FLOAT_PIXEL:,} is read")
+        return arr[None], max(1, math.ceil(top))
     if gray or mode in ("1", "L", "LA"):
         arr = np.asarray(img.convert("L"), dtype=np.float32)
         return arr[None], 255
@@ -99,7 +114,11 @@ def image_to_array(img: Image.Image, gray: bool = False) -> tuple[np.ndarray, in
 
 def read_image(path: str | os.PathLike[str], gray: bool = False) -> tuple[np.ndarray, int]:
     """Read an image file as float32 (C, H, W) pixels in [0, max_value] and max_value."""
-    return image_to_array(open_image(path), gray=gray)
+    img = open_image(path)
+    try:
+        return image_to_array(img, gray=gray)
+    except UsageError as e:
+        raise UsageError(f"{resolve_image_path(path)}: {e}") from None
 
 
 def array_to_image(arr: np.ndarray, max_value: int) -> Image.Image:

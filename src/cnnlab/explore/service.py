@@ -23,8 +23,11 @@ from cnnlab.data.sources import ImageSet
 from cnnlab.engine.inference import LoadedRun, eval_data, evaluate_run
 from cnnlab.errors import UsageError
 from cnnlab.inspect.features import explain_conv_pixel, layer_inputs_and_outputs, stage_layers
+from cnnlab.kernels import short
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # a decoded upload larger than this is refused (413)
+MAX_UPLOAD_PIXELS = 4096 * 4096  # an upload decoding to more pixels is refused (a 12 MP phone photo fits)
+PLAYGROUND_WORK = 2 * 10**9  # multiply-adds per kernel in the playground: under a second on 2 CPU cores
 MAX_MAPS = 32  # activation maps sent per layer (the first ones); wide layers are summarised by these
 MAX_PLAYGROUND_SIDE = 1024  # the kernel playground works on images shrunk to at most this side
 
@@ -35,7 +38,7 @@ class TooLarge(UsageError):
 
 def decode_data_url(text: str) -> Image.Image:
     """'data:image/png;base64,....' (or bare base64) -> a Pillow image, strictly checked."""
-    payload = text.split(",", 1)[1] if text.startswith("data:") else text
+    payload = text.partition(",")[2] if text.startswith("data:") else text
     if len(payload) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
         raise TooLarge(f"image larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
     try:
@@ -44,7 +47,7 @@ def decode_data_url(text: str) -> Image.Image:
         raise UsageError("image: not valid base64") from None
     if not data:
         raise UsageError("image: empty")
-    return decode_image(io.BytesIO(data), "image")
+    return decode_image(io.BytesIO(data), "image", max_pixels=MAX_UPLOAD_PIXELS)
 
 
 def png_data_url(pixels: np.ndarray) -> str:
@@ -177,7 +180,7 @@ class Explorer:
         """The weighted sum behind one pixel of one conv layer's map, with the layer's actual output there."""
         run = self.need_run()
         if layer not in self.layers():
-            raise UsageError(f"layer {layer!r} is not one of the shown layers")
+            raise UsageError(f"layer {short(layer)} is not one of the shown layers")
         module = run.model.get_submodule(layer)
         if not isinstance(module, nn.Conv2d):
             raise UsageError(f"{layer} is a {type(module).__name__}, not a convolution: it has no weighted sum")
@@ -193,7 +196,7 @@ class Explorer:
         run = self.need_run()
         module = run.model.get_submodule(layer) if layer in self.layers() else None
         if not isinstance(module, nn.Conv2d):
-            raise UsageError(f"layer {layer!r} is not a shown convolution")
+            raise UsageError(f"layer {short(layer)} is not a shown convolution")
         if not 0 <= channel < module.out_channels:
             raise UsageError(f"channel {channel} outside 0..{module.out_channels - 1}")
         w = module.weight.detach().float().cpu()[channel]
@@ -216,8 +219,8 @@ class Explorer:
         img = img.convert("L" if gray else "RGB")
         arr = np.asarray(img, dtype=np.float32)
         x = torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())  # (C, H, W) 0..255
-        k = resolve_kernel(kernel.strip()) if kernel.strip() else None
-        out = apply_kernel(x, k) if k is not None else x
+        k = resolve_kernel(kernel, allow_files=False) if kernel.strip() else None  # never a path from a request
+        out = apply_kernel(x, k, max_work=PLAYGROUND_WORK) if k is not None else x
         out = to_display_range(out, 255, mode)
         if pool:
             out = pool_image(out, pool, size)
@@ -246,7 +249,7 @@ class Explorer:
         """curves / confusion / misclassified as PNG bytes, made once (in memory, never written into the run)."""
         run = self.need_run()
         if what not in ("curves", "confusion", "misclassified"):
-            raise LookupError(f"no picture {what!r}")
+            raise LookupError(f"no picture {short(what)}")
         if what not in self._pictures:
             self._pictures.update(self._make_pictures(run, what))
         return self._pictures[what]

@@ -183,10 +183,15 @@ $("big").addEventListener("click", async (e) => {
 // --- kernel playground ---------------------------------------------------------------------------------------------
 let kImage = null, kTimer = null, kNamed = null;  // kNamed: a named kernel, sent by name (composites need it)
 function scheduleKernel() { clearTimeout(kTimer); kTimer = setTimeout(runKernel, 150); }
+// One row per line (blank lines and a trailing ';' ignored) -> rows joined by ';'; an empty row typed as ';;' stays
+// (the server refuses it by name rather than guessing what was meant).
+function matrixText(text) {
+  return text.split("\n").map((l) => l.trim().replace(/;$/, "").trim()).filter((l) => l).join(";");
+}
 async function runKernel() {
   try {
     const out = await api("/api/kernel", {
-      image: kImage, kernel: kNamed || $("k-matrix").value.trim().replace(/\n+/g, ";"), pool: $("k-pool").value || null,
+      image: kImage, kernel: kNamed || matrixText($("k-matrix").value), pool: $("k-pool").value || null,
       size: +$("k-size").value, mode: $("k-mode").value, gray: $("k-gray").checked,
     });
     $("k-in").src = out.input; $("k-out").src = out.output;
