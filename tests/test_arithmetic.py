@@ -42,7 +42,7 @@ def test_lenet_in_one_line() -> None:
     [
         ("conv 6 5", (1, 4, 4), "layer 1 (conv 6 5): output would be 0x0"),
         ("conv 6 3; conv 4 3 g=4", (3, 8, 8), "layer 2 (conv 4 3 g=4): groups=4 must divide"),
-        ("conv 6 4 p=same", (1, 8, 8), "even kernel"),
+        ("pool max 2 p=same", (1, 8, 8), "even window"),
         ("conv 6 3 p=same s=2", (1, 8, 8), "needs stride 1"),
         ("pool max 2 p=2", (1, 8, 8), "more than half the window"),
         ("fc 10; conv 3 3", (1, 8, 8), "layer 2 (conv 3 3): needs (C, H, W) maps"),

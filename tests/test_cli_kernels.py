@@ -90,7 +90,7 @@ def test_shape_walks_a_registered_model(capsys: pytest.CaptureFixture[str]) -> N
         (["shape", "--input", "3xAx32", "--conv", "6,5"], "--input '3xAx32'"),
         (["shape", "--input", "1x4x4", "--conv", "6,5"], "layer 1 (conv 6 5): output would be 0x0"),
         (["shape", "--input", "3x8x8", "--layers", "conv 4 3 g=2"], "groups=2 must divide"),
-        (["shape", "--input", "3x8x8", "--layers", "conv 4 4 p=same"], "even kernel"),
+        (["shape", "--input", "3x8x8", "--layers", "pool max 2 p=same"], "even window"),
         (["shape", "--model", "resnet9000"], "unknown model 'resnet9000'"),
         (["shape", "--input", "1x8x8"], "one of the arguments"),
     ],

@@ -87,15 +87,25 @@ def test_other_channel_counts_tile_and_rescale(resnet18_file: tuple[Path, dict])
     torch.testing.assert_close(model.conv1.weight, torch.cat([w, w[:, :1]], 1) * 3 / 4)
 
 
-def test_hub_cache_serves_pretrained_weights_offline(resnet18_file: tuple[Path, dict], tmp_path: Path) -> None:
+def test_hub_cache_serves_pretrained_weights_offline(
+    resnet18_file: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    from cnnlab.models import torchvision as cvt
+
     _path, state = resnet18_file
     old = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
     try:
-        weights = tvm.ResNet18_Weights.DEFAULT
-        cached = tmp_path / "hub" / "checkpoints" / Path(weights.url).name
+        # Random weights cannot carry torchvision's hash (the file name's hex digits are its SHA-256 prefix, and a
+        # mismatch is refused): name the file by its own hash, as torchvision names the files it publishes.
+        cached = tmp_path / "hub" / "checkpoints" / "tmp.pth"
         cached.parent.mkdir(parents=True)
         torch.save(state, cached)
+        digest = hashlib.sha256(cached.read_bytes()).hexdigest()[:8]
+        cached = cached.rename(cached.with_name(f"resnet18-{digest}.pth"))
+        monkeypatch.setattr(cvt, "weights_file_name", lambda weights: cached.name)
         model = create_model("resnet18", num_classes=1000, pretrained=True)
         torch.testing.assert_close(model.fc.weight, state["fc.weight"])
     finally:

@@ -1,7 +1,12 @@
 """Convolution and pooling arithmetic: output shapes (torch's formulas), parameters, MACs, receptive fields.
 
     conv / pool:      out = floor((in + 2p - d(k - 1) - 1) / s) + 1
+    pool, ceil_mode:  out = ceil((in + 2p - d(k - 1) - 1) / s) + 1, minus 1 if that last window would start in
+                      the right padding ((out - 1)s >= in + p)
     transposed conv:  out = (in - 1)s - 2p + d(k - 1) + output_padding + 1
+
+padding='same' (stride 1) pads d(k - 1) in all, half on each side; for an even total torch puts the extra row /
+column at the bottom / right, as nn.Conv2d(padding='same') does.
 
 Shapes are (C, H, W) as torch writes them; the lecture writes H x W x C (32x32x3 -> 28x28x6).
 """
@@ -36,10 +41,19 @@ def pool_output_size(n: int, k: int, s: int, p: int = 0, d: int = 1, ceil_mode: 
     """torch's output length for pooling, including ceil_mode's rule that the last window starts inside."""
     if not ceil_mode:
         return conv_output_size(n, k, s, p, d)
-    out = math.ceil((n + 2 * p - d * (k - 1) - 1) / s) + 1
-    if (out - 1) * s >= n + p:
+    out = _ceil_div(n + 2 * p - d * (k - 1) - 1, s) + 1
+    if _drops_last_window(n, s, p, out):
         out -= 1
     return out
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)  # exact for any size, unlike math.ceil(a / b) through a float
+
+
+def _drops_last_window(n: int, s: int, p: int, out: int) -> bool:
+    """ceil_mode: torch drops the last window when it would start in the right padding (not inside input + left pad)."""
+    return (out - 1) * s >= n + p
 
 
 def parse_shape(text: str, option: str = "--input") -> Shape:
@@ -97,6 +111,7 @@ class LayerRow:
     macs: int
     receptive_field: tuple[int, int] | None  # (rows, cols) of input pixels one output unit sees; None = all
     formula: list[str] = field(default_factory=list)
+    padding: tuple[tuple[int, int], tuple[int, int]] | None = None  # ((top, bottom), (left, right)) of conv/pool
 
 
 _KINDS = ("conv", "tconv", "pool", "fc", "gap", "flatten", "bn", "relu", "tanh", "sigmoid", "dropout")
@@ -173,23 +188,39 @@ def parse_layers(text: str) -> list[Layer]:
     return [parse_layer(p) for p in parts]
 
 
-def _resolve_padding(layer: Layer, where: str) -> tuple[int, int]:
+Padding = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+
+
+def _resolve_padding(layer: Layer, where: str) -> Padding:
+    """Numbers per side; 'same' splits d(k - 1) as torch does: the odd pixel goes to the bottom / right."""
     if layer.padding == "valid":
-        return (0, 0)
+        return ((0, 0), (0, 0))
     if layer.padding == "same":
         if (layer.stride or (1, 1)) != (1, 1):
             raise ShapeError(f"{where}: padding 'same' needs stride 1 (torch refuses strided 'same')")
-        pads = []
+        sides = []
         for k, d in zip(layer.k, layer.dilation, strict=True):
             total = d * (k - 1)
-            if total % 2:
+            if total % 2 and layer.kind == "pool":
                 raise ShapeError(
-                    f"{where}: padding 'same' with an even kernel ({k}) cannot be symmetric; "
-                    f"use an odd kernel or a number for the padding"
+                    f"{where}: pooling with padding 'same' and an even window ({k}) would pad one side more, and "
+                    "torch's pools take the same padding on both sides; give a number"
                 )
-            pads.append(total // 2)
-        return (pads[0], pads[1])
-    return layer.padding  # type: ignore[return-value]
+            sides.append((total // 2, total - total // 2))
+        return (sides[0], sides[1])
+    ph, pw = layer.padding  # type: ignore[misc]
+    return ((ph, ph), (pw, pw))
+
+
+def _same_note(layer: Layer, pad: Padding) -> list[str]:
+    """The formula line that says how 'same' padding was split (torch pads an even kernel asymmetrically)."""
+    if layer.padding != "same":
+        return []
+    (top, bottom), (left, right) = pad
+    if top == bottom and left == right:
+        return [f"padding 'same': {top} top and bottom, {left} left and right"]
+    return [f"padding 'same': {top} top + {bottom} bottom, {left} left + {right} right "
+            "(torch puts the odd row/column at the bottom/right)"]  # fmt: skip
 
 
 def _check_positive(layer: Layer, where: str) -> None:
@@ -204,10 +235,16 @@ def _check_positive(layer: Layer, where: str) -> None:
         raise ShapeError(f"{where}: needs at least 1 output {'feature' if layer.kind == 'fc' else 'channel'}")
 
 
-def _formula(axis: str, n: int, k: int, s: int, p: int, d: int, out: int, transposed: bool = False, op: int = 0) -> str:
-    if transposed:
-        return f"{axis}_out = ({n} - 1)*{s} - 2*{p} + {d}*({k} - 1) + {op} + 1 = {out}"
-    return f"{axis}_out = floor(({n} + 2*{p} - {d}*({k} - 1) - 1) / {s}) + 1 = {out}"
+def _formula(axis: str, n: int, k: int, s: int, p: tuple[int, int], d: int, out: int, ceil: bool = False,
+             dropped: bool = False) -> str:  # fmt: skip
+    """One axis's arithmetic, printed so that evaluating it gives `out` (floor, or ceil for ceil_mode pooling)."""
+    pads = f"2*{p[0]}" if p[0] == p[1] else f"{p[0]} + {p[1]}"
+    rounding = "ceil" if ceil else "floor"
+    return f"{axis}_out = {rounding}(({n} + {pads} - {d}*({k} - 1) - 1) / {s}) + 1{' - 1' if dropped else ''} = {out}"
+
+
+def _tformula(axis: str, n: int, k: int, s: int, p: int, d: int, out: int, op: int) -> str:
+    return f"{axis}_out = ({n} - 1)*{s} - 2*{p} + {d}*({k} - 1) + {op} + 1 = {out}"
 
 
 def walk(layers: list[Layer], input_shape: Shape) -> list[LayerRow]:
@@ -265,24 +302,29 @@ def _walk_pool(layer: Layer, shape: tuple[int, ...], where: str) -> LayerRow:
     c, h, w = shape
     stride = layer.stride or layer.k
     pad = _resolve_padding(layer, where)
-    for k, p in zip(layer.k, pad, strict=True):
+    for k, (p, _) in zip(layer.k, pad, strict=True):
         if p > k // 2:
             raise ShapeError(f"{where}: padding {p} is more than half the window {k} (torch refuses this)")
     if layer.pool == "avg" and layer.dilation != (1, 1):
         raise ShapeError(f"{where}: average pooling has no dilation")
-    out_h = pool_output_size(h, layer.k[0], stride[0], pad[0], layer.dilation[0], layer.ceil_mode)
-    out_w = pool_output_size(w, layer.k[1], stride[1], pad[1], layer.dilation[1], layer.ceil_mode)
+    out_h = pool_output_size(h, layer.k[0], stride[0], pad[0][0], layer.dilation[0], layer.ceil_mode)
+    out_w = pool_output_size(w, layer.k[1], stride[1], pad[1][0], layer.dilation[1], layer.ceil_mode)
     if out_h < 1 or out_w < 1:
         raise ShapeError(
             f"{where}: output would be {out_h}x{out_w}: a {layer.k[0]}x{layer.k[1]} window does not "
             f"fit the {h}x{w} input"
         )
-    formula = [
-        _formula("H", h, layer.k[0], stride[0], pad[0], layer.dilation[0], out_h),
-        _formula("W", w, layer.k[1], stride[1], pad[1], layer.dilation[1], out_w),
-        "params = 0",
-    ]
-    return LayerRow(0, layer.text, shape, (c, out_h, out_w), 0, 0, None, formula)
+    formula, notes = [], []
+    for axis, n, k, s, p, d, out in (("H", h, layer.k[0], stride[0], pad[0], layer.dilation[0], out_h),
+                                     ("W", w, layer.k[1], stride[1], pad[1], layer.dilation[1], out_w)):  # fmt: skip
+        ceiled = _ceil_div(n + 2 * p[0] - d * (k - 1) - 1, s) + 1
+        dropped = layer.ceil_mode and _drops_last_window(n, s, p[0], ceiled)
+        formula.append(_formula(axis, n, k, s, p, d, out, layer.ceil_mode, dropped))
+        if dropped:
+            notes.append(f"{axis}: the last ceil-mode window would start at {(ceiled - 1) * s}, past the input and "
+                         f"its left padding ({n} + {p[0]}): torch drops it")  # fmt: skip
+    return LayerRow(0, layer.text, shape, (c, out_h, out_w), 0, 0, None, [*formula, *notes, "params = 0"],
+                    padding=pad)  # fmt: skip
 
 
 def _walk_conv(layer: Layer, shape: tuple[int, ...], where: str) -> LayerRow:
@@ -297,22 +339,26 @@ def _walk_conv(layer: Layer, shape: tuple[int, ...], where: str) -> LayerRow:
         if layer.padding in ("same", "valid"):
             raise ShapeError(f"{where}: transposed convolutions take a number for the padding")
         pad, op = layer.padding, layer.output_padding
+        sides = ((pad[0], pad[0]), (pad[1], pad[1]))
         for o, s, d in zip(op, stride, layer.dilation, strict=True):
             if o >= max(s, d):
                 raise ShapeError(f"{where}: output_padding {o} must be smaller than the stride or the dilation")
         out_h = tconv_output_size(h, layer.k[0], stride[0], pad[0], layer.dilation[0], op[0])
         out_w = tconv_output_size(w, layer.k[1], stride[1], pad[1], layer.dilation[1], op[1])
         formula = [
-            _formula("H", h, layer.k[0], stride[0], pad[0], layer.dilation[0], out_h, True, op[0]),
-            _formula("W", w, layer.k[1], stride[1], pad[1], layer.dilation[1], out_w, True, op[1]),
+            _tformula("H", h, layer.k[0], stride[0], pad[0], layer.dilation[0], out_h, op[0]),
+            _tformula("W", w, layer.k[1], stride[1], pad[1], layer.dilation[1], out_w, op[1]),
         ]
     else:
-        pad = _resolve_padding(layer, where)
-        out_h = conv_output_size(h, layer.k[0], stride[0], pad[0], layer.dilation[0])
-        out_w = conv_output_size(w, layer.k[1], stride[1], pad[1], layer.dilation[1])
+        sides = _resolve_padding(layer, where)
+        (top, bottom), (left, right) = sides
+        # The padded length n + top + bottom, as torch computes it: the same formula with 2p split per side.
+        out_h = conv_output_size(h + top + bottom, layer.k[0], stride[0], 0, layer.dilation[0])
+        out_w = conv_output_size(w + left + right, layer.k[1], stride[1], 0, layer.dilation[1])
         formula = [
-            _formula("H", h, layer.k[0], stride[0], pad[0], layer.dilation[0], out_h),
-            _formula("W", w, layer.k[1], stride[1], pad[1], layer.dilation[1], out_w),
+            _formula("H", h, layer.k[0], stride[0], sides[0], layer.dilation[0], out_h),
+            _formula("W", w, layer.k[1], stride[1], sides[1], layer.dilation[1], out_w),
+            *_same_note(layer, sides),
         ]
     if out_h < 1 or out_w < 1:
         raise ShapeError(
@@ -327,7 +373,7 @@ def _walk_conv(layer: Layer, shape: tuple[int, ...], where: str) -> LayerRow:
         f"{' + 1 bias' if layer.bias else ''}) = {params:,}"
     )
     macs = h * w * c * (layer.out // g) * kk if layer.kind == "tconv" else out_h * out_w * layer.out * per_filter
-    return LayerRow(0, layer.text, shape, (layer.out, out_h, out_w), params, macs, None, formula)
+    return LayerRow(0, layer.text, shape, (layer.out, out_h, out_w), params, macs, None, formula, sides)
 
 
 def _receptive(
@@ -422,7 +468,9 @@ def _module_for(layer: Layer, shape: tuple[int, ...], nn: Any) -> Any:
         return nn.ConvTranspose2d(shape[0], layer.out, k, layer.stride or 1, layer.padding, layer.output_padding,
                                   layer.groups, layer.bias, d)  # fmt: skip
     if layer.kind == "pool":
-        pad = (0, 0) if layer.padding == "valid" else layer.padding
+        # torch's pools take numbers only: 'same' / 'valid' as the symmetric numbers walk() resolved them to.
+        sides = _resolve_padding(layer, layer.text)
+        pad = (sides[0][0], sides[1][0])
         if layer.pool == "max":
             return nn.MaxPool2d(k, layer.stride or k, pad, d, ceil_mode=layer.ceil_mode)
         return nn.AvgPool2d(k, layer.stride or k, pad, ceil_mode=layer.ceil_mode)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import cnnlab
 from cnnlab.engine.trainer import TrainConfig, autocast, fit, resolve_device, resolve_precision, synchronize
 from cnnlab.errors import UsageError
+from cnnlab.memory import check_fits, model_memory
 from cnnlab.models.registry import create_model, model_info
 
 
@@ -119,9 +120,17 @@ def throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     channels = cfg.channels or info.default_in_channels
     if cfg.batch_size < 1 or cfg.seconds <= 0 or cfg.warmup < 0:
         raise UsageError("--batch-size must be >= 1, --seconds > 0 and --warmup >= 0")
+    shape = (channels, size, size)
+    with torch.device("meta"):  # options and sizes checked, FLOPs and memory measured: nothing allocated yet
+        probe = create_model(cfg.model, cfg.num_classes, channels, size, **cfg.model_args)
+    need = _throughput_bytes(probe, shape, cfg)
+    if need is not None:
+        what = "training" if cfg.train else "inference"
+        check_fits(f"bench throughput of {cfg.model} (batch {cfg.batch_size} x {channels}x{size}x{size}, {what})",
+                   need, str(device))  # fmt: skip
+    flops = 2 * count_macs(probe, shape)  # forward FLOPs of one image
     torch.manual_seed(0)
     model = create_model(cfg.model, cfg.num_classes, channels, size, **cfg.model_args).to(device)
-    flops = 2 * count_macs(model, (channels, size, size))  # forward FLOPs of one image
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory)
     x = torch.randn(cfg.batch_size, channels, size, size, device=device).contiguous(memory_format=memory)
@@ -186,6 +195,16 @@ def throughput(cfg: ThroughputConfig) -> dict[str, Any]:
         result["matmul_peak_gflops_s"] = peak32
         result["fraction_of_peak"] = achieved / peak32
     return result
+
+
+def _throughput_bytes(probe: torch.nn.Module, shape: tuple[int, int, int], cfg: ThroughputConfig) -> int | None:
+    """Peak bytes of the measured steps (SGD with momentum: one state per weight); None if it cannot be told."""
+    est = model_memory(lambda: probe, shape)
+    if est is None:
+        return None
+    if cfg.train:
+        return est.training(cfg.batch_size, optimizer_states=1)
+    return est.params + est.eval_per_image * cfg.batch_size
 
 
 # --- time to accuracy ------------------------------------------------------------------------------------------------

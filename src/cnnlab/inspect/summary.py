@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +20,15 @@ class SummaryRow:
     out_shape: tuple[int, ...]  # without the batch dimension
     params: int
     macs: int
+
+
+@contextlib.contextmanager
+def quiet_shape_walk() -> Iterator[None]:
+    """Silence torch's performance note for an even kernel with padding='same' (a copy of the input is made):
+    irrelevant to a walk that only reads shapes, and a command's output stays clean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using padding='same' with even kernel", category=UserWarning)
+        yield
 
 
 def module_macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
@@ -60,7 +72,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Summa
     device = next(model.parameters()).device  # works on the meta device too: shapes without compute
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), quiet_shape_walk():
             model(torch.zeros(1, *input_shape, device=device))
     finally:
         for h in handles:

@@ -1,8 +1,9 @@
 """The zoo table: torchvision's accuracy metadata beside parameters and GFLOPS that cnnlab measures itself.
 
 GFLOPS here means billions of multiply-accumulates per image, as in torchvision's published table; torch's
-FlopCounterMode counts 2 FLOPs per MAC, so its total is halved. Everything is measured on the meta device at
-the weights' own input size: no memory, no compute, no download.
+FlopCounterMode counts 2 FLOPs per MAC, so its total is halved. A module that knows its own count (`count_macs`,
+e.g. LeNet-5's partially connected C3) is counted by it, as `cnnlab summary` counts it, so both agree. Everything
+is measured on the meta device at the weights' own input size: no memory, no compute, no download.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cnnlab.inspect.summary import quiet_shape_walk
 from cnnlab.models.registry import create_model, list_models, model_info
 from cnnlab.models.torchvision import (
     build_meta,
@@ -32,7 +34,7 @@ class ZooRow:
     weights: str
     family: str
     input_size: int
-    acc1: float | None  # ImageNet-1K top-1 (%), from torchvision's metadata
+    acc1: float | None  # ImageNet-1K top-1 (%), from torchvision's metadata; None where it has none (or NaN)
     acc5: float | None
     params: int  # measured by cnnlab
     gflops: float  # measured by cnnlab: GMACs per image
@@ -45,13 +47,42 @@ class ZooRow:
 
 
 def count_macs(model: torch.nn.Module, shape: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of one (1, C, H, W) forward in eval mode, via torch's FlopCounterMode (FLOPs / 2)."""
+    """Multiply-accumulates of one (1, C, H, W) forward in eval mode, via torch's FlopCounterMode (FLOPs / 2).
+
+    A module with a `count_macs(inputs, output)` method replaces what the counter saw inside it by its own count:
+    LeNet-5's C3 runs as a dense 6 -> 16 conv with zeros where its connection table has none, but only the 60
+    connected kernels do work (the paper's 325,680 MACs for LeNet-5, not 415,680).
+    """
     device = next(model.parameters()).device
-    model.eval()
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, *shape, device=device))
-    return counter.get_total_flops() // 2
+    started: list[int] = []
+    correction = 0  # in FLOPs: custom count minus what the counter saw inside the module
+
+    def before(module: torch.nn.Module, inputs: tuple[object, ...]) -> None:
+        started.append(counter.get_total_flops())
+
+    def after(module: torch.nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        nonlocal correction
+        seen = counter.get_total_flops() - started.pop()
+        correction += 2 * int(module.count_macs(inputs, output)) - seen  # type: ignore[operator]
+
+    custom = [m for m in model.modules() if callable(getattr(m, "count_macs", None))]
+    handles = [h for m in custom for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    was_training = model.training
+    try:
+        model.eval()
+        with counter, torch.no_grad(), quiet_shape_walk():
+            model(torch.zeros(1, *shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return (counter.get_total_flops() + correction) // 2
+
+
+def _number(value: object) -> float | None:
+    """A finite metric, or None: torchvision writes NaN for weights with no accuracy (vgg16 IMAGENET1K_FEATURES)."""
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def torchvision_rows(pattern: str = "*") -> list[ZooRow]:
@@ -72,9 +103,9 @@ def torchvision_rows(pattern: str = "*") -> list[ZooRow]:
             metrics = next(iter(meta.get("_metrics", {}).values()), {})
             rows.append(ZooRow(
                 model=name, weights=weights.name, family=model_info(name).family, input_size=size,
-                acc1=metrics.get("acc@1"), acc5=metrics.get("acc@5"),
+                acc1=_number(metrics.get("acc@1")), acc5=_number(metrics.get("acc@5")),
                 params=sum(p.numel() for p in model.parameters()), gflops=count_macs(model, (3, size, size)) / 1e9,
-                tv_params=meta.get("num_params"), tv_gflops=meta.get("_ops"),
+                tv_params=meta.get("num_params"), tv_gflops=_number(meta.get("_ops")),
             ))  # fmt: skip
     return rows
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cnnlab.errors import UsageError
+from cnnlab.models.options import MAX_CHANNELS, MAX_CONV_LAYERS, check_weights_fit, fraction, whole_number
 from cnnlab.models.registry import register_model
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU, "gelu": nn.GELU}
@@ -22,12 +23,11 @@ class CompactCNN(nn.Module):
                  stages: int = 3, convs_per_stage: int = 2, act: str = "relu", dropout: float = 0.25,
                  head_dropout: float = 0.5) -> None:  # fmt: skip
         super().__init__()
+        width, stages, convs_per_stage = _check_size(width, stages, convs_per_stage, in_channels, num_classes)
         if act not in ACTIVATIONS:
             raise UsageError(f"cnn-compact: act must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
-        if width < 1 or stages < 1 or convs_per_stage < 1:
-            raise UsageError("cnn-compact: width, stages and convs_per_stage must be at least 1")
-        if not (0 <= dropout < 1 and 0 <= head_dropout < 1):
-            raise UsageError("cnn-compact: dropout and head_dropout must be in [0, 1)")
+        dropout = fraction("cnn-compact", "dropout", dropout)
+        head_dropout = fraction("cnn-compact", "head_dropout", head_dropout)
         layers: list[nn.Module] = []
         c_in, side = in_channels, image_size
         for stage in range(stages):
@@ -57,11 +57,32 @@ class CompactCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _check_size(width: object, stages: object, convs: object, in_channels: int, num_classes: int) -> tuple[int, ...]:
+    """Whole numbers >= 1, at most MAX_CHANNELS maps and MAX_CONV_LAYERS convs, weights that fit in memory."""
+    w, n, c = (whole_number("cnn-compact", k, v) for k, v in (("width", width), ("stages", stages),
+                                                              ("convs_per_stage", convs)))  # fmt: skip
+    if w * 2 ** (n - 1) > MAX_CHANNELS:
+        raise UsageError(f"cnn-compact: width x 2^(stages - 1) = {w} x 2^{n - 1} channels in the last stage; "
+                         f"at most {MAX_CHANNELS:,}")  # fmt: skip
+    if n * c > MAX_CONV_LAYERS:
+        raise UsageError(f"cnn-compact: stages x convs_per_stage = {n * c:,} conv layers; at most {MAX_CONV_LAYERS:,}")
+    params, c_in = 0, in_channels
+    for stage in range(n):
+        c_out = w * 2**stage
+        params += (c_in * c_out + (c - 1) * c_out * c_out) * 9 + c * 2 * c_out  # 3x3 convs (no bias) + BatchNorms
+        c_in = c_out
+    check_weights_fit(f"cnn-compact with width {w}, stages {n}, convs_per_stage {c}",
+                      params + c_in * num_classes + num_classes)  # fmt: skip
+    return w, n, c
+
+
 @register_model(
     "cnn-compact", family="cnn-compact", default_image_size=28, default_in_channels=1, tags=("ours",),
     description="best-practice CNN: stacked 3x3 conv + BN + ReLU, width doubling per stage, max pool + dropout, "
     "GAP head (options: width, stages, convs_per_stage, act, dropout, head_dropout)",
 )  # fmt: skip
-def cnn_compact(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, **kwargs: object) -> CompactCNN:
+def cnn_compact(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, *, width: int = 32,
+                stages: int = 3, convs_per_stage: int = 2, act: str = "relu", dropout: float = 0.25,
+                head_dropout: float = 0.5) -> CompactCNN:  # fmt: skip
     """The compact best-practice CNN (width 32, 3 stages of 2 convs: 288,170 params for 10 classes, 1 channel)."""
-    return CompactCNN(num_classes, in_channels, image_size, **kwargs)  # type: ignore[arg-type]
+    return CompactCNN(num_classes, in_channels, image_size, width, stages, convs_per_stage, act, dropout, head_dropout)

@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from cnnlab.errors import UsageError
+from cnnlab.models.options import MAX_CHANNELS, MAX_CONV_LAYERS, check_weights_fit
 from cnnlab.models.registry import register_model
+
+
+def _whole(value: object) -> int:
+    """'16', 16 and 16.0 (a whole float from --model-args) -> 16; 2.5, nan, True and 'x' -> ValueError/TypeError."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)  # type: ignore[call-overload]
 
 
 def _int_list(value: int | str | Sequence[int], option: str) -> tuple[int, ...]:
@@ -26,8 +34,8 @@ def _int_list(value: int | str | Sequence[int], option: str) -> tuple[int, ...]:
     else:
         parts = list(value)
     try:
-        out = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
+        out = tuple(_whole(p) for p in parts)
+    except (TypeError, ValueError, OverflowError):
         raise UsageError(f"cnn-fast: {option} must be numbers like 16-64-128, got {value!r}") from None
     if not out or min(out) < 1:
         raise UsageError(f"cnn-fast: {option} must be one or more numbers >= 1, got {value!r}")
@@ -47,6 +55,7 @@ class FastCNN(nn.Module):
             depths = depths * len(widths)
         if len(depths) != len(widths):
             raise UsageError(f"cnn-fast: depth needs one number or one per stage ({len(widths)}), got {depth!r}")
+        _check_size(widths, depths, in_channels, num_classes)
         layers: list[nn.Module] = []
         c_in, side = in_channels, image_size
         for c_out, n in zip(widths, depths, strict=True):
@@ -76,11 +85,34 @@ class FastCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _check_size(widths: tuple[int, ...], depths: tuple[int, ...], in_channels: int, num_classes: int) -> None:
+    """At most MAX_CHANNELS maps and MAX_CONV_LAYERS convs, and weights that fit in memory, before building."""
+    text = "-".join(map(str, widths))
+    if max(widths) > MAX_CHANNELS:
+        raise UsageError(f"cnn-fast: widths {text}: at most {MAX_CHANNELS:,} channels per stage")
+    if sum(depths) > MAX_CONV_LAYERS:
+        shown = depths[0] if len(set(depths)) == 1 else "-".join(map(str, depths))
+        raise UsageError(f"cnn-fast: depth {shown} makes {sum(depths):,} conv layers; at most {MAX_CONV_LAYERS:,}")
+    params, c_in = 0, in_channels
+    for c_out, n in zip(widths, depths, strict=True):
+        params += (c_in * c_out + (n - 1) * c_out * c_out) * 9 + n * 2 * c_out  # 3x3 convs (no bias) + BatchNorms
+        c_in = c_out
+    depth = depths[0] if len(set(depths)) == 1 else "-".join(map(str, depths))
+    check_weights_fit(f"cnn-fast with widths {text}, depth {depth}", params + c_in * num_classes + num_classes)
+
+
 @register_model(
     "cnn-fast", family="cnn-fast", default_image_size=28, default_in_channels=1, tags=("ours",),
     description="CNN shaped for speed (the fast/accurate recipes): conv3x3 -> max-pool -> BN -> ReLU per stage, "
     "narrow at full resolution, global max pool (options: widths=16-64-128, depth=1 or one per stage)",
 )  # fmt: skip
-def cnn_fast(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, **kwargs: object) -> FastCNN:
+def cnn_fast(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    *,
+    widths: int | str | Sequence[int] = (16, 64, 128),
+    depth: int | str | Sequence[int] = 1,
+) -> FastCNN:
     """The speed-shaped CNN (widths 16-64-128, one conv per stage: 84,794 params for 10 classes, 1 channel)."""
-    return FastCNN(num_classes, in_channels, image_size, **kwargs)  # type: ignore[arg-type]
+    return FastCNN(num_classes, in_channels, image_size, widths, depth)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,6 +67,30 @@ def model_info(name: str) -> ModelInfo:
         raise unknown_name("model", name, _REGISTRY, "see `cnnlab models`") from None
 
 
+# Builder parameters that other options set (--num-classes, --pretrained, --weights, ...), not --model-args.
+_SET_ELSEWHERE = ("num_classes", "in_channels", "image_size", "pretrained", "weights_file", "weights_name",
+                  "architecture_only")  # fmt: skip
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """The builder options of `name` that `--model-args` may set (cnn-fast: widths, depth)."""
+    params = inspect.signature(model_info(name).builder).parameters.values()
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                 and p.name not in _SET_ELSEWHERE)  # fmt: skip
+
+
+def _check_options(name: str, kwargs: dict[str, object]) -> None:
+    """A UsageError naming an option the builder does not take, and the ones it does (not a TypeError later)."""
+    params = inspect.signature(model_info(name).builder).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return  # a builder that forwards **kwargs checks them itself
+    accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key in kwargs:
+        if key not in accepted:
+            options = ", ".join(model_options(name)) or "no options"
+            raise UsageError(f"--model-args: {name} does not take {key!r}; it takes {options}")
+
+
 def create_model(
     name: str,
     num_classes: int = 10,
@@ -86,4 +111,5 @@ def create_model(
             f"model {name!r} needs images of at least {info.min_image_size}x{info.min_image_size}, "
             f"got {image_size}x{image_size}"
         )
+    _check_options(name, kwargs)
     return info.builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)

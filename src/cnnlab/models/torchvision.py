@@ -2,8 +2,10 @@
 
 - Discovery: `torchvision.models.list_models(module=torchvision.models)`, so new torchvision families appear
   without a hand-kept list.
-- Pretrained weights go through torchvision's own builders and weights API (download to torch's hub cache for
-  users who are online); `weights_file=` feeds a local state dict through the same code path.
+- Pretrained weights: torchvision's weights API (enums, transforms, meta) picks the file; cnnlab loads it itself.
+  torch.hub downloads a missing file (checking its hash); a cached file must match the SHA-256 prefix in its name
+  (torchvision's naming, e.g. resnet18-f37072fd.pth); every file is read with torch.load(weights_only=True), so a
+  pickle planted in the hub cache never runs. `weights_file=` (a local file) takes the same path minus the hash.
 - Adaptation: `in_channels` (the first conv's pretrained weights summed for 1 channel, or repeated and rescaled),
   `num_classes` (a new head), and small inputs: the early downsampling of the ImageNet stem is removed until the
   last feature map keeps at least 4x4 resolution. Every change is recorded in `model.cnnlab_changes`.
@@ -15,17 +17,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import io
 import math
+import re
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 import torchvision.models as tvm
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.models.registry import register_model
@@ -82,12 +87,25 @@ def pretrained_info(weights: Any) -> dict[str, Any]:
             "crop": list(tf.crop_size), "categories": list(weights.meta.get("categories") or [])}  # fmt: skip
 
 
+class _NoInit(TorchFunctionMode):
+    """Skip random initialisation while a model is built only to read its shapes (a 600M-parameter RegNet).
+
+    A torch function mode is thread-local, unlike patching `nn.init`: a model built meanwhile in another thread
+    still gets its initialisation.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        init_fn = getattr(func, "__module__", "") == "torch.nn.init" and name.endswith("_")
+        if init_fn or name in ("uniform_", "normal_"):
+            return args[0] if args else kwargs.get("tensor")
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _no_init() -> Iterator[None]:
-    # Building a 600M-parameter model just to read shapes: skip the (slow) random initialisation.
-    with contextlib.ExitStack() as stack:
-        for fn in [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]:
-            stack.enter_context(mock.patch.object(nn.init, fn, lambda t, *a, **k: t))
+    with _NoInit():
         yield
 
 
@@ -322,57 +340,168 @@ def minimum_size(model: nn.Module, in_channels: int, start: int, limit: int = 10
     return None
 
 
-def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: str | Path, label: str = "--weights") -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or torch file, never running pickle code (CnnlabError naming the file)."""
     from cnnlab.engine.checkpoint import read_weights
 
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--weights {path}: no such file")
+        raise UsageError(f"{label} {path}: no such file")
     if path.suffix == ".safetensors":
         return read_weights(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle payloads, corrupt files: refused, never executed
-        raise CnnlabError(f"--weights {path}: not a loadable state dict ({str(e).splitlines()[0][:160]})") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CnnlabError(f"{label} {path}: not a loadable state dict ({first[:160]})") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    if not isinstance(state, dict):
-        raise CnnlabError(f"--weights {path}: expected a state dict of tensors")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CnnlabError(f"{label} {path}: expected a state dict of tensors")
     return state
+
+
+# torchvision names each file <name>-<first 8+ hex digits of its SHA-256>.<ext> (torch.hub's HASH_REGEX convention).
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+_VERIFIED: set[tuple[str, int, int, int]] = set()  # (path, size, mtime, inode) hashed in this process
+
+
+def weights_file_name(weights: Any) -> str:
+    """The file name of a weights entry in torch's hub cache: the last part of its URL (resnet18-f37072fd.pth)."""
+    return Path(urllib.parse.urlparse(weights.url).path).name
+
+
+def hash_prefix(name: str | Path) -> str | None:
+    """The SHA-256 prefix a torchvision file name carries ('f37072fd' of resnet18-f37072fd.pth), or None."""
+    match = _HASH_IN_NAME.search(Path(name).name)
+    return match.group(1) if match else None
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_hash_prefix(path: Path) -> None:
+    """Refuse a hub-cache file whose SHA-256 does not start with the prefix in its name (CnnlabError naming it).
+
+    torch.hub checks the hash only while downloading; a file that is already cached (or was put there by hand, as
+    the offline message suggests, or by someone else) is trusted as is. cnnlab re-checks it on every load.
+    """
+    prefix = hash_prefix(path)
+    if prefix is None:
+        raise CnnlabError(f"pretrained weights {path}: no SHA-256 prefix in its name to check the file against")
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key in _VERIFIED:
+        return
+    digest = sha256_of(path)
+    if not digest.startswith(prefix):
+        raise CnnlabError(
+            f"pretrained weights {path}: its SHA-256 starts with {digest[: len(prefix)]}, not {prefix} as its name "
+            "says (corrupt, or not the file torchvision published); delete it to download it again"
+        )
+    _VERIFIED.add(key)
+
+
+def fetch_pretrained(weights: Any) -> Path:
+    """The hub-cache file of `weights`, downloaded by torch.hub (hash-checked) if missing, its hash verified."""
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    path = hub / weights_file_name(weights)
+    if not path.is_file():
+        try:
+            hub.mkdir(parents=True, exist_ok=True)
+            # torch.hub announces downloads on stderr; the library stays quiet (the CLI owns the terminal).
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix(path), progress=False)
+        except OSError as e:  # URLError and friends: offline, or the host unreachable
+            raise CnnlabError(
+                f"cannot download pretrained weights {weights} ({e}); offline? Put {path.name} in {hub} or pass "
+                "--weights FILE"
+            ) from None
+        except RuntimeError as e:  # torch.hub's own hash check of the download
+            raise CnnlabError(f"pretrained weights {weights.url}: download refused ({str(e)[:200]})") from None
+    verify_hash_prefix(path)
+    return path
+
+
+def read_hub_file(path: Path) -> dict[str, torch.Tensor]:
+    """A verified hub-cache file as a state dict (weights_only: tensors and containers, never pickle code)."""
+    verify_hash_prefix(path)
+    return _read_state_dict(path, label="pretrained weights")
+
+
+def pretrained_kwargs(name: str, weights: Any) -> dict[str, Any]:
+    """The builder options torchvision's own builder sets before it loads `weights` into the model.
+
+    Mirrors the `_ovewrite_named_param` calls of torchvision's builders (class count, Inception/GoogLeNet's input
+    transform and auxiliary heads, ViT/MaxViT's input size); a test builds every weights entry both ways.
+    """
+    kwargs: dict[str, Any] = {}
+    if weights.meta.get("categories") is not None:
+        kwargs["num_classes"] = len(weights.meta["categories"])
+    if name.startswith("vgg"):
+        kwargs["init_weights"] = False  # the weights replace the initialisation
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
+    if name.startswith("vit_"):
+        kwargs["image_size"] = weights.meta["min_size"][0]
+    if name.startswith("maxvit"):
+        kwargs["input_size"] = weights.meta["min_size"]
+    return kwargs
+
+
+class _StateDictSource:
+    """Hands a verified state dict to torchvision's own key-remapping load helpers in place of a weights enum."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def get_state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """The state dict (torchvision's helpers call this instead of downloading)."""
+        return self.state
+
+
+def load_weights_into(model: nn.Module, name: str, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict into torchvision's `name` strictly, with the key remapping torchvision's builder applies."""
+    try:
+        if name.startswith("densenet"):
+            from torchvision.models.densenet import _load_state_dict
+
+            # The published DenseNet files use the old 'norm.1' / 'conv.2' keys; torchvision's helper renames them.
+            _load_state_dict(model, _StateDictSource(dict(state)), progress=False)  # type: ignore[arg-type]
+        else:
+            model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e).strip())
+        raise CnnlabError(f"{source}: does not fit {name} ({detail[:200]})") from None
 
 
 def _pretrained_model(
     name: str, weights: Any, weights_file: str | Path | None, kwargs: dict[str, Any], architecture_only: bool = False
 ) -> nn.Module:
-    """Build with torchvision's own pretrained code path; a local file replaces only the download.
+    """Build the architecture torchvision builds for `weights`, then load the verified file into it ourselves.
 
     `architecture_only`: the exact pretrained architecture (class count, transform_input, ...) with nothing loaded,
     for a trained run whose own weights are loaded next.
     """
+    build_kwargs = {**kwargs, **pretrained_kwargs(name, weights)}
     if architecture_only:
-        with (
-            mock.patch.object(type(weights), "get_state_dict", lambda self, *a, **k: {}),
-            mock.patch.object(nn.Module, "load_state_dict", lambda self, *a, **k: None),
-        ):
-            return tvm.get_model(name, weights=weights, **kwargs)
-    if weights_file is None:
-        try:
-            # torch.hub announces downloads with print(); the library stays quiet (the CLI owns the terminal).
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                return tvm.get_model(name, weights=weights, progress=False, **kwargs)
-        except OSError as e:  # URLError and friends: offline, or the host unreachable
-            hub = Path(torch.hub.get_dir()) / "checkpoints"
-            raise CnnlabError(
-                f"cannot download pretrained weights {weights} for {name} ({e}); offline? Put "
-                f"{Path(weights.url).name} in {hub} or pass --weights FILE"
-            ) from None
-    state = _read_state_dict(weights_file)
-    with mock.patch.object(type(weights), "get_state_dict", lambda self, *a, **k: state):
-        try:
-            return tvm.get_model(name, weights=weights, **kwargs)
-        except RuntimeError as e:
-            detail = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-            raise CnnlabError(f"--weights {weights_file}: does not fit {name} ({detail[:200]})") from None
+        return tvm.get_model(name, weights=None, **build_kwargs)
+    if weights_file is not None:
+        label, source = "--weights", Path(weights_file)
+        state = _read_state_dict(weights_file)  # the user's own file: no hash to check, still never unpickled
+    else:
+        label, source = "pretrained weights", fetch_pretrained(weights)
+        state = read_hub_file(source)
+    with _no_init():  # every parameter and buffer is overwritten by the strict load that follows
+        model = tvm.get_model(name, weights=None, **build_kwargs)
+    load_weights_into(model, name, state, f"{label} {source}")
+    return model
 
 
 def build_torchvision(
