@@ -84,17 +84,16 @@ def test_resume_auto_needs_a_name(tmp_path: Path) -> None:
 
 
 def test_devices_relaunches_the_same_command_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    import subprocess as sp
-
     from cnnlab.cli import main
+    from cnnlab.engine import distributed
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(sp, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(distributed, "launch", lambda args: calls.append(args))  # torchrun's launcher, in-process
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["train", "--devices", "3", "--epochs", "2", "--devices=3", "--data", "mnist-mini"]) == 0
     (cmd,) = calls
-    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m"]
-    assert cmd[6:] == ["cnnlab", "train", "--epochs", "2", "--data", "mnist-mini"], "--devices itself is dropped"
+    assert cmd[:3] == ["--standalone", "--nproc-per-node=3", "-m"]
+    assert cmd[3:] == ["cnnlab", "train", "--epochs", "2", "--data", "mnist-mini"], "--devices itself is dropped"
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--devices", "2"]) == 2, "already under torchrun: a usage error, not a fork bomb"
 

@@ -262,10 +262,11 @@ def test_export_parity_failure_writes_nothing(digit_run: Path, tmp_path: Path, m
 
 
 def test_cli_export_bad_output_is_a_usage_error(digit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("x")
     code, err = main_error(
-        ["export", str(digit_run), "--format", "torchscript", "-o", str(tmp_path / "no/m.pt")], capsys
+        ["export", str(digit_run), "--format", "torchscript", "-o", str(tmp_path / "file/m.pt")], capsys
     )
-    assert code == 2 and "does not exist" in err[0]
+    assert code == 2 and "not a directory" in err[0] and len(err) == 1
     code, err = main_error(["export", str(digit_run), "--format", "tflite"], capsys)
     assert code == 2 and "invalid choice: 'tflite'" in err[0]
 

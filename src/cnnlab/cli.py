@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -74,7 +76,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model (default: LeNet-5 on the embedded MNIST subset)",
         description="Train a model and write a run directory (config.json, metrics.csv, best.safetensors, "
-        "last.ckpt, curves.png, results.json). With no options: lenet5-modern on mnist-mini, >= 98%% test "
+        "last.ckpt, curves.png, results.json). With no options: lenet5-modern on mnist-mini, >= 98% test "
         "accuracy in well under a minute on 2 CPU cores.",
     )
     g = p.add_argument_group("what to train")
@@ -299,6 +301,15 @@ def _given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[
     return set(vars(given))
 
 
+def _shown(value: Any) -> str:
+    """An option's value as typed: tuples as comma lists, dicts as KEY=VALUE lists."""
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def parse_model_args(text: str | None) -> dict[str, Any]:
     """'width=16,act=elu,dropout=0.3' -> {'width': 16, 'act': 'elu', 'dropout': 0.3}."""
     out: dict[str, Any] = {}
@@ -317,6 +328,8 @@ def parse_model_args(text: str | None) -> dict[str, Any]:
                 continue
         else:
             out[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
+        if isinstance(out[key.strip()], float) and not math.isfinite(out[key.strip()]):
+            raise UsageError(f"--model-args {key.strip()}={value}: not a finite number")
     return out
 
 
@@ -338,7 +351,7 @@ def parse_checkpoint_every(text: str | None) -> dict[str, Any]:
 
 def launch_torchrun(argv: Sequence[str], nproc: int) -> int:
     """`cnnlab train --devices N ...` -> `torchrun --standalone --nproc-per-node N -m cnnlab train ...`."""
-    import subprocess
+    from cnnlab.engine import distributed
 
     rest, skip = [], False
     for arg in argv:
@@ -348,11 +361,17 @@ def launch_torchrun(argv: Sequence[str], nproc: int) -> int:
             skip = True
         elif not arg.startswith("--devices="):
             rest.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "cnnlab",
-           *rest]  # fmt: skip
-    print(f"cnnlab: launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m cnnlab "
-          f"{' '.join(rest)}", file=sys.stderr)  # fmt: skip
-    return subprocess.call(cmd)
+    torchrun_args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "cnnlab", *rest]
+    print(f"cnnlab: launching {nproc} processes: torchrun {' '.join(torchrun_args)}", file=sys.stderr)
+    failure = distributed.launch(torchrun_args)
+    if failure is None:
+        return EXIT_OK
+    sys.stderr.write(f"cnnlab: error: {failure.message}\n")
+    return failure.exit_code
+
+
+# What `--resume RUN` may be given besides: where to run and how to print (the run's own options are kept).
+RESUME_MAY_CHANGE = {"resume", "device", "quiet", "json", "debug", "runs_dir", "devices", "func", "given"}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -361,11 +380,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cnnlab.engine.trainer import TrainConfig, fit
     from cnnlab.reporting import make_reporter
 
-    if args.devices > 1:
-        if distributed.env().enabled:
-            raise UsageError("--devices: already running under torchrun; drop --devices (torchrun sets the count)")
-        return launch_torchrun(args.argv, args.devices)
-
+    if args.devices > 1 and distributed.env().enabled:
+        raise UsageError("--devices: already running under torchrun; drop --devices (torchrun sets the count)")
     cfg = TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, download=args.download, image_size=args.image_size,
         on_bad_image=args.on_bad_image, epochs=args.epochs, batch_size=args.batch_size,
@@ -380,17 +396,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         time_budget=args.time_budget, channels_last=args.channels_last, compile=args.compile, tta=args.tta,
     )  # fmt: skip
     given = args.given(args.argv)
+    ignored = sorted(given - RESUME_MAY_CHANGE)
+    if args.resume and args.resume != "auto" and ignored:
+        # A resumed run continues with its own options: a typed --epochs 6 would silently do nothing.
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        raise UsageError(f"--resume continues a run with its own options; drop {flags} (only --device may change)")
     if args.time_budget is not None and "epochs" in given:
         raise UsageError("--epochs and --time-budget: give one; a time budget plans the number of epochs itself")
     if args.recipe and not args.resume:
         from cnnlab.engine.recipes import apply_recipe
 
         cfg = apply_recipe(cfg, args.recipe, keep=given)  # every option the user typed wins over the recipe
+    if args.devices > 1:
+        from cnnlab.engine.trainer import preflight
+
+        # Options, model, data and memory are checked once here: a worker's error would arrive N times.
+        preflight(cfg, runs_dir=args.runs_dir, run_name=args.name, resume=args.resume)
+        return launch_torchrun(args.argv, args.devices)
     reporter = make_reporter(quiet=args.quiet or not distributed.env().is_main)
     if args.recipe and not args.resume:
         from cnnlab.engine.recipes import get_recipe
 
-        reporter.message(f"recipe {args.recipe}: {get_recipe(args.recipe).summary}")
+        recipe = get_recipe(args.recipe)
+        # The summary states the recipe's own values; say which of them the typed options replaced.
+        mine = [f"--{k.replace('_', '-')} {_shown(getattr(cfg, k))}" for k in recipe.settings if k in given]
+        reporter.message(
+            f"recipe {args.recipe}: {recipe.summary}" + (f"; yours win: {', '.join(mine)}" if mine else "")
+        )
     device = args.device if args.resume and args.device != "auto" else None
     try:
         result = fit(
@@ -407,7 +439,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         early += f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""
         print(
             f"test accuracy {result.test_acc:.2%} (top-5 {result.test_top5:.2%}, loss {result.test_loss:.4f})"
-            f" | {result.epochs_run} epochs (best {result.best_epoch}{early})"
+            f" | {result.epochs_run} epoch{'s' if result.epochs_run != 1 else ''} (best {result.best_epoch}{early})"
             f" | {result.seconds:.1f} s"
             + (f" of a {result.time_budget:g} s budget" if result.time_budget else "")
             + f" on {result.device} | {result.run_dir}"
@@ -456,7 +488,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             row.update(_model_details(n, args))
         rows.append(row)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, allow_nan=False))
         return EXIT_OK
     from cnnlab.reporting import print_table
 
@@ -518,7 +550,9 @@ def cmd_zoo(args: argparse.Namespace) -> int:
            "gflops": lambda r: r.gflops}[args.sort]  # fmt: skip
     rows.sort(key=key)
     if args.format == "json":
-        print(json.dumps([{**r.to_dict(), "matches_torchvision": matches_torchvision(r)} for r in rows], indent=2))
+        # allow_nan=False: strict JSON (a missing accuracy is null, never NaN), as JSON.parse and jq require.
+        doc = [{**r.to_dict(), "matches_torchvision": matches_torchvision(r)} for r in rows]
+        print(json.dumps(doc, indent=2, allow_nan=False))
         return EXIT_OK
     header = ["model", "weights", "input", "Acc@1", "Acc@5", "Params", "GFLOPS", "= torchvision"]
 
@@ -575,7 +609,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
         if not args.input_size:
             raise UsageError("--input-size C,H,W is required with --layers, e.g. --input-size 3,32,32")
         shape = ar.parse_shape(args.input_size, "--input-size")
-        model, title = ar.build_stack(ar.parse_layers(args.layers), shape), args.layers
+        import torch
+
+        with torch.device("meta"):  # shapes only: any input size, nothing allocated
+            model, title = ar.build_stack(ar.parse_layers(args.layers), shape), args.layers
     else:
         model, shape = _summary_model(args)
         title = args.model
@@ -584,7 +621,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": title, "input": list(shape), "layers": _layer_dicts(rows), "params": tot.params,
                           "trainable": tot.trainable, "macs": tot.macs, "activation_bytes": tot.activation_bytes},
-                         indent=2))  # fmt: skip
+                         indent=2, allow_nan=False))  # fmt: skip
         return EXIT_OK
     _print_layer_table(title, shape, rows)
     from cnnlab.inspect.zoo import count_macs
@@ -607,7 +644,7 @@ def _summary_model(args: argparse.Namespace) -> tuple[Any, tuple[int, int, int]]
 
 def _model_to_walk(name: str, input_text: str | None, option: str, num_classes: int
                    ) -> tuple[Any, tuple[int, int, int]]:  # fmt: skip
-    """A registered model and its (C, H, W) input for a per-layer walk: torchvision models on the meta device."""
+    """A registered model and its (C, H, W) input for a per-layer walk, on the meta device (nothing allocated)."""
     import torch
 
     from cnnlab import arithmetic as ar
@@ -617,8 +654,8 @@ def _model_to_walk(name: str, input_text: str | None, option: str, num_classes: 
     shape = ar.parse_shape(input_text, option) if input_text else (info.default_in_channels,
                                                                    info.default_image_size,
                                                                    info.default_image_size)  # fmt: skip
-    device = "meta" if "torchvision" in info.tags else "cpu"  # a ViT-H/14 walk in a second, without 2.5 GB
-    with torch.device(device):
+    # Shapes only, on the meta device: a ViT-H/14 walk in a second without 2.5 GB, a 100000x100000 input without 40 GB.
+    with torch.device("meta"):
         return create_model(name, num_classes=num_classes, in_channels=shape[0], image_size=shape[1]), shape
 
 
@@ -773,8 +810,10 @@ def add_shape_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab shape`."""
     p = sub.add_parser(
         "shape", help="conv/pool output shapes, parameters, MACs and receptive field, layer by layer",
-        description="Convolution arithmetic with torch's formulas: out = floor((in + 2p - d(k-1) - 1)/s) + 1. "
-        "Shapes are C x H x W as in torch; the lecture's H x W x C order is shown beside them.",
+        description="Convolution arithmetic with torch's formulas: out = floor((in + 2p - d(k-1) - 1)/s) + 1 "
+        "(ceil with ceil=1, where torch drops a last window that would start in the right padding; p=same pads an "
+        "even kernel's extra row/column at the bottom/right, as torch does). Shapes are C x H x W as in torch; the "
+        "lecture's H x W x C order is shown beside them.",
     )  # fmt: skip
     p.add_argument("--input", default=None, help="input C x H x W, e.g. 3x32x32 (with --model: its default)")
     what = p.add_mutually_exclusive_group(required=True)
@@ -832,6 +871,7 @@ def cmd_shape(args: argparse.Namespace) -> int:
                     "macs": sum(r.macs for r in rows),
                 },
                 indent=2,
+                allow_nan=False,
             )
         )
         return EXIT_OK
@@ -864,7 +904,8 @@ def _rf(row: Any) -> str:
 def _row_dict(r: Any) -> dict[str, Any]:
     return {"index": r.index, "layer": r.layer, "in_shape": list(r.in_shape), "out_shape": list(r.out_shape),
             "params": r.params, "macs": r.macs, "receptive_field": list(r.receptive_field) if r.receptive_field
-            else None, "formula": r.formula}  # fmt: skip
+            else None, "padding": [list(p) for p in r.padding] if r.padding else None,
+            "formula": r.formula}  # fmt: skip
 
 
 def _shape_of_model(args: argparse.Namespace) -> int:
@@ -873,7 +914,8 @@ def _shape_of_model(args: argparse.Namespace) -> int:
     model, shape = _model_to_walk(args.model, args.input, "--input", num_classes=10)
     rows = summarize(model, shape)
     if args.json:
-        print(json.dumps({"model": args.model, "input": list(shape), "layers": _layer_dicts(rows)}, indent=2))
+        doc = {"model": args.model, "input": list(shape), "layers": _layer_dicts(rows)}
+        print(json.dumps(doc, indent=2, allow_nan=False))
         return EXIT_OK
     total = ["total", "", "", f"{sum(r.params for r in rows):,}", f"{sum(r.macs for r in rows):,}"]
     _print_layer_table(args.model, shape, rows, [total])
@@ -934,7 +976,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CnnlabError as e:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"cnnlab: error: {e}\n")
+        if not _left_for_launcher(str(e), e.exit_code, internal=False):
+            sys.stderr.write(f"cnnlab: error: {e}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("cnnlab: interrupted\n")
@@ -944,5 +987,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"cnnlab: error: internal error: {type(e).__name__}: {e} (rerun with --debug for details)\n")
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        message = f"internal error: {type(e).__name__}: {first} (rerun with --debug for details)"
+        if not _left_for_launcher(message, EXIT_FAILURE, internal=True):
+            sys.stderr.write(f"cnnlab: error: {message}\n")
         return EXIT_FAILURE
+
+
+def _left_for_launcher(message: str, code: int, internal: bool) -> bool:
+    """A worker of `cnnlab train --devices N` hands its error to the launcher, which prints the root cause once."""
+    if not os.environ.get("CNNLAB_WORKER_REPORTS"):
+        return False
+    from cnnlab.engine.distributed import report_failure
+
+    return report_failure(message, code, internal)

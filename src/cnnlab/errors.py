@@ -21,7 +21,9 @@ class UsageError(CnnlabError):
 def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "") -> UsageError:
     """Build the error for an unknown registry name, suggesting the closest known names."""
     known = sorted(known)
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    # Names that extend what was typed ('lenet' -> 'lenet5', 'lenet5-modern') say best what was meant; else look-alikes.
+    prefixed = sorted((k for k in known if k.startswith(name) and k != name), key=len) if name else []
+    close = prefixed[:3] or difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     msg = f"unknown {kind} {name!r}"
     if close:
         msg += f"; did you mean {', '.join(repr(c) for c in close)}?"

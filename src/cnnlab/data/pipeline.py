@@ -26,9 +26,10 @@ AUGMENTATIONS: dict[str, str] = {
 def parse_augment(spec: str | Sequence[str]) -> tuple[str, ...]:
     """Parse `crop,flip` / `none` into a tuple of known augmentation names (UsageError on unknown ones)."""
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [s.strip() for s in spec]
-    items = [s for s in items if s]
-    if items in ([], ["none"]):
+    if items in ([], [""], ["none"]):  # '' (and an empty tuple) mean no augmentation, as 'none' does
         return ()
+    if "" in items:  # ',,' or 'crop,' is a typo, not a request for no augmentation
+        raise UsageError(f"--augment {','.join(items)!r}: empty item; give names like crop,flip or none")
     for s in items:
         if s not in AUGMENTATIONS:
             raise UsageError(f"--augment: unknown augmentation {s!r}; choose from {', '.join(AUGMENTATIONS)} or none")
@@ -49,11 +50,25 @@ class Normalization:
         return (x - mean) / std
 
 
-def channel_stats(images: torch.Tensor) -> Normalization:
-    """Mean and std per channel of uint8 images (N, C, H, W), computed in float64 over all pixels."""
-    x = images.to(torch.float64).div_(255.0)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+def channel_stats(images: torch.Tensor, chunk_bytes: int = 2**24) -> Normalization:
+    """Mean and std per channel of uint8 images (N, C, H, W) over all pixels, exactly, without copying the set.
+
+    A float64 copy of a training split would be 8x its size (a 3.6 GB folder would need 29 GB). A histogram of the
+    256 pixel values per channel, filled in chunks of at most `chunk_bytes`, gives the same sums exactly.
+    """
+    n, c = images.shape[:2]
+    hist = torch.zeros(c, 256, dtype=torch.float64)
+    per_image = max(1, images[:1].numel())
+    step = max(1, chunk_bytes // per_image)
+    for i in range(0, n, step):
+        block = images[i : i + step]  # (b, C, H, W) uint8
+        for ch in range(c):
+            hist[ch] += torch.bincount(block[:, ch].reshape(-1).to(torch.int64).cpu(), minlength=256).double()
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    count = hist.sum(1).clamp_min(1)
+    mean = (hist * values).sum(1) / count
+    var = (hist * (values - mean[:, None]).square()).sum(1) / (count - 1).clamp_min(1)
+    std = var.sqrt().clamp_min(1e-6)
     return Normalization(tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist()))
 
 

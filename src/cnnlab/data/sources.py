@@ -17,6 +17,7 @@ import torch
 from cnnlab.data.formats import cifar_batch, cifar_names, idx_images_and_labels
 from cnnlab.data.locate import SearchRoot, describe_roots, download_root, dpkg_dirs, find_files, search_roots
 from cnnlab.errors import CnnlabError, UsageError, unknown_name
+from cnnlab.memory import check_fits
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
@@ -37,6 +38,11 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def __repr__(self) -> str:
+        # The dataclass default would print every pixel of the tensors.
+        c, h, w = self.images.shape[1:]
+        return f"ImageSet({len(self):,} images of {c}x{h}x{w})"
+
     def subset(self, index: torch.Tensor) -> ImageSet:
         """The images at `index` (a 1-D index tensor), in that order."""
         return ImageSet(self.images[index], self.labels[index])
@@ -55,6 +61,11 @@ class Dataset:
     extra: dict[str, object] = field(default_factory=dict)  # recorded in config.json: files used, skipped images
     val: ImageSet | None = None  # a validation split given by the source (an image folder's val/); else held out
     notes: list[str] = field(default_factory=list)  # lines for the user: where the data came from, what was skipped
+
+    def __repr__(self) -> str:
+        val = f" / {len(self.val):,} val" if self.val is not None else ""
+        return (f"Dataset({self.name!r}: {len(self.train):,} train{val} / {len(self.test):,} test images of "
+                f"{self.channels}x{self.image_size}x{self.image_size}, {len(self.classes)} classes)")  # fmt: skip
 
     @property
     def channels(self) -> int:
@@ -138,6 +149,10 @@ def load_dataset(
     ds = source_info(name).loader(data_dir=data_dir, download=download)
     if image_size is not None and image_size != ds.image_size:
         native = ds.image_size
+        n = len(ds.train) + len(ds.test)
+        # The resized copy of every image, plus one chunk in float32 while it is resized.
+        need = n * ds.channels * image_size**2 + 4096 * ds.channels * image_size**2 * 8
+        check_fits(f"{name} resized to {image_size}x{image_size} ({n:,} images)", need, hint="lower --image-size")
         ds.train, ds.test = resize_set(ds.train, image_size), resize_set(ds.test, image_size)
         ds.notes.append(f"images resized from {native}x{native} to {image_size}x{image_size}")
     return ds

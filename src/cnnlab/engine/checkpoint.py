@@ -53,17 +53,29 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
 
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True) with an error that names the first mismatching tensor."""
+    if not isinstance(state, dict):
+        raise CnnlabError(f"{source}: not a state dict of tensors (a {type(state).__name__})")
     own = model.state_dict()
     # Walk in the model's own order (file order depends on the reader) so "the first mismatch" is deterministic.
     for key, expected in own.items():
         if key not in state:
             missing = [k for k in own if k not in state]
             raise CnnlabError(f"{source}: tensor {key!r} is missing ({len(missing)} missing in all)")
-        if state[key].shape != expected.shape:
+        got = state[key]
+        if not isinstance(got, torch.Tensor):
+            raise CnnlabError(f"{source}: entry {key!r} is a {type(got).__name__}, not a tensor")
+        if got.shape != expected.shape:
             raise CnnlabError(
-                f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, "
-                f"the model expects {tuple(expected.shape)}"
+                f"{source}: tensor {key!r} has shape {tuple(got.shape)}, the model expects {tuple(expected.shape)}"
             )
+        # load_state_dict would cast int8 into float weights silently (a model that predicts one class everywhere).
+        if expected.is_floating_point() and not got.is_floating_point():
+            raise CnnlabError(
+                f"{source}: tensor {key!r} has dtype {str(got.dtype).replace('torch.', '')}, "
+                f"the model expects {str(expected.dtype).replace('torch.', '')}"
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise CnnlabError(f"{source}: tensor {key!r} holds NaN or infinite values")
     extra = [k for k in state if k not in own]
     if extra:
         raise CnnlabError(f"{source}: tensor {extra[0]!r} does not belong to this model")

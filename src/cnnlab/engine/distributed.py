@@ -8,9 +8,11 @@ metrics across processes. A single process (no torchrun) sees world_size 1 and e
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import time
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -120,3 +122,86 @@ def maybe_inject_fault(step: int, e: DistEnv) -> None:
     at = os.environ.get(FAULT_ENV)
     if at and e.rank == 1 and step == int(at) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         os._exit(17)
+
+
+# --- launching: `cnnlab train --devices N` ---------------------------------------------------------------------------
+
+REPORT_ENV = "CNNLAB_WORKER_REPORTS"  # a folder where workers we launched leave their error, instead of on stderr
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """Why a job of workers ended: the worker to blame, its one-line error and its exit code."""
+
+    rank: int
+    exit_code: int
+    message: str
+
+
+def report_failure(message: str, exit_code: int, internal: bool) -> bool:
+    """In a worker launched by `launch`: leave the error for the launcher (which prints it once); True if left."""
+    folder = os.environ.get(REPORT_ENV)
+    if not folder or not env().enabled:
+        return False
+    record = {"rank": env().rank, "exit_code": exit_code, "message": message, "internal": internal,
+              "time": time.time()}  # fmt: skip
+    try:
+        with open(os.path.join(folder, f"rank-{env().rank}.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f)
+    except OSError:
+        return False
+    return True
+
+
+def launch(torchrun_args: list[str]) -> WorkerFailure | None:
+    """Run torchrun's own launcher in this process with `torchrun_args`; None on success, else the root failure.
+
+    torchrun itself would end a failed job with its own traceback and every worker's copy of the error. Here the
+    workers leave their errors in a folder, and the launcher picks the one that caused the others: a named error
+    before an internal one (a peer's "connection closed" follows the real failure), then the earliest.
+    """
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    quiet = [logging.getLogger(n) for n in ("torch.distributed.run", "torch.distributed.elastic",
+                                             "torch.distributed.launcher")]  # fmt: skip
+    levels = [lg.level for lg in quiet]
+    with tempfile.TemporaryDirectory(prefix="cnnlab-workers-") as folder:
+        os.environ[REPORT_ENV] = folder
+        for lg in quiet:
+            lg.setLevel(logging.CRITICAL)  # torchrun's warnings and failure tables: the one line below says it
+        try:
+            run(parse_args(torchrun_args))
+            return None
+        except ChildFailedError as e:
+            return _root_failure(folder, e.failures)
+        finally:
+            os.environ.pop(REPORT_ENV, None)
+            for lg, level in zip(quiet, levels, strict=True):
+                lg.setLevel(level)
+
+
+def _root_failure(folder: str, failures: dict[int, Any]) -> WorkerFailure:
+    reports = []
+    for name in os.listdir(folder):
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                reports.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    named = sorted((r for r in reports if not r["internal"]), key=lambda r: r["time"])
+    if named:
+        r = named[0]
+        return WorkerFailure(r["rank"], r["exit_code"], r["message"])
+    reported = {r["rank"] for r in reports}
+    silent = sorted(rank for rank in failures if rank not in reported)
+    if silent:  # a worker that died without a word (killed, os._exit): the others only lost their peer
+        rank = silent[0]
+        code = failures[rank].exitcode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return WorkerFailure(rank, 1 if code < 0 else code, f"worker rank {rank} {how} without an error message")
+    r = min(reports, key=lambda r: r["time"])
+    return WorkerFailure(r["rank"], r["exit_code"], r["message"])

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from cnnlab.engine.inference import LoadedRun
+from cnnlab.engine.rundir import make_dir
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.fileio import atomic_write_bytes, atomic_write_json
 
@@ -104,8 +105,7 @@ def export_run(
     path = Path(out) if out else loaded.path / f"model{FORMATS[fmt]}"
     if path.is_dir():
         raise UsageError(f"-o {path}: is a directory; name the file to write")
-    if not path.parent.is_dir():
-        raise UsageError(f"-o {path}: directory {path.parent} does not exist")
+    make_dir(path.parent, "-o")  # a folder that does not exist yet is made, as `evaluate --out` does
     model = loaded.model.cpu().float().eval()
     x = loaded.prepare(images.cpu()).cpu()  # (N, C, H, W) normalised, as the exported model expects
     example = x[: min(2, len(x))]

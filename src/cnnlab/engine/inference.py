@@ -67,13 +67,13 @@ def load_run(run: str | os.PathLike[str], device: str | torch.device = "cpu") ->
     """Load RUN (a run directory, or a weights/checkpoint file inside one) for inference."""
     given = Path(run)
     path = rundir.resolve_run(given)
-    config = rundir.read_config(path)
+    config = rundir.check_config(rundir.read_config(path), path / rundir.CONFIG)
     try:
         model = build_run_model(config)
     except KeyError as e:
         raise UsageError(f"{path / rundir.CONFIG}: missing entry {e}; not a complete cnnlab run") from None
     if given.is_file() and given.suffix == ".ckpt":
-        apply_state_dict(model, load_checkpoint(given)["model"], str(given))
+        apply_state_dict(model, load_checkpoint(given).get("model"), str(given))
         weights = given
     else:
         weights = given if given.is_file() else path / rundir.BEST

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 from datetime import datetime
@@ -35,9 +36,21 @@ def check_writable(directory: Path, label: str = "--runs-dir") -> None:
         raise UsageError(f"{label} {directory}: {existing} is not writable")
 
 
+def make_dir(directory: Path, label: str) -> Path:
+    """Create `directory` (and its parents) for an output option, or raise a UsageError naming the option."""
+    check_writable(directory, label)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{label} {directory}: cannot create directory ({e.strerror or e})") from None
+    return directory
+
+
 def new_run_dir(runs_dir: str | os.PathLike[str], model: str, data: str, name: str | None = None) -> Path:
     """Create `runs_dir/<YYYY-mm-dd_HHMM>_<model>_<data>` (or `runs_dir/<name>`), never reusing an existing one."""
     root = Path(runs_dir)
+    if name is not None:
+        check_run_name(name)
     check_writable(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -54,6 +67,13 @@ def new_run_dir(runs_dir: str | os.PathLike[str], model: str, data: str, name: s
             raise UsageError(f"--runs-dir {root}: cannot create {path.name} ({e.strerror or e})") from e
         return path
     raise UsageError(f"--runs-dir {root}: too many runs named {stem}")
+
+
+def check_run_name(name: str) -> str:
+    """Refuse a --name that is not one plain directory name (it must not lead outside --runs-dir)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name or "\0" in name:
+        raise UsageError(f"--name {name!r}: give a plain directory name (no '/', not '.' or '..')")
+    return name
 
 
 def _slug(text: str) -> str:
@@ -86,6 +106,57 @@ def read_config(run: Path) -> dict[str, Any]:
         raise UsageError(f"{run / CONFIG}: unreadable config ({e})") from e
 
 
+def check_config(config: Any, path: Path, need_train: bool = False) -> dict[str, Any]:
+    """Refuse a config.json (hand-edited, truncated, from elsewhere) whose entries the commands rely on are wrong."""
+
+    def bad(key: str, why: str) -> UsageError:
+        return UsageError(f"{path}: {key} {why}; not a usable cnnlab run config")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(config, dict):
+        raise bad("the file", "is not a JSON object")
+    model, data = config.get("model"), config.get("data")
+    for key, part in (("model", model), ("data", data)):
+        if not isinstance(part, dict):
+            raise bad(key, "is missing or not an object")
+    if not isinstance(model.get("name"), str):
+        raise bad("model.name", "is missing or not a text")
+    for key in ("num_classes", "in_channels", "image_size"):
+        v = model.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise bad(f"model.{key}", f"must be a whole number >= 1, got {v!r:.40}")
+    if not isinstance(model.get("args", {}) or {}, dict):
+        raise bad("model.args", "must be an object")
+    if not isinstance(model.get("pretrained"), dict | None):
+        raise bad("model.pretrained", "must be an object or null")
+    classes = data.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise bad("data.classes", "must be a list of names")
+    if len(classes) != model["num_classes"]:
+        raise bad("data.classes", f"has {len(classes)} names for {model['num_classes']} model outputs")
+    if data.get("channels") != model["in_channels"] or data.get("image_size") != model["image_size"]:
+        raise bad("data.channels/image_size", "differ from the model's in_channels/image_size")
+    for key in ("mean", "std"):
+        v = data.get(key)
+        if not isinstance(v, list) or len(v) != model["in_channels"] or not all(number(x) for x in v):
+            raise bad(f"data.{key}", f"must be {model['in_channels']} finite numbers, got {v!r:.60}")
+    if not all(x > 0 for x in data["std"]):
+        raise bad("data.std", "must be positive")
+    if not isinstance(data.get("name"), str):
+        raise bad("data.name", "must be a text")
+    train = config.get("train")
+    if train is None and not need_train:
+        config["train"] = train = {}  # inference needs no training options
+    if not isinstance(train, dict):
+        raise bad("train", "is missing or not an object")
+    for key in ("data", "data_dir", "on_bad_image"):
+        if not isinstance(train.get(key), str | None):
+            raise bad(f"train.{key}", "must be a text")
+    return config
+
+
 def write_config(run: Path, config: dict[str, Any]) -> Path:
     """Write config.json atomically."""
     return atomic_write_json(run / CONFIG, config)
@@ -101,20 +172,37 @@ def write_metrics(run: Path, rows: list[dict[str, Any]]) -> Path:
     return atomic_write_text(run / METRICS, buf.getvalue())
 
 
-def read_metrics(run: Path) -> list[dict[str, str]]:
-    """The rows of metrics.csv (values as text; empty where a value was not measured); [] if there is none."""
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.csv as numbers (None where a value was not measured); [] if there is none."""
+    path = run / METRICS
     try:
-        with open(run / METRICS, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
     except FileNotFoundError:
         return []
     except (OSError, csv.Error, UnicodeDecodeError) as e:
-        raise UsageError(f"{run / METRICS}: unreadable ({e})") from e
+        raise UsageError(f"{path}: unreadable ({e})") from e
+    return [_metrics_row(row, path, line) for line, row in enumerate(rows, start=2)]
 
 
-def best_epoch(rows: list[dict[str, str]]) -> int | None:
+def _metrics_row(row: dict[str, Any], path: Path, line: int) -> dict[str, Any]:
+    """One metrics.csv row with its numbers parsed; a hand-edited cell that is no number is named, line and column."""
+    out: dict[str, Any] = {}
+    for key in METRIC_FIELDS:
+        text = (row.get(key) or "").strip()
+        try:
+            out[key] = float(text) if text else None  # 'nan' stays: an epoch can have measured nothing
+        except ValueError:
+            raise UsageError(f"{path}, line {line}: {key} is not a number ({text[:20]!r})") from None
+    if out["epoch"] is None or not math.isfinite(out["epoch"]) or out["epoch"] != int(out["epoch"]) or out["epoch"] < 1:
+        raise UsageError(f"{path}, line {line}: epoch must be a whole number >= 1")
+    out["epoch"] = int(out["epoch"])
+    return out
+
+
+def best_epoch(rows: list[dict[str, Any]]) -> int | None:
     """The epoch with the lowest validation loss in metrics.csv rows (None without validation)."""
-    with_val = [r for r in rows if r.get("val_loss")]
+    with_val = [r for r in rows if r.get("val_loss") not in (None, "") and math.isfinite(float(r["val_loss"]))]
     return int(min(with_val, key=lambda r: float(r["val_loss"]))["epoch"]) if with_val else None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import random
 import signal
@@ -31,6 +32,7 @@ from cnnlab.data.pipeline import BatchLoader, Normalization, channel_stats, pars
 from cnnlab.data.sources import BAD_IMAGE_POLICIES, Dataset, is_folder_name, load_dataset, stratified_split
 from cnnlab.engine import distributed, rundir
 from cnnlab.engine.checkpoint import (
+    apply_state_dict,
     load_checkpoint,
     load_weights,
     rng_state,
@@ -43,6 +45,7 @@ from cnnlab.engine.reporter import Reporter
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.fileio import atomic_write_json
 from cnnlab.inspect.visualize import plot_curves
+from cnnlab.memory import HEADROOM, available_bytes, check_fits, model_memory
 from cnnlab.models.registry import create_model, model_info
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -52,6 +55,8 @@ FREEZE_CHOICES = ("none", "features")
 DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.05}
 # --time-budget planning: the fraction of the budget planned for, seconds per checkpoint, seconds to finish a run.
 BUDGET_SAFETY, BUDGET_SAVE_S, BUDGET_FINISH_S = 0.96, 0.05, 0.5
+# Seeds feed torch generators as seed + 7919 * rank + step: keep the sum inside a signed 64-bit integer.
+MAX_SEED = 2**62
 
 
 @dataclass
@@ -116,7 +121,18 @@ class TrainConfig:
         def bad(option: str, why: str) -> UsageError:
             return UsageError(f"--{option.replace('_', '-')} {why}")
 
+        if isinstance(self.augment, str):  # the CLI's 'crop,flip'
+            self.augment = parse_augment(self.augment)
+        check_types(self)  # a hand-edited config.json (resume) can hold anything
         info = model_info(self.model)  # unknown model -> UsageError with suggestions
+        if not self.data.strip():
+            raise bad("data", "is empty; give a dataset name (see `cnnlab train --help`) or an image folder path")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", f"must be a whole number in 0..{MAX_SEED}, got {self.seed}")
+        resolve_device(self.device)  # an unknown or absent device fails here, before any data is loaded
+        for key, value in self.model_args.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad("model_args", f"{key}={value}: not a finite number")
         if (self.pretrained or self.weights or self.weights_name) and "pretrained" not in info.tags:
             raise UsageError(
                 f"--pretrained/--weights: {self.model} has no pretrained weights; see `cnnlab models --pretrained`"
@@ -172,7 +188,10 @@ class TrainConfig:
             self.augment = parse_augment(self.augment)
         if is_folder_name(self.data):
             # An absolute path, so that resume and evaluate find the folder from any working directory.
-            self.data = str(Path(self.data).expanduser().resolve())
+            try:
+                self.data = str(Path(self.data).expanduser().resolve())
+            except RuntimeError:  # '~name' of a user that does not exist
+                raise bad("data", f"{self.data!r}: no such folder (cannot expand '~')") from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +208,24 @@ class TrainConfig:
         if kwargs.get("augment") is not None:
             kwargs["augment"] = tuple(kwargs["augment"])
         return cls(**kwargs)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+    "tuple": (tuple, list), "dict": (dict,),
+}  # fmt: skip
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """Raise a UsageError naming the first option whose value has the wrong type (e.g. from an edited config.json)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        # Annotations are strings here ("float | None", "tuple[str, ...] | None"): their outer type names suffice.
+        names = [part.strip().split("[")[0] for part in str(f.type).split("|")]
+        allowed = tuple(t for n in names for t in _TYPES.get(n, (object,)))
+        wrong = not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)
+        if wrong:
+            raise UsageError(f"option {f.name}: expected {f.type!s}, got {type(value).__name__} {value!r:.40}")
 
 
 @dataclass
@@ -285,6 +322,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise UsageError(f"--device {name!r}: not a device name (use auto, cpu, cuda, cuda:N or mps)") from e
+    if device.type not in ("cpu", "cuda", "mps"):  # xpu, meta, ...: torch knows the name, cnnlab cannot train there
+        raise UsageError(f"--device {name}: not supported (use auto, cpu, cuda, cuda:N or mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -444,6 +483,86 @@ def evaluate_batches(
     return {"loss": loss_sum.item() / n, "acc": correct1.item() / n, "top5": correct5.item() / n, "n": n}
 
 
+def load_training_data(cfg: TrainConfig) -> Dataset:
+    """The dataset `cfg` names, at the size training uses (image folders: 224 px for pretrained weights)."""
+    size = cfg.image_size
+    if size is None and is_folder_name(cfg.data) and (cfg.pretrained or cfg.weights or cfg.weights_name):
+        size = 224  # the resolution ImageNet weights were trained and evaluated at
+    return load_dataset(cfg.data, cfg.data_dir, download=cfg.download, image_size=size, on_bad_image=cfg.on_bad_image)
+
+
+def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
+    """The model `cfg` names, shaped for `data` (classes, channels, size), with pretrained weights if asked."""
+    kwargs: dict[str, Any] = dict(cfg.model_args)
+    if cfg.pretrained or cfg.weights or cfg.weights_name:
+        kwargs.update(pretrained=True, weights_file=cfg.weights, weights_name=cfg.weights_name)
+    try:
+        return create_model(
+            cfg.model, num_classes=len(data.classes), in_channels=data.channels, image_size=data.image_size, **kwargs
+        )
+    except TypeError as e:
+        if not cfg.model_args:  # a builder bug, not the user's options: let it surface as such
+            raise
+        raise UsageError(f"--model-args: {cfg.model} does not take these options ({e})") from None
+
+
+def preflight(
+    cfg: TrainConfig, *, runs_dir: str | Path | None, run_name: str | None, resume: str | Path | None
+) -> None:
+    """What a data-parallel launch checks in one process before it starts workers: options, run name, the run to
+    resume, the data and the model. Workers would each report the same error, and a missing dataset on one rank
+    surfaces on the others as a lost connection."""
+    if run_name is not None:
+        rundir.check_run_name(run_name)
+    if resume == AUTO:
+        resume = _auto_resume(runs_dir, run_name)
+        if resume is not None and (resume / rundir.RESULTS).is_file():
+            return  # the workers will each say that it finished, and succeed
+    if resume is not None:
+        run = rundir.resolve_run(resume)
+        saved = rundir.check_config(rundir.read_config(run), run / rundir.CONFIG, need_train=True)
+        if (run / rundir.RESULTS).is_file():
+            raise UsageError(f"{run}: this run has already finished; nothing to resume")
+        cfg = _saved_config(run, saved)
+    cfg = dataclasses.replace(cfg).validate()
+    if resume is None and runs_dir is not None:
+        rundir.check_writable(Path(runs_dir))
+    data = load_training_data(cfg)
+    check_training_memory(cfg, data, resolve_device(cfg.device))
+    build_model(cfg, data)
+
+
+def check_training_memory(cfg: TrainConfig, data: Dataset, device: torch.device) -> None:
+    """Refuse a run whose model, batch and image size need more memory than `device` has, before allocating it.
+
+    The evaluation batch only sets speed, so it is lowered to what fits (recorded in config.json) instead.
+    """
+    shape = (data.channels, data.image_size, data.image_size)
+    arch = dataclasses.replace(cfg, pretrained=False, weights=None, weights_name=None)  # the same shapes, no file
+    est = model_memory(lambda: build_model(arch, data), shape)
+    if est is None:
+        return
+    on_device = 0
+    if device.type != "cpu":  # the whole dataset is moved to the device as uint8
+        on_device = sum(s.images.numel() for s in (data.train, data.val, data.test) if s is not None)
+    states = {"sgd": 1, "adam": 2, "adamw": 2}.get(cfg.optimizer, 2)
+    check_fits(
+        f"training {cfg.model} on {shape[1]}x{shape[2]} images at batch {cfg.batch_size}",
+        est.training(cfg.batch_size, states) + on_device, str(device),
+        hint="lower --batch-size or --image-size, or use a smaller model",
+    )  # fmt: skip
+    budget = int(available_bytes(str(device)) * HEADROOM) - on_device
+    cfg.eval_batch_size = est.eval_batch_that_fits(budget, cfg.eval_batch_size)
+
+
+def _saved_config(run: Path, saved: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig a run recorded in its config.json."""
+    try:
+        return TrainConfig.from_dict(saved["train"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{run / rundir.CONFIG}: train options unusable ({str(e)[:120]})") from None
+
+
 class _Trainer:
     """The state of one fit() call; methods are the steps of the loop, each short."""
 
@@ -463,6 +582,7 @@ class _Trainer:
             distributed.barrier()
         self.augment = tuple(cfg.augment) if cfg.augment is not None else self.data.default_augment
         self._split()
+        check_training_memory(self.cfg, self.data, self.device)
         self.model = self._create_model().to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -521,34 +641,13 @@ class _Trainer:
         self.last_save = time.monotonic()
 
     def _load_data(self) -> Dataset:
-        cfg = self.cfg
-        size = cfg.image_size
-        if size is None and is_folder_name(cfg.data) and (cfg.pretrained or cfg.weights or cfg.weights_name):
-            size = 224  # the resolution ImageNet weights were trained and evaluated at
-        data = load_dataset(
-            cfg.data, cfg.data_dir, download=cfg.download, image_size=size, on_bad_image=cfg.on_bad_image
-        )
+        data = load_training_data(self.cfg)
         for note in data.notes:
             self.reporter.message(note)
         return data
 
     def _create_model(self) -> nn.Module:
-        cfg = self.cfg
-        kwargs: dict[str, Any] = dict(cfg.model_args)
-        if cfg.pretrained or cfg.weights or cfg.weights_name:
-            kwargs.update(pretrained=True, weights_file=cfg.weights, weights_name=cfg.weights_name)
-        try:
-            model = create_model(
-                cfg.model,
-                num_classes=len(self.data.classes),
-                in_channels=self.data.channels,
-                image_size=self.data.image_size,
-                **kwargs,
-            )
-        except TypeError as e:
-            if not cfg.model_args:  # a builder bug, not the user's options: let it surface as such
-                raise
-            raise UsageError(f"--model-args: {cfg.model} does not take these options ({e})") from None
+        model = build_model(self.cfg, self.data)
         info = getattr(model, "pretrained_info", None)
         if info:
             # Pretrained features expect the weights' own normalisation; a grey image sees the mean over RGB.
@@ -663,10 +762,13 @@ class _Trainer:
         # Every process must run the same plan: rank 0's.
         steps = distributed.from_rank0(steps)
         if steps < 1:
-            need = (time.perf_counter() - started) + fixed + per_epoch + step_s
+            # The smallest budget for which the plan below has one step, with the same set-up time.
+            one_step = step_s + per_epoch / self.steps_per_epoch
+            need = ((time.perf_counter() - started) + fixed + per_epoch + one_step) / BUDGET_SAFETY
             raise UsageError(
                 f"--time-budget {cfg.time_budget:g}: too short; one step takes {step_s:.3g} s and evaluation "
-                f"{fixed:.3g} s after {time.perf_counter() - started:.3g} s of set-up; give at least {need:.0f} s"
+                f"{fixed:.3g} s after {time.perf_counter() - started:.3g} s of set-up; give at least "
+                f"{max(math.ceil(need), math.floor(cfg.time_budget) + 1)} s"
             )
         self.reporter.message(
             f"time budget {cfg.time_budget:g} s: one step takes {step_s * 1e3:.1f} ms, evaluating one image "
@@ -735,7 +837,7 @@ class _Trainer:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load a checkpoint_state() back."""
-        self.model.load_state_dict(state["model"])
+        apply_state_dict(self.model, state["model"], source="model")
         self.opt.load_state_dict(state["optimizer"])
         if self.sched and state["scheduler"]:
             self.sched.load_state_dict(state["scheduler"])
@@ -1065,8 +1167,14 @@ def fit(
     owns_group = not distributed.is_initialized()
     dist_env, dist_device = distributed.setup(device or (config.device if config else "auto"))
     try:
+        if run_name is not None:
+            rundir.check_run_name(run_name)
         if resume == AUTO:
             resume = _auto_resume(runs_dir, run_name)
+            if resume is not None and (resume / rundir.RESULTS).is_file():
+                # A torchrun command rerun after it succeeded: every rank says so quietly, none fails.
+                reporter.message(f"{resume}: this run has already finished; nothing to resume")
+                return _finished_result(resume)
         return _fit(config, runs_dir, run_name, reporter, dataset, resume, dist_device if dist_env.enabled else device,
                     started)  # fmt: skip
     finally:
@@ -1081,12 +1189,21 @@ def _auto_resume(runs_dir: str | Path | None, run_name: str | None) -> Path | No
     """--resume auto: the named run if it exists and is unfinished (a torchrun restart), else None (start it)."""
     if runs_dir is None or not run_name:
         raise UsageError("--resume auto needs --name NAME: the run to continue if it exists, or to start if not")
-    run = Path(runs_dir) / run_name
+    run = Path(runs_dir) / rundir.check_run_name(run_name)
     if not (run / rundir.CONFIG).is_file():
         return None
-    if (run / rundir.RESULTS).is_file():
-        raise UsageError(f"{run}: this run has already finished; nothing to resume")
     return run
+
+
+def _finished_result(run: Path) -> TrainResult:
+    """The TrainResult a finished run recorded in results.json."""
+    path = run / rundir.RESULTS
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        names = {f.name for f in dataclasses.fields(TrainResult)} - {"history", "run_dir"}
+        return TrainResult(run_dir=run, **{k: v for k, v in saved.items() if k in names})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise UsageError(f"{path}: unreadable results ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def _fit(
@@ -1102,10 +1219,10 @@ def _fit(
     state = None
     if resume is not None:
         run = rundir.resolve_run(resume)
-        saved = rundir.read_config(run)
+        saved = rundir.check_config(rundir.read_config(run), run / rundir.CONFIG, need_train=True)
         if (run / rundir.RESULTS).is_file():
             raise UsageError(f"{run}: this run has already finished; nothing to resume")
-        config = TrainConfig.from_dict(saved["train"])
+        config = _saved_config(run, saved)
         state = load_checkpoint(run / rundir.LAST) if (run / rundir.LAST).is_file() else None
     cfg = dataclasses.replace(config or TrainConfig())
     if device is not None:
@@ -1118,7 +1235,15 @@ def _fit(
     if resume is not None:
         t.run = run if main else None
         if state is not None:
-            t.restore(state)
+            try:
+                t.restore(state)
+            except (CnnlabError, KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+                # Another model's checkpoint, or a hand-edited one: name it, never a traceback.
+                why = str(e) if isinstance(e, CnnlabError) else f"{type(e).__name__}: {(str(e) or '?').splitlines()[0]}"
+                raise UsageError(f"{run / rundir.LAST}: does not fit this run ({why[:160]})") from None
+            if t.run is not None:
+                # The checkpoint is the source of truth: a kill between it and metrics.csv cost the last row.
+                rundir.write_metrics(t.run, t.history)
             inside = f", batch {t.progress.batch} of epoch {t.epoch + 1}" if t.progress is not None else ""
             t.reporter.message(f"resuming {run} after epoch {t.epoch}{inside} (step {t.step})")
     elif runs_dir is not None and main:
