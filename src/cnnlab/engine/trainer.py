@@ -519,11 +519,7 @@ def preflight(
         if resume is not None and (resume / rundir.RESULTS).is_file():
             return  # the workers will each say that it finished, and succeed
     if resume is not None:
-        run = rundir.resolve_run(resume)
-        saved = rundir.check_config(rundir.read_config(run), run / rundir.CONFIG, need_train=True)
-        if (run / rundir.RESULTS).is_file():
-            raise UsageError(f"{run}: this run has already finished; nothing to resume")
-        cfg = _saved_config(run, saved)
+        _, cfg = _run_to_resume(resume)
     cfg = dataclasses.replace(cfg).validate()
     if resume is None and runs_dir is not None:
         rundir.check_writable(Path(runs_dir))
@@ -555,10 +551,14 @@ def check_training_memory(cfg: TrainConfig, data: Dataset, device: torch.device)
     cfg.eval_batch_size = est.eval_batch_that_fits(budget, cfg.eval_batch_size)
 
 
-def _saved_config(run: Path, saved: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig a run recorded in its config.json."""
+def _run_to_resume(resume: str | Path) -> tuple[Path, TrainConfig]:
+    """The unfinished run RUN names and the TrainConfig it recorded in its (checked) config.json."""
+    run = rundir.resolve_run(resume)
+    saved = rundir.check_config(rundir.read_config(run), run / rundir.CONFIG, need_train=True)
+    if (run / rundir.RESULTS).is_file():
+        raise UsageError(f"{run}: this run has already finished; nothing to resume")
     try:
-        return TrainConfig.from_dict(saved["train"])
+        return run, TrainConfig.from_dict(saved["train"])
     except (TypeError, ValueError) as e:
         raise UsageError(f"{run / rundir.CONFIG}: train options unusable ({str(e)[:120]})") from None
 
@@ -1218,11 +1218,7 @@ def _fit(
 ) -> TrainResult:
     state = None
     if resume is not None:
-        run = rundir.resolve_run(resume)
-        saved = rundir.check_config(rundir.read_config(run), run / rundir.CONFIG, need_train=True)
-        if (run / rundir.RESULTS).is_file():
-            raise UsageError(f"{run}: this run has already finished; nothing to resume")
-        config = _saved_config(run, saved)
+        run, config = _run_to_resume(resume)
         state = load_checkpoint(run / rundir.LAST) if (run / rundir.LAST).is_file() else None
     cfg = dataclasses.replace(config or TrainConfig())
     if device is not None:
