@@ -31,8 +31,8 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     checkpoints = home / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     monkeypatch.setenv("TORCH_HOME", str(home))
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(home / "hub"))
+    # torch.hub.set_dir, undone by monkeypatch: restoring get_dir()'s answer would pin later tests to this folder.
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(home / "hub"))
 
     def no_network(*args: object, **kwargs: object) -> None:
         raise OSError("network is unreachable (test)")
@@ -42,7 +42,6 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     try:
         yield checkpoints
     finally:
-        torch.hub.set_dir(old)
         getattr(cvt, "_VERIFIED", set()).clear()
 
 

@@ -278,10 +278,12 @@ def test_predict_pretrained_offline_is_one_line(
 
     import torchvision
 
-    def offline(self: object, *a: object, **k: object) -> None:
+    def offline(*a: object, **k: object) -> None:
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # cnnlab downloads through torch.hub itself
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # an empty cache, whatever the user has
     Image.new("RGB", (40, 40)).save(tmp_path / "x.png")
     code, err = main_error(["predict", "--model", "resnet18", "--pretrained", str(tmp_path / "x.png")], capsys)
     assert code == 1 and len(err) == 1
