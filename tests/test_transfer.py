@@ -110,7 +110,7 @@ def test_every_pretrained_family_has_a_classifier_to_keep_trainable(name: str) -
 def test_freeze_options_are_checked() -> None:
     from cnnlab.errors import UsageError
 
-    with pytest.raises(UsageError, match="--unfreeze-after needs --freeze features"):
+    with pytest.raises(UsageError, match="unfreeze_after needs freeze='features'"):
         TrainConfig(unfreeze_after=2).validate()
-    with pytest.raises(UsageError, match="--freeze must be one of"):
+    with pytest.raises(UsageError, match="freeze must be one of"):
         TrainConfig(freeze="all").validate()

@@ -57,250 +57,6 @@ def _float_in(lo: float, hi: float, hi_open: bool = True, lo_open: bool = False)
 _positive_float = _float_in(0.0, float("inf"), lo_open=True)
 
 
-def _defaults() -> Any:
-    from cnnlab.engine.trainer import TrainConfig
-
-    return TrainConfig()
-
-
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    """Options of `cnnlab train`; defaults come from TrainConfig so the help never disagrees with the library."""
-    from cnnlab.data.pipeline import AUGMENTATIONS
-    from cnnlab.data.sources import list_sources, source_info
-    from cnnlab.engine.recipes import RECIPES, list_recipes
-    from cnnlab.engine.trainer import OPTIMIZERS, PRECISIONS, SCHEDULES
-
-    d = _defaults()
-    sources = "; ".join(f"{n}: {source_info(n).description}" for n in list_sources())
-    p = sub.add_parser(
-        "train",
-        help="train a model (default: LeNet-5 on the embedded MNIST subset)",
-        description="Train a model and write a run directory (config.json, metrics.csv, best.safetensors, "
-        "last.ckpt, curves.png, results.json). With no options: lenet5-modern on mnist-mini, >= 98% test "
-        "accuracy in well under a minute on 2 CPU cores.",
-    )
-    g = p.add_argument_group("what to train")
-    g.add_argument("--model", default=d.model, help=f"registered model name, see `cnnlab models` (default {d.model})")
-    g.add_argument(
-        "--data",
-        default=d.data,
-        help=f"a dataset name or an image folder (one sub-folder per class; optional train/ val/ test/) "
-        f"(default {d.data}). Known: {sources}",
-    )
-    g.add_argument(
-        "--data-dir",
-        default=None,
-        help="look here first for dataset files; then $CNNLAB_DATA, the user cache, system locations",
-    )
-    g.add_argument(
-        "--download",
-        action=argparse.BooleanOptionalAction,
-        default=d.download,
-        help="download a missing dataset with torchvision (needs internet; default on)",
-    )
-    g.add_argument(
-        "--image-size",
-        type=_int_at_least(1),
-        default=None,
-        help="resize images to this square side (image folders: 64, or 224 with pretrained weights)",
-    )
-    g.add_argument(
-        "--on-bad-image",
-        choices=("error", "skip"),
-        default=d.on_bad_image,
-        help="image folders: stop at a corrupt/non-image file naming it, or skip and list it (error)",
-    )
-    g.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="start from torchvision's pretrained weights (downloaded to torch's hub cache if online)",
-    )
-    g.add_argument(
-        "--weights",
-        metavar="FILE",
-        default=None,
-        help="pretrained weights from a local file (.pth state dict or .safetensors), same code path",
-    )
-    g.add_argument("--weights-name", default=None, help="which torchvision weights, e.g. IMAGENET1K_V2 (DEFAULT)")
-    g.add_argument(
-        "--freeze",
-        choices=("none", "features"),
-        default=d.freeze,
-        help="features: train only the new classifier, the (pretrained) feature extractor stays fixed (none)",
-    )
-    g.add_argument(
-        "--unfreeze-after",
-        type=_int_at_least(1),
-        default=None,
-        metavar="N",
-        help="with --freeze features: fine-tune everything after N epochs",
-    )
-    g.add_argument(
-        "--backbone-lr-mult",
-        type=_positive_float,
-        default=d.backbone_lr_mult,
-        help=f"fine-tuning: the feature extractor's lr = lr x this ({d.backbone_lr_mult})",
-    )
-    g.add_argument(
-        "--model-args",
-        default=None,
-        metavar="K=V,...",
-        help="builder options, e.g. 'width=16,stages=2,act=elu' for cnn-compact",
-    )
-    g = p.add_argument_group("speed")
-    g.add_argument(
-        "--recipe",
-        choices=list_recipes(),
-        default=None,
-        help="a tuned set of options (options you give win): "
-        + "; ".join(f"{r.name}: {r.measured}" for r in RECIPES.values()).replace("%", "%%"),
-    )
-    g.add_argument(
-        "--time-budget",
-        type=_positive_float,
-        default=None,
-        metavar="SECONDS",
-        help="time a few steps, then plan the schedule (steps, epochs, lr) so the whole run ends within this time",
-    )
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (pays compile time up front)")
-    g.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation (image + its mirror)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, help=f"passes over the data ({d.epochs})")
-    g.add_argument(
-        "--batch-size", type=_int_at_least(1), default=d.batch_size, help=f"images per step ({d.batch_size})"
-    )
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help=f"({d.optimizer})")
-    g.add_argument(
-        "--lr",
-        type=_positive_float,
-        default=None,
-        help="peak learning rate (default 3e-3 for adam/adamw, 0.05 for sgd)",
-    )
-    g.add_argument("--momentum", type=_float_in(0, 1), default=d.momentum, help=f"SGD Nesterov momentum ({d.momentum})")
-    g.add_argument(
-        "--weight-decay",
-        type=_float_in(0, float("inf")),
-        default=d.weight_decay,
-        help=f"weight decay on conv/linear weights, not biases or norms ({d.weight_decay})",
-    )
-    g.add_argument(
-        "--schedule", choices=SCHEDULES, default=d.schedule, help=f"per-step learning-rate schedule ({d.schedule})"
-    )
-    g.add_argument(
-        "--warmup",
-        type=_float_in(0, 1, lo_open=True),
-        default=d.warmup,
-        help=f"onecycle: fraction of steps rising to the peak lr ({d.warmup})",
-    )
-    g.add_argument(
-        "--step-epochs",
-        type=_int_at_least(1),
-        default=d.step_epochs,
-        help=f"step schedule: epochs between lr drops ({d.step_epochs})",
-    )
-    g.add_argument(
-        "--step-gamma",
-        type=_positive_float,
-        default=d.step_gamma,
-        help=f"step schedule: lr multiplier at each drop ({d.step_gamma})",
-    )
-    g.add_argument(
-        "--label-smoothing",
-        type=_float_in(0, 1),
-        default=d.label_smoothing,
-        help=f"target mass spread over all classes ({d.label_smoothing})",
-    )
-    g.add_argument(
-        "--augment",
-        default=None,
-        help=f"comma list of {', '.join(AUGMENTATIONS)}, or none (default: per dataset; digits: crop)",
-    )
-    g.add_argument("--max-steps", type=_int_at_least(1), default=None, help="cap on optimizer steps for the run")
-    g = p.add_argument_group("validation and early stopping")
-    g.add_argument(
-        "--val-split",
-        type=_float_in(0, 1),
-        default=d.val_split,
-        help=f"fraction of the training data held out for validation, stratified ({d.val_split})",
-    )
-    g.add_argument(
-        "--patience",
-        type=_int_at_least(0),
-        default=d.patience,
-        help=f"stop after N epochs without lower validation loss; 0 = off ({d.patience})",
-    )
-    g = p.add_argument_group("run")
-    g.add_argument(
-        "--seed", type=int, default=d.seed, help=f"random seed for split, init, order, augmentation ({d.seed})"
-    )
-    g.add_argument("--device", default=d.device, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (auto)")
-    g.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=d.precision,
-        help="autocast dtype; auto = bf16 on CUDA, fp32 elsewhere (auto)",
-    )
-    g.add_argument("--runs-dir", default="runs", help="parent directory of run directories (runs)")
-    g.add_argument("--name", default=None, help="run directory name (default <date>_<time>_<model>_<data>)")
-    g.add_argument(
-        "--on-nan",
-        choices=("stop", "skip"),
-        default="stop",
-        help="a non-finite loss or gradient: stop naming epoch and step, or skip that step (stop)",
-    )
-    g.add_argument(
-        "--clip-grad",
-        type=_positive_float,
-        default=None,
-        metavar="MAX_NORM",
-        help="clip the global gradient norm (off)",
-    )
-    g.add_argument(
-        "--checkpoint-every",
-        metavar="N|Nm",
-        default=None,
-        help="also checkpoint inside epochs: every N steps, or every N minutes with 'm' (e.g. 500, 10m)",
-    )
-    g.add_argument(
-        "--resume",
-        metavar="RUN",
-        default=None,
-        help="continue a stopped run exactly, with its own options (only --device may change); 'auto' with --name: "
-        "resume runs-dir/NAME if it exists unfinished, else start it (for torchrun --max-restarts)",
-    )
-    g = p.add_argument_group("several processes (torchrun / DDP)")
-    g.add_argument(
-        "--devices",
-        type=_int_at_least(1),
-        default=1,
-        metavar="N",
-        help="train with N processes on this machine (one per GPU, or CPU processes): launches torchrun for you",
-    )
-    g.add_argument(
-        "--sync-bn", action="store_true", help="BatchNorm statistics over the global batch (CUDA, several processes)"
-    )
-    g = p.add_argument_group("output")
-    g.add_argument("--json", action="store_true", help="print the final metrics as one JSON document on stdout")
-    g.add_argument("--quiet", action="store_true", help="no progress output on stderr")
-    p.set_defaults(func=cmd_train, given=lambda argv: _given_options(p, argv))
-
-
-def _given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """The destinations of the options typed on the command line (a recipe must not override them)."""
-    if "train" in argv:
-        argv = argv[list(argv).index("train") + 1 :]
-    saved = {a.dest: a.default for a in parser._actions}
-    try:
-        for a in parser._actions:
-            a.default = argparse.SUPPRESS
-        given, _ = parser.parse_known_args(list(argv))
-    finally:
-        for a in parser._actions:
-            a.default = saved[a.dest]
-    return set(vars(given))
-
-
 def _shown(value: Any) -> str:
     """An option's value as typed: tuples as comma lists, dicts as KEY=VALUE lists."""
     if isinstance(value, tuple | list):
@@ -340,7 +96,7 @@ def parse_checkpoint_every(text: str | None) -> dict[str, Any]:
     try:
         if text.endswith("m"):
             minutes = float(text[:-1])
-            if minutes > 0:
+            if minutes > 0 and math.isfinite(minutes):
                 return {"checkpoint_minutes": minutes}
         elif int(text) > 0:
             return {"checkpoint_steps": int(text)}
@@ -368,83 +124,6 @@ def launch_torchrun(argv: Sequence[str], nproc: int) -> int:
         return EXIT_OK
     sys.stderr.write(f"cnnlab: error: {failure.message}\n")
     return failure.exit_code
-
-
-# What `--resume RUN` may be given besides: where to run and how to print (the run's own options are kept).
-RESUME_MAY_CHANGE = {"resume", "device", "quiet", "json", "debug", "runs_dir", "devices", "func", "given"}
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    """`cnnlab train`."""
-    from cnnlab.engine import distributed
-    from cnnlab.engine.trainer import TrainConfig, fit
-    from cnnlab.reporting import make_reporter
-
-    if args.devices > 1 and distributed.env().enabled:
-        raise UsageError("--devices: already running under torchrun; drop --devices (torchrun sets the count)")
-    cfg = TrainConfig(
-        model=args.model, data=args.data, data_dir=args.data_dir, download=args.download, image_size=args.image_size,
-        on_bad_image=args.on_bad_image, epochs=args.epochs, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        schedule=args.schedule, warmup=args.warmup, step_epochs=args.step_epochs, step_gamma=args.step_gamma,
-        label_smoothing=args.label_smoothing, val_split=args.val_split, patience=args.patience,
-        augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
-        max_steps=args.max_steps, pretrained=args.pretrained, weights=args.weights, weights_name=args.weights_name,
-        model_args=parse_model_args(args.model_args),
-        on_nan=args.on_nan, clip_grad=args.clip_grad, freeze=args.freeze, unfreeze_after=args.unfreeze_after,
-        backbone_lr_mult=args.backbone_lr_mult, sync_bn=args.sync_bn, **parse_checkpoint_every(args.checkpoint_every),
-        time_budget=args.time_budget, channels_last=args.channels_last, compile=args.compile, tta=args.tta,
-    )  # fmt: skip
-    given = args.given(args.argv)
-    ignored = sorted(given - RESUME_MAY_CHANGE)
-    if args.resume and args.resume != "auto" and ignored:
-        # A resumed run continues with its own options: a typed --epochs 6 would silently do nothing.
-        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
-        raise UsageError(f"--resume continues a run with its own options; drop {flags} (only --device may change)")
-    if args.time_budget is not None and "epochs" in given:
-        raise UsageError("--epochs and --time-budget: give one; a time budget plans the number of epochs itself")
-    if args.recipe and not args.resume:
-        from cnnlab.engine.recipes import apply_recipe
-
-        cfg = apply_recipe(cfg, args.recipe, keep=given)  # every option the user typed wins over the recipe
-    if args.devices > 1:
-        from cnnlab.engine.trainer import preflight
-
-        # Options, model, data and memory are checked once here: a worker's error would arrive N times.
-        preflight(cfg, runs_dir=args.runs_dir, run_name=args.name, resume=args.resume)
-        return launch_torchrun(args.argv, args.devices)
-    reporter = make_reporter(quiet=args.quiet or not distributed.env().is_main)
-    if args.recipe and not args.resume:
-        from cnnlab.engine.recipes import get_recipe
-
-        recipe = get_recipe(args.recipe)
-        # The summary states the recipe's own values; say which of them the typed options replaced.
-        mine = [f"--{k.replace('_', '-')} {_shown(getattr(cfg, k))}" for k in recipe.settings if k in given]
-        reporter.message(
-            f"recipe {args.recipe}: {recipe.summary}" + (f"; yours win: {', '.join(mine)}" if mine else "")
-        )
-    device = args.device if args.resume and args.device != "auto" else None
-    try:
-        result = fit(
-            cfg, runs_dir=args.runs_dir, run_name=args.name, reporter=reporter, resume=args.resume, device=device
-        )
-    finally:
-        getattr(reporter, "close", lambda: None)()  # leave the terminal clean on errors and interrupts
-    if not distributed.env().is_main:
-        return EXIT_OK  # rank 0 prints the result for the whole job
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        early = ", stopped early" if result.stopped_early else ""
-        early += f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""
-        print(
-            f"test accuracy {result.test_acc:.2%} (top-5 {result.test_top5:.2%}, loss {result.test_loss:.4f})"
-            f" | {result.epochs_run} epoch{'s' if result.epochs_run != 1 else ''} (best {result.best_epoch}{early})"
-            f" | {result.seconds:.1f} s"
-            + (f" of a {result.time_budget:g} s budget" if result.time_budget else "")
-            + f" on {result.device} | {result.run_dir}"
-        )
-    return EXIT_OK
 
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
@@ -941,6 +620,8 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    from cnnlab.cli_train import add_train_parser
+
     add_train_parser(sub)
     add_models_parser(sub)
     add_kernels_parser(sub)
@@ -976,8 +657,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CnnlabError as e:
         if debug:
             traceback.print_exc()
-        if not _left_for_launcher(str(e), e.exit_code, internal=False):
-            sys.stderr.write(f"cnnlab: error: {e}\n")
+        # The library names Python keywords (batch_size); on the command line the user typed flags (--batch-size).
+        text = e.cli_message() if hasattr(e, "cli_message") else str(e)
+        if not _left_for_launcher(text, e.exit_code, internal=False):
+            sys.stderr.write(f"cnnlab: error: {text}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("cnnlab: interrupted\n")

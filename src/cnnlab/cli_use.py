@@ -21,8 +21,8 @@ def _device_option(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from cnnlab.engine.device import resolve_device
     from cnnlab.engine.inference import load_run
-    from cnnlab.engine.trainer import resolve_device
 
     return load_run(args.run, device=resolve_device(args.device))
 

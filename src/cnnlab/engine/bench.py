@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import cnnlab
-from cnnlab.engine.trainer import TrainConfig, autocast, fit, resolve_device, resolve_precision, synchronize
+from cnnlab.engine.config import TrainConfig
+from cnnlab.engine.device import autocast, resolve_device, resolve_precision, synchronize
+from cnnlab.engine.trainer import fit
 from cnnlab.errors import UsageError
 from cnnlab.memory import check_fits, model_memory
 from cnnlab.models.registry import create_model, model_info

@@ -21,8 +21,8 @@ from cnnlab.data.pipeline import Normalization
 from cnnlab.data.sources import Dataset, ImageSet, load_dataset
 from cnnlab.engine import rundir
 from cnnlab.engine.checkpoint import apply_state_dict, load_checkpoint, load_weights
+from cnnlab.engine.evaluate import predict_logits
 from cnnlab.engine.metrics import confusion_matrix, most_confused, per_class_report, topk_correct
-from cnnlab.engine.trainer import predict_logits
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.models.registry import create_model, model_info
 
@@ -158,10 +158,15 @@ def _short(names: Sequence[str]) -> str:
 
 
 def evaluate_run(
-    loaded: LoadedRun, data: str | None = None, data_dir: str | None = None, split: str = "test", worst: int = 16
-) -> Evaluation:
-    """Top-1/top-5, loss, per-class metrics, confusion matrix and the most confident mistakes of a trained run."""
-    images, name = eval_data(loaded, data, data_dir, split)
+    loaded: LoadedRun, data: str | None = None, data_dir: str | None = None, split: str = "test", worst: int = 16,
+    images: ImageSet | None = None, name: str = "",
+) -> Evaluation:  # fmt: skip
+    """Top-1/top-5, loss, per-class metrics, confusion matrix and the most confident mistakes of a trained run.
+
+    The images are the run's `split` of `data` (default: its own dataset), or `images` (named `name`) if given.
+    """
+    if images is None:
+        images, name = eval_data(loaded, data, data_dir, split)
     if len(images) == 0:
         raise UsageError(f"{name}: the {split} split is empty")
     logits = logits_of(loaded, images.images)
@@ -211,6 +216,16 @@ class Prediction:
     file: str
     labels: list[str]
     probs: list[float]
+
+    @property
+    def label(self) -> str:
+        """The most probable label."""
+        return self.labels[0]
+
+    @property
+    def prob(self) -> float:
+        """Its probability."""
+        return self.probs[0]
 
     def to_dict(self) -> dict[str, Any]:
         """{'file', 'top': [{'label', 'prob'}, ...]}."""

@@ -11,8 +11,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from cnnlab.errors import unknown_name
 
 
@@ -86,8 +84,10 @@ def get_recipe(name: str) -> Recipe:
         raise unknown_name("recipe", name, RECIPES, "see `cnnlab train --help`") from None
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast is fast here: CUDA with bf16, or a CPU with AVX-512 BF16 / AMX (oneDNN's check)."""
+def native_bf16(device: Any) -> bool:
+    """Whether bf16 autocast is fast on torch.device `device`: CUDA with bf16, or a CPU with AVX-512 BF16 / AMX."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -97,7 +97,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def apply_recipe(cfg: Any, name: str, keep: Iterable[str] = ()) -> Any:
     """A copy of TrainConfig `cfg` with recipe `name`'s options, except the fields in `keep` (set by the user)."""
-    from cnnlab.engine.trainer import resolve_device
+    from cnnlab.engine.device import resolve_device
 
     recipe = get_recipe(name)
     keep = set(keep)

@@ -1,7 +1,9 @@
-"""fit(): train a registered model on a registered dataset with best practices by default.
+"""The training loop: fit() sets a run up, runs epochs of steps with callbacks, and tests the best weights.
 
 Device and precision are resolved once; data lives on the device; every epoch writes metrics.csv and last.ckpt
 (and best.safetensors when validation loss improves), each atomically, so a run stopped at any point can resume.
+What watches or steers the run (early stopping, checkpoints, the time budget, freezing, EMA, progress, loggers) is a
+callback (engine/callbacks.py); the other rooms are config (options), device, optim, planner, state, setup, evaluate.
 """
 
 from __future__ import annotations
@@ -9,251 +11,66 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
-import random
 import signal
 import threading
 import time
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import cnnlab
-from cnnlab.data.pipeline import BatchLoader, Normalization, channel_stats, parse_augment
-from cnnlab.data.sources import BAD_IMAGE_POLICIES, Dataset, is_folder_name, load_dataset, stratified_split
-from cnnlab.engine import distributed, rundir
+from cnnlab.data.pipeline import BatchLoader, Normalization, channel_stats
+from cnnlab.data.sources import Dataset, stratified_split
+from cnnlab.engine import callbacks as cbs
+from cnnlab.engine import distributed, planner, rundir
 from cnnlab.engine.checkpoint import (
     apply_state_dict,
     load_checkpoint,
     load_weights,
     rng_state,
     save_checkpoint,
-    save_weights,
     set_rng_state,
 )
-from cnnlab.engine.metrics import topk_correct
+from cnnlab.engine.config import (  # noqa: F401  (re-exported: the names this module always offered)
+    DEFAULT_LR,
+    FREEZE_CHOICES,
+    MAX_SEED,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    TrainConfig,
+    check_types,
+)
+from cnnlab.engine.device import (
+    autocast,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    synchronize,
+)
+from cnnlab.engine.evaluate import evaluate_batches, predict_logits
+from cnnlab.engine.optim import build_optimizer, build_scheduler, classifier_modules, split_parameters  # noqa: F401
 from cnnlab.engine.reporter import Reporter
+from cnnlab.engine.result import TrainResult
+from cnnlab.engine.setup import (
+    AUTO,
+    auto_resume,
+    build_model,
+    check_training_memory,
+    finished_result,
+    load_training_data,
+    preflight,  # noqa: F401
+    run_to_resume,
+)
+from cnnlab.engine.state import EpochProgress
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.fileio import atomic_write_json
-from cnnlab.inspect.visualize import plot_curves
-from cnnlab.memory import HEADROOM, available_bytes, check_fits, model_memory
-from cnnlab.models.registry import create_model, model_info
-
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("onecycle", "cosine", "step", "none")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-FREEZE_CHOICES = ("none", "features")
-DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.05}
-# --time-budget planning: the fraction of the budget planned for, seconds per checkpoint, seconds to finish a run.
-BUDGET_SAFETY, BUDGET_SAVE_S, BUDGET_FINISH_S = 0.96, 0.05, 0.5
-# Seeds feed torch generators as seed + 7919 * rank + step: keep the sum inside a signed 64-bit integer.
-MAX_SEED = 2**62
-
-
-@dataclass
-class TrainConfig:
-    """Every training option in one place, with its unit. The defaults train LeNet-5 on mnist-mini to >= 98%."""
-
-    model: str = "lenet5-modern"
-    data: str = "mnist-mini"
-    data_dir: str | None = None  # looked in first; then $CNNLAB_DATA, the user cache, system locations
-    download: bool = True  # fetch a missing dataset with torchvision's code (online only)
-    image_size: int | None = None  # resize images to this square side; image folders: 64, or 224 when pretrained
-    on_bad_image: str = "error"  # image folders: a bad file stops loading (error) or is left out and listed (skip)
-    epochs: int = 40  # passes over the training split
-    batch_size: int = 64  # images per optimizer step
-    optimizer: str = "adamw"
-    lr: float | None = None  # peak learning rate; None: 3e-3 for adam/adamw, 0.05 for sgd
-    momentum: float = 0.9  # sgd only (Nesterov)
-    weight_decay: float = 5e-4  # decoupled for adamw; not applied to biases and normalisation parameters
-    schedule: str = "onecycle"  # per-step learning-rate schedule
-    warmup: float = 0.25  # onecycle: fraction of all steps spent rising to the peak lr
-    step_epochs: int = 10  # step schedule: multiply the lr by step_gamma every this many epochs
-    step_gamma: float = 0.1
-    label_smoothing: float = 0.1  # fraction of the target mass spread over all classes
-    val_split: float = 0.1  # fraction of the training split held out (stratified) for validation
-    patience: int = 10  # stop after this many epochs without a lower validation loss; 0 = never stop early
-    augment: tuple[str, ...] | None = None  # None: the dataset's default (digits: crop only)
-    seed: int = 0
-    device: str = "auto"  # auto = cuda > mps > cpu
-    precision: str = "auto"  # auto = bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere
-    max_steps: int | None = None  # cap on optimizer steps over the whole run (smoke tests of big models)
-    pretrained: bool = False  # torchvision weights through torchvision's API (hub cache, download if online)
-    weights: str | None = None  # the same from a local file
-    weights_name: str | None = None  # e.g. IMAGENET1K_V2; None = DEFAULT
-    model_args: dict[str, Any] = field(default_factory=dict)  # builder options (cnn-compact: width, stages, ...)
-    eval_batch_size: int = 1000
-    checkpoint_steps: int = 0  # also write last.ckpt every this many steps inside an epoch; 0 = at epoch ends only
-    checkpoint_minutes: float = 0.0  # ...or every this many minutes
-    on_nan: str = "stop"  # a non-finite loss or gradient: stop (naming epoch and step) or skip that step
-    clip_grad: float | None = None  # clip the global gradient norm to this value
-    freeze: str = "none"  # "features": train only the new classifier; the pretrained feature extractor stays fixed
-    unfreeze_after: int | None = None  # with freeze: after this many epochs, fine-tune everything
-    backbone_lr_mult: float = 0.1  # with pretrained weights or freeze: the feature extractor's lr = lr x this
-    sync_bn: bool = False  # data-parallel: BatchNorm statistics over the global batch (CUDA only)
-    recipe: str | None = None  # the named recipe these options came from (recorded; see engine/recipes.py)
-    time_budget: float | None = None  # seconds for the whole run: steps are timed and the schedule planned to fit
-    planned_steps: int | None = None  # the step count a time budget planned (set by the trainer; resume reuses it)
-    channels_last: bool = False  # NHWC memory format for model and batches (faster convolutions on CPU and GPU)
-    compile: bool = False  # torch.compile the training forward/backward (pays a compile time up front)
-    tta: bool = False  # test-time augmentation: evaluation averages the logits of each image and its mirror
-
-    def resolved_lr(self) -> float:
-        """The peak learning rate, defaulting per optimizer."""
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
-
-    def fine_tuning(self) -> bool:
-        """Whether the model starts from pretrained features (or freezes them): then the backbone gets a lower lr."""
-        return bool(self.pretrained or self.weights or self.weights_name or self.freeze != "none")
-
-    def validate(self) -> TrainConfig:
-        """Raise a UsageError naming the option for any impossible value; return self."""
-
-        def bad(option: str, why: str) -> UsageError:
-            return UsageError(f"--{option.replace('_', '-')} {why}")
-
-        if isinstance(self.augment, str):  # the CLI's 'crop,flip'
-            self.augment = parse_augment(self.augment)
-        check_types(self)  # a hand-edited config.json (resume) can hold anything
-        info = model_info(self.model)  # unknown model -> UsageError with suggestions
-        if not self.data.strip():
-            raise bad("data", "is empty; give a dataset name (see `cnnlab train --help`) or an image folder path")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise bad("seed", f"must be a whole number in 0..{MAX_SEED}, got {self.seed}")
-        resolve_device(self.device)  # an unknown or absent device fails here, before any data is loaded
-        for key, value in self.model_args.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise bad("model_args", f"{key}={value}: not a finite number")
-        if (self.pretrained or self.weights or self.weights_name) and "pretrained" not in info.tags:
-            raise UsageError(
-                f"--pretrained/--weights: {self.model} has no pretrained weights; see `cnnlab models --pretrained`"
-            )
-        for name in ("epochs", "batch_size", "eval_batch_size", "step_epochs"):
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise bad("max_steps", f"must be at least 1, got {self.max_steps}")
-        if self.checkpoint_steps < 0 or self.checkpoint_minutes < 0:
-            raise bad("checkpoint_every", "must be 0 (off) or more")
-        if self.patience < 0:
-            raise bad("patience", f"must be 0 (off) or more, got {self.patience}")
-        if not 0.0 <= self.val_split < 1.0:
-            raise bad("val_split", f"must be in [0, 1), got {self.val_split}")
-        if self.patience and self.val_split == 0:
-            raise bad("patience", "needs a validation split (--val-split > 0); use --patience 0 to turn it off")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise bad("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        if not 0.0 < self.warmup < 1.0:
-            raise bad("warmup", f"must be in (0, 1), got {self.warmup}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise bad("lr", f"must be a positive number, got {self.lr}")
-        if self.weight_decay < 0 or self.momentum < 0 or self.step_gamma <= 0:
-            raise UsageError("--weight-decay and --momentum must be >= 0, --step-gamma > 0")
-        if self.clip_grad is not None and not (self.clip_grad > 0 and math.isfinite(self.clip_grad)):
-            raise bad("clip_grad", f"must be a positive number, got {self.clip_grad}")
-        for name, choices in (
-            ("optimizer", OPTIMIZERS),
-            ("schedule", SCHEDULES),
-            ("precision", PRECISIONS),
-            ("on_nan", ("stop", "skip")),
-        ):
-            if getattr(self, name) not in choices:
-                raise bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        if self.freeze not in FREEZE_CHOICES:
-            raise bad("freeze", f"must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
-        if self.unfreeze_after is not None and (self.freeze == "none" or self.unfreeze_after < 1):
-            raise bad("unfreeze_after", "needs --freeze features and a number of epochs >= 1")
-        if not (self.backbone_lr_mult > 0 and math.isfinite(self.backbone_lr_mult)):
-            raise bad("backbone_lr_mult", f"must be a positive number, got {self.backbone_lr_mult}")
-        if self.image_size is not None and self.image_size < 1:
-            raise bad("image_size", f"must be at least 1, got {self.image_size}")
-        if self.time_budget is not None and not (self.time_budget > 0 and math.isfinite(self.time_budget)):
-            raise bad("time_budget", f"must be a positive number of seconds, got {self.time_budget}")
-        if self.recipe is not None:
-            from cnnlab.engine.recipes import get_recipe
-
-            get_recipe(self.recipe)
-        if self.on_bad_image not in BAD_IMAGE_POLICIES:
-            raise bad("on_bad_image", f"must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {self.on_bad_image!r}")
-        if self.augment is not None:
-            self.augment = parse_augment(self.augment)
-        if is_folder_name(self.data):
-            # An absolute path, so that resume and evaluate find the folder from any working directory.
-            try:
-                self.data = str(Path(self.data).expanduser().resolve())
-            except RuntimeError:  # '~name' of a user that does not exist
-                raise bad("data", f"{self.data!r}: no such folder (cannot expand '~')") from None
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every option."""
-        d = dataclasses.asdict(self)
-        d["augment"] = list(self.augment) if self.augment is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of to_dict; unknown keys (from newer versions) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        if kwargs.get("augment") is not None:
-            kwargs["augment"] = tuple(kwargs["augment"])
-        return cls(**kwargs)
-
-
-_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
-    "tuple": (tuple, list), "dict": (dict,),
-}  # fmt: skip
-
-
-def check_types(cfg: TrainConfig) -> None:
-    """Raise a UsageError naming the first option whose value has the wrong type (e.g. from an edited config.json)."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        # Annotations are strings here ("float | None", "tuple[str, ...] | None"): their outer type names suffice.
-        names = [part.strip().split("[")[0] for part in str(f.type).split("|")]
-        allowed = tuple(t for n in names for t in _TYPES.get(n, (object,)))
-        wrong = not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)
-        if wrong:
-            raise UsageError(f"option {f.name}: expected {f.type!s}, got {type(value).__name__} {value!r:.40}")
-
-
-@dataclass
-class TrainResult:
-    """What a finished fit() reports: test metrics of the best-validation weights and where the run lives."""
-
-    run_dir: Path | None
-    model: str
-    data: str
-    test_acc: float
-    test_loss: float
-    test_top5: float
-    best_epoch: int
-    epochs_run: int
-    stopped_early: bool
-    seconds: float
-    device: str
-    skipped_steps: int = 0  # steps skipped by --on-nan skip
-    steps: int = 0  # optimizer steps taken
-    time_budget: float | None = None  # seconds, when the schedule was planned to a time budget
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary (without the per-epoch history)."""
-        d = dataclasses.asdict(self)
-        d.pop("history")
-        d["run_dir"] = str(self.run_dir) if self.run_dir else None
-        return d
 
 
 class TrainingInterrupted(CnnlabError):
@@ -262,327 +79,62 @@ class TrainingInterrupted(CnnlabError):
     exit_code = 130
 
 
-@dataclass
-class EpochProgress:
-    """Where an epoch stands: its sample order, batches done, and running sums (all resumable)."""
+class Trainer:
+    """One run: set-up in __init__, then run_epochs() and finish(). Callbacks receive it as `loop`."""
 
-    order: torch.Tensor  # (N,) sample indices of this epoch
-    batch: int  # batches done
-    loss_sum: torch.Tensor  # () sum of per-sample loss
-    correct: torch.Tensor  # () top-1 hits
-    first_bad: torch.Tensor  # () global step of the first non-finite loss, -1 if none
-    seen: int  # samples done
-    lr: float  # learning rate when the epoch started (the metrics row reports it)
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, step: int) -> None:
-        """Account for one step without a host sync."""
-        self.first_bad = torch.where(
-            (self.first_bad < 0) & ~torch.isfinite(loss), torch.full_like(self.first_bad, step), self.first_bad
-        )
-        self.loss_sum = self.loss_sum + loss * y.numel()
-        self.correct = self.correct + (logits.argmax(1) == y).sum()
-        self.batch += 1
-        self.seen += y.numel()
-
-    def state(self) -> dict[str, Any]:
-        """Plain tensors and numbers for the checkpoint."""
-        return {
-            "order": self.order.cpu(),
-            "batch": self.batch,
-            "loss_sum": self.loss_sum.cpu(),
-            "correct": self.correct.cpu(),
-            "first_bad": self.first_bad.cpu(),
-            "seen": self.seen,
-            "lr": self.lr,
-        }
-
-    @classmethod
-    def from_state(cls, d: dict[str, Any], device: torch.device) -> EpochProgress:
-        """Inverse of state()."""
-        return cls(
-            d["order"].to(device),
-            d["batch"],
-            d["loss_sum"].to(device),
-            d["correct"].to(device),
-            d["first_bad"].to(device),
-            d["seen"],
-            d["lr"],
-        )
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available, else mps, else cpu; an explicit device must exist here."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name!r}: not a device name (use auto, cpu, cuda, cuda:N or mps)") from e
-    if device.type not in ("cpu", "cuda", "mps"):  # xpu, meta, ...: torch knows the name, cnnlab cannot train there
-        raise UsageError(f"--device {name}: not supported (use auto, cpu, cuda, cuda:N or mps)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError(f"--device {name}: MPS is not available on this machine")
-    return device
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: float32 means no autocast."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for the forward pass (a no-op in fp32)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA runs asynchronously), so that a clock reading means it is done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def classifier_modules(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """The classifier: the last module with its own parameters that the forward pass calls, for input x (1, C, H, W).
-
-    Everything before it is the feature extractor ("backbone") that --freeze features keeps fixed.
-    """
-    names = {m: n for n, m in model.named_modules()}
-    order: list[str] = []
-
-    def hook(module: nn.Module, inputs: object, output: object) -> None:
-        order.append(names[module])
-
-    # Not the root: its own parameters (ViT's class token) are used first, but its hook would fire last.
-    own = [m for name, m in model.named_modules() if name and any(True for _ in m.parameters(recurse=False))]
-    handles = [m.register_forward_hook(hook) for m in own]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    if not order:
-        raise CnnlabError("the model has no parameters to train")
-    return [order[-1]]
-
-
-def split_parameters(model: nn.Module, head: list[str]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(backbone, head) parameters, given the head's module names."""
-    head_ids = {id(p) for name in head for p in model.get_submodule(name).parameters()}
-    params = list(model.parameters())
-    return [p for p in params if id(p) not in head_ids], [p for p in params if id(p) in head_ids]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, head: list[str] | None = None) -> torch.optim.Optimizer:
-    """SGD-Nesterov / Adam / AdamW; weight decay only on weights of rank >= 2 (not biases, norms, scales).
-
-    With `head` (fine-tuning), the backbone's groups get lr x backbone_lr_mult. Frozen parameters are in the
-    optimizer too: they get no gradient (so no update) until they are unfrozen.
-    """
-    lr = cfg.resolved_lr()
-    parts = [(list(model.parameters()), lr)]
-    if head is not None:
-        backbone, head_params = split_parameters(model, head)
-        parts = [(backbone, lr * cfg.backbone_lr_mult), (head_params, lr)]
-    groups = []
-    for params, group_lr in parts:
-        groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": group_lr})
-        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr})
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    if cfg.optimizer == "adam":
-        # Adam's weight decay is L2 added to the gradient (coupled); AdamW's is decoupled.
-        return torch.optim.Adam(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def build_scheduler(
-    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """A per-step schedule over `total_steps` optimizer steps."""
-    if cfg.schedule == "onecycle":
-        if total_steps < 4:  # too few steps for a warm-up and a decay phase (OneCycleLR divides by zero)
-            return None
-        # At least ~2 warm-up steps, or the first phase has zero length on very short runs.
-        pct = min(max(cfg.warmup, 2.0 / total_steps), 0.5)
-        # A rebuilt schedule (a time budget re-planned) keeps each group's peak: its current lr is mid-cycle.
-        peaks = [g.get("max_lr", g["lr"]) for g in opt.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=peaks, total_steps=total_steps, pct_start=pct,
-            cycle_momentum=cfg.optimizer == "sgd",
-        )  # fmt: skip
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.step_gamma)
-    return None
-
-
-def predict_logits(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Logits (B, K) for a batch (B, C, H, W); with `tta`, the mean of the logits of the batch and of its mirror."""
-    logits = model(x)
-    if tta:
-        logits = (logits.float() + model(x.flip(3)).float()) * 0.5
-    return logits
-
-
-@torch.no_grad()
-def evaluate_batches(
-    model: nn.Module,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    label_smoothing: float = 0.0,
-    dtype: torch.dtype = torch.float32,
-    tta: bool = False,
-) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 accuracy of `model` (put in eval mode) over the batches (`tta`: with mirrors)."""
-    model.eval()
-    loss_sum = correct1 = correct5 = None
-    n = 0
-    for x, y in batches:
-        with autocast(x.device, dtype):
-            logits = predict_logits(model, x, tta)
-        logits = logits.float()
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="sum")
-        c1, c5 = topk_correct(logits, y, (1, 5))
-        # Accumulate on the device: one host sync at the end, not one per batch.
-        loss_sum = loss if loss_sum is None else loss_sum + loss
-        correct1 = c1 if correct1 is None else correct1 + c1
-        correct5 = c5 if correct5 is None else correct5 + c5
-        n += y.numel()
-    if distributed.env().enabled:  # every process evaluated its own shard: sum them, so all print the same numbers
-        zero = torch.zeros((), device=next(model.parameters()).device)
-        sums = [t if t is not None else zero for t in (loss_sum, correct1, correct5)] + [zero + n]
-        loss_sum, correct1, correct5, total = distributed.all_sum(sums)
-        n = int(total.item())
-    if n == 0:
-        return {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "n": 0}
-    return {"loss": loss_sum.item() / n, "acc": correct1.item() / n, "top5": correct5.item() / n, "n": n}
-
-
-def load_training_data(cfg: TrainConfig) -> Dataset:
-    """The dataset `cfg` names, at the size training uses (image folders: 224 px for pretrained weights)."""
-    size = cfg.image_size
-    if size is None and is_folder_name(cfg.data) and (cfg.pretrained or cfg.weights or cfg.weights_name):
-        size = 224  # the resolution ImageNet weights were trained and evaluated at
-    return load_dataset(cfg.data, cfg.data_dir, download=cfg.download, image_size=size, on_bad_image=cfg.on_bad_image)
-
-
-def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
-    """The model `cfg` names, shaped for `data` (classes, channels, size), with pretrained weights if asked."""
-    kwargs: dict[str, Any] = dict(cfg.model_args)
-    if cfg.pretrained or cfg.weights or cfg.weights_name:
-        kwargs.update(pretrained=True, weights_file=cfg.weights, weights_name=cfg.weights_name)
-    try:
-        return create_model(
-            cfg.model, num_classes=len(data.classes), in_channels=data.channels, image_size=data.image_size, **kwargs
-        )
-    except TypeError as e:
-        if not cfg.model_args:  # a builder bug, not the user's options: let it surface as such
-            raise
-        raise UsageError(f"--model-args: {cfg.model} does not take these options ({e})") from None
-
-
-def preflight(
-    cfg: TrainConfig, *, runs_dir: str | Path | None, run_name: str | None, resume: str | Path | None
-) -> None:
-    """What a data-parallel launch checks in one process before it starts workers: options, run name, the run to
-    resume, the data and the model. Workers would each report the same error, and a missing dataset on one rank
-    surfaces on the others as a lost connection."""
-    if run_name is not None:
-        rundir.check_run_name(run_name)
-    if resume == AUTO:
-        resume = _auto_resume(runs_dir, run_name)
-        if resume is not None and (resume / rundir.RESULTS).is_file():
-            return  # the workers will each say that it finished, and succeed
-    if resume is not None:
-        _, cfg = _run_to_resume(resume)
-    cfg = dataclasses.replace(cfg).validate()
-    if resume is None and runs_dir is not None:
-        rundir.check_writable(Path(runs_dir))
-    data = load_training_data(cfg)
-    check_training_memory(cfg, data, resolve_device(cfg.device))
-    build_model(cfg, data)
-
-
-def check_training_memory(cfg: TrainConfig, data: Dataset, device: torch.device) -> None:
-    """Refuse a run whose model, batch and image size need more memory than `device` has, before allocating it.
-
-    The evaluation batch only sets speed, so it is lowered to what fits (recorded in config.json) instead.
-    """
-    shape = (data.channels, data.image_size, data.image_size)
-    arch = dataclasses.replace(cfg, pretrained=False, weights=None, weights_name=None)  # the same shapes, no file
-    est = model_memory(lambda: build_model(arch, data), shape)
-    if est is None:
-        return
-    on_device = 0
-    if device.type != "cpu":  # the whole dataset is moved to the device as uint8
-        on_device = sum(s.images.numel() for s in (data.train, data.val, data.test) if s is not None)
-    states = {"sgd": 1, "adam": 2, "adamw": 2}.get(cfg.optimizer, 2)
-    check_fits(
-        f"training {cfg.model} on {shape[1]}x{shape[2]} images at batch {cfg.batch_size}",
-        est.training(cfg.batch_size, states) + on_device, str(device),
-        hint="lower --batch-size or --image-size, or use a smaller model",
-    )  # fmt: skip
-    budget = int(available_bytes(str(device)) * HEADROOM) - on_device
-    cfg.eval_batch_size = est.eval_batch_that_fits(budget, cfg.eval_batch_size)
-
-
-def _run_to_resume(resume: str | Path) -> tuple[Path, TrainConfig]:
-    """The unfinished run RUN names and the TrainConfig it recorded in its (checked) config.json."""
-    run = rundir.resolve_run(resume)
-    saved = rundir.check_config(rundir.read_config(run), run / rundir.CONFIG, need_train=True)
-    if (run / rundir.RESULTS).is_file():
-        raise UsageError(f"{run}: this run has already finished; nothing to resume")
-    try:
-        return run, TrainConfig.from_dict(saved["train"])
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{run / rundir.CONFIG}: train options unusable ({str(e)[:120]})") from None
-
-
-class _Trainer:
-    """The state of one fit() call; methods are the steps of the loop, each short."""
-
-    def __init__(
-        self, cfg: TrainConfig, reporter: Reporter, dataset: Dataset | None, started: float | None = None
-    ) -> None:
-        started = time.perf_counter() if started is None else started  # when the run began (--time-budget counts)
+    def __init__(self, cfg: TrainConfig, reporter: Reporter, dataset: Dataset | None, started: float | None = None,
+                 callbacks: Sequence[cbs.Callback] = (), clock: planner.Clock = time.perf_counter,
+                 module: nn.Module | None = None) -> None:  # fmt: skip
+        self.clock, self.module = clock, module  # module: the user's own network, trained instead of cfg.model
+        started = clock() if started is None else started  # when the run began (a time budget counts from it)
         self.dist = distributed.env()
         self.cfg, self.reporter = cfg, reporter if self.dist.is_main else Reporter()  # only rank 0 talks
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_precision(cfg.precision, self.device)
         seed_everything(cfg.seed)  # the same on every process: identical initial weights
+        self._load(dataset)
+        self._build()
+        self.epoch, self.step = 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.elapsed = 0.0
+        self.run: Path | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None  # the best weights when there is no run directory
+        self.progress: EpochProgress | None = None  # set while an epoch is under way
+        self.skipped_steps = 0  # steps skipped by on_nan="skip"
+        self.stop_requested: str | None = None  # the name of the signal asking training to stop
+        self.stop_reason: str | None = None  # a callback's loop.stop(reason)
+        self.improved = False  # whether the last epoch improved validation loss (EarlyStopping sets it)
+        self.early = cbs.EarlyStopping(cfg.patience)
+        self.ema = cbs.EMA(cfg.ema) if cfg.ema is not None else None
+        self.budget: cbs.TimeBudget | None = None
+        if cfg.time_budget is not None and cfg.planned_steps is None:
+            cfg.planned_steps = self._plan_time_budget(started)
+        if cfg.planned_steps is not None:  # a time budget's plan (also on resume): the schedule ends right there
+            self.total_steps = cfg.planned_steps
+            cfg.epochs = math.ceil(cfg.planned_steps / self.steps_per_epoch)
+        self.sched = build_scheduler(self.opt, cfg, self.total_steps, self.steps_per_epoch)
+        # Order matters at an epoch's end: re-plan, judge the epoch, then save (the checkpoint holds plan and verdict).
+        builtin: list[cbs.Callback] = [cbs.Freeze(), *([self.budget] if self.budget else []), self.early]
+        builtin += [*([self.ema] if self.ema else []), cbs.Checkpointing(cfg.checkpoint_steps, cfg.checkpoint_minutes)]
+        self.callbacks: list[cbs.Callback] = [*builtin, cbs.Progress(self.reporter), *callbacks]
+
+    # ----------------------------------------------------------------------------------------------- set-up
+
+    def _load(self, dataset: Dataset | None) -> None:
+        """The data, split into train/val, and its normalisation; the memory check."""
         if not self.dist.is_main:
             distributed.barrier()  # rank 0 loads first (and fills an image folder's decode cache for the others)
         self.data = dataset if dataset is not None else self._load_data()
         if self.dist.is_main:
             distributed.barrier()
-        self.augment = tuple(cfg.augment) if cfg.augment is not None else self.data.default_augment
+        self.augment = tuple(self.cfg.augment) if self.cfg.augment is not None else self.data.default_augment
         self._split()
-        check_training_memory(self.cfg, self.data, self.device)
+        if self.module is None:  # the user's own module is already built: its memory is spent
+            check_training_memory(self.cfg, self.data, self.device)
+
+    def _build(self) -> None:
+        """Model, loaders, optimizer, grad scaler."""
+        cfg = self.cfg
         self.model = self._create_model().to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -592,19 +144,12 @@ class _Trainer:
         # Data-parallel: the epoch permutation must be the same on every process, the augmentation draws not.
         self.order_gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if self.dist.enabled else None
         self.train_loader = BatchLoader(
-            self.train_set,
-            cfg.batch_size,
-            self.norm,
-            shuffle=True,
-            augment=self.augment,
-            generator=self.gen,
-            device=self.device,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            order_generator=self.order_gen,
+            self.train_set, cfg.batch_size, self.norm, shuffle=True, augment=self.augment, generator=self.gen,
+            device=self.device, rank=self.dist.rank, world_size=self.dist.world_size, order_generator=self.order_gen,
             channels_last=cfg.channels_last,
-        )
-        self.steps_per_epoch = len(self.train_loader)
+        )  # fmt: skip
+        self.batches_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)  # optimizer steps
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -618,27 +163,8 @@ class _Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.opt = build_optimizer(self.model, cfg, self.head)
         self.train_model: nn.Module = self.model
-        self._wrap_ddp()
+        self.rewrap()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
-        self.budget_clock: float | None = None  # --time-budget: when the budgeted run started (None: not re-planned)
-        self.budget_fixed = 0.0  # seconds the run needs after its last step (test evaluation, results)
-        if cfg.time_budget is not None and cfg.planned_steps is None:
-            cfg.planned_steps = self._plan_time_budget(started)
-            self.budget_clock = started
-        if cfg.planned_steps is not None:  # a time budget's plan (also on resume): the schedule ends right there
-            self.total_steps = cfg.planned_steps
-            cfg.epochs = math.ceil(cfg.planned_steps / self.steps_per_epoch)
-        self.sched = build_scheduler(self.opt, cfg, self.total_steps, self.steps_per_epoch)
-        self.epoch, self.step = 0, 0
-        self.best_loss, self.best_epoch, self.bad_epochs = math.inf, 0, 0
-        self.history: list[dict[str, Any]] = []
-        self.elapsed = 0.0
-        self.run: Path | None = None
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.progress: EpochProgress | None = None  # set while an epoch is under way
-        self.skipped_steps = 0  # steps skipped by --on-nan skip
-        self.stop_requested: str | None = None  # the name of the signal asking training to stop
-        self.last_save = time.monotonic()
 
     def _load_data(self) -> Dataset:
         data = load_training_data(self.cfg)
@@ -647,7 +173,7 @@ class _Trainer:
         return data
 
     def _create_model(self) -> nn.Module:
-        model = build_model(self.cfg, self.data)
+        model = build_model(self.cfg, self.data) if self.module is None else self.module
         info = getattr(model, "pretrained_info", None)
         if info:
             # Pretrained features expect the weights' own normalisation; a grey image sees the mean over RGB.
@@ -684,38 +210,35 @@ class _Trainer:
         return BatchLoader(data, self.cfg.eval_batch_size, self.norm, device=self.device,
                            channels_last=self.cfg.channels_last)  # fmt: skip
 
+    def rewrap(self) -> None:
+        """The module the training step calls: DDP (averages gradients over processes), compiled with compile=True."""
+        self.train_model = self.model
+        if self.dist.enabled and any(p.requires_grad for p in self.model.parameters()):
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # DDP only syncs parameters that need gradients when it is built: rebuilt when the backbone unfreezes.
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        if self.cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    # ------------------------------------------------------------------------------------------- time budget
+
     def _time_steps(self) -> tuple[float, float]:
         """(seconds per training step, seconds per evaluated image), timed on real batches after a warm-up.
 
         The weights, BatchNorm statistics, optimizer, scaler and random streams are put back afterwards: the run that
         follows is the same as without the timing.
         """
-        cfg, loader = self.cfg, self.train_loader
+        loader = self.train_loader
         saved_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         saved_opt = copy.deepcopy(self.opt.state_dict())
         saved_scaler = self.scaler.state_dict() if self.scaler else None
         saved_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
         saved_gens = loader.generator, loader.order_generator
-        loader.generator = loader.order_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        warmup, stamps = 2, []  # the first steps pay for kernel selection and allocation
-
-        def enough() -> bool:
-            if self.dist.enabled:  # every process must take the same number of (collective) steps
-                return len(stamps) >= warmup + 10
-            return len(stamps) >= warmup + 40 or (len(stamps) > warmup + 3 and stamps[-1] - stamps[warmup] >= 0.5)
-
+        loader.generator = loader.order_generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
         try:
-            self.train_model.train()
-            while not enough():
-                for x, y in loader.batches(loader.epoch_order()):
-                    loss, _ = self._forward_backward(x, y)
-                    self._optimizer_step()
-                    loss.item()
-                    synchronize(self.device)
-                    stamps.append(time.perf_counter())
-                    if enough():
-                        break
-            step_s = (stamps[-1] - stamps[warmup]) / (len(stamps) - 1 - warmup)
+            step_s = self._timed_steps()
             per_image = self._time_eval()
         finally:
             self.model.load_state_dict(saved_model)
@@ -728,6 +251,32 @@ class _Trainer:
                 torch.cuda.set_rng_state_all(saved_rng[1])
             loader.generator, loader.order_generator = saved_gens
         return step_s, per_image
+
+    def _timed_steps(self) -> float:
+        """Seconds per optimizer step over real batches, after two warm-up steps (kernel selection, allocation)."""
+        loader, warmup, stamps = self.train_loader, 2, []
+
+        def enough() -> bool:
+            if self.dist.enabled:  # every process must take the same number of (collective) steps
+                return len(stamps) >= warmup + 10
+            return len(stamps) >= warmup + 40 or (len(stamps) > warmup + 3 and stamps[-1] - stamps[warmup] >= 0.5)
+
+        self.train_model.train()
+        group: list[tuple[torch.Tensor, torch.Tensor]] = []
+        while not enough():
+            for x, y in loader.batches(loader.epoch_order()):
+                group.append((x, y))
+                if len(group) < self.cfg.accumulate:
+                    continue
+                loss, _ = self._forward_backward_group(group)
+                group = []
+                self._optimizer_step()
+                loss.item()
+                synchronize(self.device)
+                stamps.append(time.perf_counter())
+                if enough():
+                    break
+        return (stamps[-1] - stamps[warmup]) / (len(stamps) - 1 - warmup)
 
     @torch.no_grad()
     def _time_eval(self) -> float:
@@ -747,34 +296,70 @@ class _Trainer:
         return min(times[1:]) / len(x)
 
     def _plan_time_budget(self, started: float) -> int:
-        """--time-budget: the number of steps that ends training, evaluation and saving within the budget."""
-        cfg = self.cfg
+        """time_budget: time steps and evaluation, plan the steps that fit, and set up re-planning after epochs."""
         step_s, image_s = self._time_steps()
         n_val = len(self.val_set) if self.val_set is not None else 0
-        per_epoch = n_val * image_s + (BUDGET_SAVE_S if self.dist.is_main else 0.0)  # validation + checkpoint
-        fixed = len(self.data.test) * image_s + BUDGET_FINISH_S  # the test evaluation, results and curves
-        self.budget_fixed = fixed
-        left = cfg.time_budget * BUDGET_SAFETY - (time.perf_counter() - started) - fixed
-        # s steps run ceil(s / steps_per_epoch) <= s / steps_per_epoch + 1 epochs, each with its own overhead.
-        steps = int((left - per_epoch) / (step_s + per_epoch / self.steps_per_epoch))
-        if cfg.max_steps:
-            steps = min(steps, cfg.max_steps)
-        # Every process must run the same plan: rank 0's.
-        steps = distributed.from_rank0(steps)
-        if steps < 1:
-            # The smallest budget for which the plan below has one step, with the same set-up time.
-            one_step = step_s + per_epoch / self.steps_per_epoch
-            need = ((time.perf_counter() - started) + fixed + per_epoch + one_step) / BUDGET_SAFETY
-            raise UsageError(
-                f"--time-budget {cfg.time_budget:g}: too short; one step takes {step_s:.3g} s and evaluation "
-                f"{fixed:.3g} s after {time.perf_counter() - started:.3g} s of set-up; give at least "
-                f"{max(math.ceil(need), math.floor(cfg.time_budget) + 1)} s"
-            )
-        self.reporter.message(
-            f"time budget {cfg.time_budget:g} s: one step takes {step_s * 1e3:.1f} ms, evaluating one image "
-            f"{image_s * 1e6:.0f} us -> {steps} steps ({steps / self.steps_per_epoch:.2f} epochs)"
-        )
+        costs = planner.costs(step_s, image_s, n_val, len(self.data.test), self.steps_per_epoch, self.dist.is_main)
+        plan = planner.plan(self.cfg.time_budget, started, costs, self.cfg.max_steps, self.clock)
+        steps = distributed.from_rank0(plan.steps)  # every process must run the same plan: rank 0's
+        self.reporter.message(dataclasses.replace(plan, steps=steps).describe(self.cfg.time_budget, image_s))
+        self.budget = cbs.TimeBudget(started, costs.fixed_s, self.clock)
         return steps
+
+    def _replan(self, epoch_seconds: float, epoch_steps: int) -> str | None:
+        """Re-plan the time budget after an epoch (see callbacks.TimeBudget); the note, or None if unchanged."""
+        return self.budget.replan(self, epoch_seconds, epoch_steps) if self.budget else None
+
+    # ---------------------------------------------------------------------------------- what callbacks use
+
+    @property
+    def config(self) -> TrainConfig:
+        """The run's options."""
+        return self.cfg
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer (its param_groups hold the learning rates)."""
+        return self.opt
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated, saved and tested: the EMA average when ema is on, else the model."""
+        averaged = self.ema.averaged() if self.ema else None
+        return averaged if averaged is not None else self.model
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch with the lowest validation loss so far (the last one without validation)."""
+        return self.early.best_epoch
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of the classifier's group to `lr`, keeping the ratios between groups.
+
+        A schedule sets the rate again at its next step: steer it yourself with schedule="none".
+        """
+        scale = lr / self.opt.param_groups[-1]["lr"]
+        for group in self.opt.param_groups:
+            group["lr"] *= scale
+
+    def stop(self, reason: str) -> None:
+        """End the run after the current step (the epoch's row and checkpoint are still written)."""
+        self.stop_reason = reason
+
+    def message(self, text: str) -> None:
+        """A one-line notice to the progress output."""
+        self.reporter.message(text)
+
+    def steps_into_epoch(self) -> int:
+        """Optimizer steps done in the current epoch."""
+        done = self.progress.batch if self.progress is not None else 0
+        return math.ceil(done / self.cfg.accumulate)
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    # ---------------------------------------------------------------------------------------- run state
 
     def config_dict(self) -> dict[str, Any]:
         """Everything config.json records: options, model, data (classes, normalisation), runtime."""
@@ -783,42 +368,27 @@ class _Trainer:
             "cnnlab_version": cnnlab.__version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "model": {
-                "name": self.cfg.model,
-                "num_classes": len(self.data.classes),
-                "in_channels": self.data.channels,
-                "image_size": self.data.image_size,
-                "params": n_params,
-                "args": dict(self.cfg.model_args),
+                "name": self.cfg.model, "num_classes": len(self.data.classes), "in_channels": self.data.channels,
+                "image_size": self.data.image_size, "params": n_params, "args": dict(self.cfg.model_args),
                 "changes": list(getattr(self.model, "cnnlab_changes", [])),
                 "pretrained": getattr(self.model, "pretrained_info", None),
-                "classifier": self.head,  # the module(s) --freeze features keeps trainable
+                "classifier": self.head,  # the module(s) freeze="features" keeps trainable
             },
             "data": {
-                "name": self.data.name,
-                "classes": list(self.data.classes),
-                "channels": self.data.channels,
-                "image_size": self.data.image_size,
-                "mean": list(self.norm.mean),
-                "std": list(self.norm.std),
-                "augment": list(self.augment),
-                "train_size": len(self.train_set),
-                "val_size": len(self.val_set) if self.val_set is not None else 0,
-                "test_size": len(self.data.test),
-                "validation": "given by the source"
-                if self.data.val is not None
-                else f"{self.cfg.val_split:g} of train",
+                "name": self.data.name, "classes": list(self.data.classes), "channels": self.data.channels,
+                "image_size": self.data.image_size, "mean": list(self.norm.mean), "std": list(self.norm.std),
+                "augment": list(self.augment), "train_size": len(self.train_set),
+                "val_size": len(self.val_set) if self.val_set is not None else 0, "test_size": len(self.data.test),
+                "validation": f"{self.cfg.val_split:g} of train" if self.data.val is None else "given by the source",
                 **self.data.extra,
             },
             "train": self.cfg.to_dict(),
             "runtime": {
-                "device": str(self.device),
-                "precision": str(self.dtype).replace("torch.", ""),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "world_size": self.dist.world_size,
-                "global_batch": self.cfg.batch_size * self.dist.world_size,
+                "device": str(self.device), "precision": str(self.dtype).replace("torch.", ""),
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": self.dist.world_size,
+                "global_batch": self.cfg.batch_size * self.cfg.accumulate * self.dist.world_size,
             },
-        }
+        }  # fmt: skip
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything an exact resume needs, as tensors and plain values."""
@@ -828,11 +398,11 @@ class _Trainer:
             "scheduler": self.sched.state_dict() if self.sched else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed,
-            "early_stop": {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs},
             "history": self.history,
             "partial": self.progress.state() if self.progress is not None else None,
             "skipped_steps": self.skipped_steps,
             "rng": rng_state(self._generators()),
+            **{c.key: c.state_dict() for c in self.callbacks if c.key},  # early_stop, ema, a user's callbacks
         }  # fmt: skip
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -844,8 +414,9 @@ class _Trainer:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.elapsed = state["epoch"], state["step"], state["elapsed"]
-        es = state["early_stop"]
-        self.best_loss, self.best_epoch, self.bad_epochs = es["best_loss"], es["best_epoch"], es["bad_epochs"]
+        for callback in self.callbacks:
+            if callback.key and callback.key in state:
+                callback.load_state_dict(state[callback.key])
         self.history = list(state["history"])
         self.skipped_steps = state.get("skipped_steps", 0)
         partial = state.get("partial")
@@ -861,87 +432,41 @@ class _Trainer:
             gens["order"] = self.order_gen
         return gens
 
+    # ---------------------------------------------------------------------------------------------- the loop
+
     def _new_progress(self) -> EpochProgress:
         zero = torch.zeros((), device=self.device)
         lr = self.opt.param_groups[-1]["lr"]  # the head's lr (fine-tuning: backbone groups come first)
         return EpochProgress(self.train_loader.epoch_order(), 0, zero.clone(), zero.long(), zero.long() - 1, 0, lr)
 
-    def _wrap_ddp(self) -> None:
-        """The module the training step calls: DDP (averages gradients over processes), compiled with --compile."""
-        self.train_model = self.model
-        if self.dist.enabled and any(p.requires_grad for p in self.model.parameters()):
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # DDP only syncs parameters that need gradients when it is built: rebuilt when the backbone unfreezes.
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
-        if self.cfg.compile:
-            self.train_model = torch.compile(self.train_model)
-
-    def frozen(self) -> bool:
-        """Whether the feature extractor is fixed during the coming epoch (--freeze features, --unfreeze-after)."""
-        cfg = self.cfg
-        return cfg.freeze == "features" and (cfg.unfreeze_after is None or self.epoch < cfg.unfreeze_after)
-
-    def _set_trainable(self) -> None:
-        """Freeze or unfreeze the backbone for this epoch; frozen BatchNorm layers keep their running statistics."""
-        if self.head is None:
-            return
-        frozen = self.frozen()
-        backbone, _ = split_parameters(self.model, self.head)
-        changed = bool(backbone) and backbone[0].requires_grad == frozen
-        if (
-            self.cfg.unfreeze_after
-            and self.epoch == self.cfg.unfreeze_after
-            and backbone
-            and not backbone[0].requires_grad
-        ):
-            self.reporter.message(
-                f"epoch {self.epoch + 1}: unfreezing the feature extractor (its lr x{self.cfg.backbone_lr_mult:g})"
-            )
-        for p in backbone:
-            p.requires_grad_(not frozen)
-        if changed:
-            self._wrap_ddp()
-        if frozen:
-            head_modules = {m for name in self.head for m in self.model.get_submodule(name).modules()}
-            for m in self.model.modules():
-                # In train mode BN would still update running mean/var from the new data: frozen means fixed.
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in head_modules:
-                    m.eval()
-
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training split (or the rest of it, after a mid-epoch resume): loss and accuracy."""
-        model = self.model
-        model.train()
-        self._set_trainable()
+        self.model.train()
+        self._emit("on_epoch_start")  # Freeze sets requires_grad and BatchNorm modes here
         sync_each_step = self.device.type == "cpu"  # on a GPU, reading the loss every step would stall it
         prog = self.progress if self.progress is not None else self._new_progress()
         self.progress = prog
-        self.reporter.epoch_start(self.epoch + 1, min(self.steps_per_epoch - prog.batch, self.total_steps - self.step))
-        for x, y in self.train_loader.batches(prog.order, prog.batch):
-            loss, logits = self._forward_backward(x, y)
+        for group in self._groups(prog):
+            loss, logits = self._forward_backward_group(group)
             ok = self._clip_and_check(loss)
             if ok:
                 self._optimizer_step()
             if self.sched:
                 self.sched.step()
-            if not ok:  # --on-nan skip: this step changes no weight and counts in no metric
-                self.step += 1
-                self.skipped_steps += 1
-                prog.batch += 1
-                self.reporter.message(f"skipped step {self.step} (epoch {self.epoch + 1}): non-finite loss or gradient")
-                if self.step >= self.total_steps:
-                    break
-                continue
             self.step += 1
-            distributed.maybe_inject_fault(self.step, self.dist)
-            prog.add(loss.detach(), logits.detach(), y, self.step)
-            self.reporter.step(self.epoch + 1, prog.batch, loss.detach().item() if sync_each_step else None)
-            if self.step >= self.total_steps:
+            if not ok:  # on_nan="skip": this step changes no weight and counts in no metric
+                self.skipped_steps += 1
+                prog.batch += len(group)
+                self.reporter.message(f"skipped step {self.step} (epoch {self.epoch + 1}): non-finite loss or gradient")
+            else:
+                distributed.maybe_inject_fault(self.step, self.dist)
+                for (_, y), part in zip(group, logits, strict=True):
+                    prog.add(loss.detach(), part.detach(), y, self.step)
+                self._emit("on_step_end", loss.detach().item() if sync_each_step else None)
+            if self.step >= self.total_steps or self.stop_reason:
                 break
-            if self.stop_requested or self._checkpoint_due():
-                self._save_mid_epoch()
+            if self.stop_requested:
+                self.save_mid_epoch()
         self._check_finite(prog)
         self.progress = None
         loss_sum, correct, seen = distributed.all_sum([prog.loss_sum, prog.correct, prog.correct.new_tensor(prog.seen)])
@@ -951,18 +476,47 @@ class _Trainer:
             "lr": prog.lr,
         }
 
+    def _groups(self, prog: EpochProgress) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The epoch's remaining batches, `accumulate` at a time (one optimizer step each)."""
+        group: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for x, y in self.train_loader.batches(prog.order, prog.batch):
+            group.append((x, y))
+            if len(group) == self.cfg.accumulate:
+                yield group
+                group = []
+        if group:
+            yield group
+
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and logits of one batch, gradients in .grad (unscaled: ready to clip and step)."""
-        with autocast(self.device, self.dtype):
-            logits = self.train_model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        loss, logits = self._forward_backward_group([(x, y)])
+        return loss, logits[0]
+
+    def _forward_backward_group(self, group: list[tuple[torch.Tensor, torch.Tensor]]
+                                ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+        """The mean loss over the group's images and each batch's logits; gradients summed in .grad, unscaled.
+
+        With accumulate=N, N batches add their gradients before one step; each batch's loss is weighted by its share of
+        the group's images, so the step is the one a single batch of all of them would take.
+        """
         self.opt.zero_grad(set_to_none=True)
+        total = sum(len(y) for _, y in group)
+        mean, outputs = None, []
+        for i, (x, y) in enumerate(group):
+            last = i == len(group) - 1
+            # DDP averages gradients over processes at every backward; only the group's last one needs to.
+            sync = contextlib.nullcontext() if last or not hasattr(self.train_model, "no_sync") else None
+            with sync or self.train_model.no_sync():
+                with autocast(self.device, self.dtype):
+                    logits = self.train_model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+                part = loss if len(group) == 1 else loss * (len(y) / total)
+                (self.scaler.scale(part) if self.scaler else part).backward()
+            mean = part.detach() if mean is None else mean + part.detach()
+            outputs.append(logits)
         if self.scaler:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.opt)
-        else:
-            loss.backward()
-        return loss, logits
+        return (loss if len(group) == 1 else mean), outputs
 
     def _optimizer_step(self) -> None:
         """Apply the gradients (through the grad scaler in fp16, which skips steps with inf/nan gradients)."""
@@ -973,7 +527,7 @@ class _Trainer:
             self.opt.step()
 
     def _clip_and_check(self, loss: torch.Tensor) -> bool:
-        """Clip gradients (--clip-grad); with --on-nan skip, False for a non-finite loss or gradient."""
+        """Clip gradients (clip_grad); with on_nan="skip", False for a non-finite loss or gradient."""
         cfg = self.cfg
         norm = None
         if cfg.clip_grad is not None:
@@ -986,13 +540,8 @@ class _Trainer:
         # One host sync per step: the price of deciding on the host whether to step.
         return bool(torch.isfinite(loss) and torch.isfinite(norm))
 
-    def _checkpoint_due(self) -> bool:
-        cfg = self.cfg
-        if cfg.checkpoint_steps and self.step % cfg.checkpoint_steps == 0:
-            return True
-        return bool(cfg.checkpoint_minutes) and time.monotonic() - self.last_save >= 60 * cfg.checkpoint_minutes
-
     def _check_finite(self, prog: EpochProgress) -> None:
+        """on_nan="stop": a non-finite loss anywhere in the epoch so far ends the run, naming where."""
         bad = int(prog.first_bad.item())
         if bad >= 0:
             raise CnnlabError(
@@ -1000,12 +549,11 @@ class _Trainer:
                 f"is from before it (try a lower --lr or --clip-grad)"
             )
 
-    def _save_mid_epoch(self) -> None:
-        """A checkpoint inside an epoch (for --checkpoint-every, or on SIGINT/SIGTERM); then stop if asked to."""
+    def save_mid_epoch(self) -> None:
+        """A checkpoint inside an epoch (checkpoint_steps/minutes, or on SIGINT/SIGTERM); then stop if asked to."""
         self._check_finite(self.progress)  # never save weights after a non-finite loss
         if self.run:
             save_checkpoint(self.checkpoint_state(), self.run / rundir.LAST)
-            self.last_save = time.monotonic()
         if self.stop_requested:
             self._raise_interrupted()
 
@@ -1020,83 +568,34 @@ class _Trainer:
             f"with: cnnlab train --resume {self.run}"
         )
 
-    def _replan(self, epoch_seconds: float, epoch_steps: int) -> str | None:
-        """--time-budget: after an epoch, re-plan the remaining steps at the pace measured over it.
-
-        The first plan rests on a second of timing; a machine whose speed drifts (shared or throttled CPUs) would
-        otherwise overrun. The one-cycle schedule is rebuilt over the new total, continuing at the current step.
-        """
-        cfg = self.cfg
-        if self.budget_clock is None or epoch_steps < 1 or self.step >= self.total_steps:
-            return None
-        pace = epoch_seconds / epoch_steps  # seconds per step, this epoch's validation and checkpoint included
-        left = cfg.time_budget * BUDGET_SAFETY - (time.perf_counter() - self.budget_clock) - self.budget_fixed
-        total = self.step + max(1, int(left / pace))
-        if cfg.max_steps:
-            total = min(total, cfg.max_steps)
-        total = distributed.from_rank0(total)
-        if abs(total - self.total_steps) <= max(2, self.total_steps // 200):
-            return None  # within 0.5%: keep the schedule as it is
-        note = f"time budget: re-planned from {self.total_steps} to {total} steps ({pace * 1e3:.1f} ms per step)"
-        self.total_steps = cfg.planned_steps = total
-        cfg.epochs = math.ceil(total / self.steps_per_epoch)
-        self.sched = build_scheduler(self.opt, cfg, total, self.steps_per_epoch)
-        if self.sched is not None:
-            with warnings.catch_warnings():  # "step() before optimizer.step()": the optimizer has stepped long ago
-                warnings.simplefilter("ignore", UserWarning)
-                self.sched.last_epoch = self.step - 1
-                self.sched.step()  # the learning rate at step self.step of the new schedule
-        if self.run:  # a resumed run follows the new plan
-            config = rundir.read_config(self.run)
-            config["train"] = cfg.to_dict()
-            rundir.write_config(self.run, config)
-        return note
-
     def run_epochs(self) -> bool:
-        """Train until the epochs, the step cap or early stopping end it; True if stopped early."""
-        cfg, run = self.cfg, self.run
+        """Train until the epochs, the step cap, early stopping or a callback end it; True if stopped early."""
+        self._emit("on_train_start")
         val_loader = self.eval_loader("val")
-        while self.epoch < cfg.epochs and self.step < self.total_steps:
+        while self.epoch < self.cfg.epochs and self.step < self.total_steps:
             t0 = time.perf_counter()
-            step_before = self.step
             row: dict[str, Any] = {"epoch": self.epoch + 1, **self.train_epoch()}
             if val_loader is not None:
-                val = evaluate_batches(self.model, iter(val_loader), cfg.label_smoothing, self.dtype, cfg.tta)
+                val = evaluate_batches(self.eval_model, iter(val_loader), self.cfg.label_smoothing, self.dtype,
+                                       self.cfg.tta)  # fmt: skip
                 row.update(val_loss=val["loss"], val_acc=val["acc"])
             self.epoch += 1
             row["seconds"] = time.perf_counter() - t0
             self.elapsed += row["seconds"]
             row["elapsed"] = self.elapsed
             self.history.append(row)
-            replanned = self._replan(row["seconds"], self.step - step_before)  # before the checkpoint saves the plan
-            improved = val_loader is None or row["val_loss"] < self.best_loss
-            if improved:
-                self.best_loss = row.get("val_loss", math.inf) if val_loader is not None else math.inf
-                self.best_epoch, self.bad_epochs = self.epoch, 0
-                if run:
-                    save_weights(self.model, run / rundir.BEST)
-                else:  # no run directory: keep the best weights in memory instead
-                    self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            else:
-                self.bad_epochs += 1
-            if run:
-                save_checkpoint(self.checkpoint_state(), run / rundir.LAST)
-                rundir.write_metrics(run, self.history)
-            self.reporter.epoch_end(row)
-            if replanned:
-                self.reporter.message(replanned)
+            self._emit("on_epoch_end", row)
             if self.stop_requested:
                 self._raise_interrupted()
-            if cfg.patience and self.bad_epochs >= cfg.patience:
-                self.reporter.message(
-                    f"early stopping: validation loss has not improved for {cfg.patience} "
-                    f"epochs; restoring epoch {self.best_epoch}"
-                )
+            if self.stop_reason:
+                self.reporter.message(self.stop_reason)
                 return True
         return False
 
     def finish(self, stopped_early: bool, started: float) -> TrainResult:
         """Restore the best weights, evaluate on the test split, write results and curves."""
+        from cnnlab.inspect.visualize import plot_curves
+
         run = self.run
         if run and (run / rundir.BEST).is_file():
             load_weights(self.model, run / rundir.BEST)
@@ -1111,22 +610,22 @@ class _Trainer:
         result = TrainResult(
             run_dir=run, model=self.cfg.model, data=self.data.name, test_acc=test["acc"], test_loss=test["loss"],
             test_top5=test["top5"], best_epoch=self.best_epoch, epochs_run=self.epoch, stopped_early=stopped_early,
-            seconds=time.perf_counter() - started, device=str(self.device),
+            seconds=self.clock() - started, device=str(self.device),
             skipped_steps=self.skipped_steps, steps=self.step, time_budget=self.cfg.time_budget, history=self.history,
         )  # fmt: skip
         if run:
             atomic_write_json(run / rundir.RESULTS, result.to_dict())
-            plot_curves(
-                self.history,
-                run / rundir.CURVES,
-                title=f"{self.cfg.model} on {self.data.name}",
-                best_epoch=self.best_epoch if self.val_set is not None else None,
-            )
+            plot_curves(self.history, run / rundir.CURVES, title=f"{self.cfg.model} on {self.data.name}",
+                        best_epoch=self.best_epoch if self.val_set is not None else None)  # fmt: skip
+        self._emit("on_train_end", result)
         return result
 
 
+_Trainer = Trainer  # the name the tests and earlier versions used
+
+
 @contextlib.contextmanager
-def _graceful_stop(trainer: _Trainer) -> Iterator[None]:
+def _graceful_stop(trainer: Trainer) -> Iterator[None]:
     """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second one: stop at once (KeyboardInterrupt)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
@@ -1156,13 +655,36 @@ def fit(
     dataset: Dataset | None = None,
     resume: str | Path | None = None,
     device: str | None = None,
+    callbacks: Sequence[cbs.Callback] = (),
+    clock: planner.Clock = time.perf_counter,
+    module: nn.Module | None = None,
 ) -> TrainResult:
     """Train, validate each epoch, stop early on validation loss, restore the best weights and test them.
 
     With `runs_dir=None` nothing is written to disk. `resume=RUN` continues a stopped run exactly, with its own
     options (only `device` may be changed). `dataset` passes data in memory instead of loading `config.data`.
+    `callbacks` watch or steer the run (see engine/callbacks.py); `clock` is what a time budget is measured with;
+    `module` is a network of your own, trained instead of the registered model `config.model` names.
     """
-    started = time.perf_counter()
+    return train_run(config, runs_dir=runs_dir, run_name=run_name, reporter=reporter, dataset=dataset, resume=resume,
+                     device=device, callbacks=callbacks, clock=clock, module=module)[1]  # fmt: skip
+
+
+def train_run(
+    config: TrainConfig | None = None,
+    *,
+    runs_dir: str | Path | None = "runs",
+    run_name: str | None = None,
+    reporter: Reporter | None = None,
+    dataset: Dataset | None = None,
+    resume: str | Path | None = None,
+    device: str | None = None,
+    callbacks: Sequence[cbs.Callback] = (),
+    clock: planner.Clock = time.perf_counter,
+    module: nn.Module | None = None,
+) -> tuple[Trainer | None, TrainResult]:
+    """fit(), also returning the Trainer (its model holds the best weights; None if the run had already finished)."""
+    started = clock()
     reporter = reporter or Reporter()
     owns_group = not distributed.is_initialized()
     dist_env, dist_device = distributed.setup(device or (config.device if config else "auto"))
@@ -1170,78 +692,41 @@ def fit(
         if run_name is not None:
             rundir.check_run_name(run_name)
         if resume == AUTO:
-            resume = _auto_resume(runs_dir, run_name)
+            resume = auto_resume(runs_dir, run_name)
             if resume is not None and (resume / rundir.RESULTS).is_file():
                 # A torchrun command rerun after it succeeded: every rank says so quietly, none fails.
                 reporter.message(f"{resume}: this run has already finished; nothing to resume")
-                return _finished_result(resume)
-        return _fit(config, runs_dir, run_name, reporter, dataset, resume, dist_device if dist_env.enabled else device,
-                    started)  # fmt: skip
+                return None, finished_result(resume)
+        cfg, run, state = _options(config, resume, device if not dist_env.enabled else dist_device, module)
+        return _fit(cfg, runs_dir, run_name, reporter, dataset, run, state, started, callbacks, clock, module)
     finally:
         if owns_group:
             distributed.teardown()
 
 
-AUTO = "auto"
-
-
-def _auto_resume(runs_dir: str | Path | None, run_name: str | None) -> Path | None:
-    """--resume auto: the named run if it exists and is unfinished (a torchrun restart), else None (start it)."""
-    if runs_dir is None or not run_name:
-        raise UsageError("--resume auto needs --name NAME: the run to continue if it exists, or to start if not")
-    run = Path(runs_dir) / rundir.check_run_name(run_name)
-    if not (run / rundir.CONFIG).is_file():
-        return None
-    return run
-
-
-def _finished_result(run: Path) -> TrainResult:
-    """The TrainResult a finished run recorded in results.json."""
-    path = run / rundir.RESULTS
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        names = {f.name for f in dataclasses.fields(TrainResult)} - {"history", "run_dir"}
-        return TrainResult(run_dir=run, **{k: v for k, v in saved.items() if k in names})
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise UsageError(f"{path}: unreadable results ({type(e).__name__}: {str(e)[:80]})") from None
-
-
-def _fit(
-    config: TrainConfig | None,
-    runs_dir: str | Path | None,
-    run_name: str | None,
-    reporter: Reporter,
-    dataset: Dataset | None,
-    resume: str | Path | None,
-    device: str | None,
-    started: float,
-) -> TrainResult:
-    state = None
+def _options(config: TrainConfig | None, resume: str | Path | None, device: str | None, module: nn.Module | None
+             ) -> tuple[TrainConfig, Path | None, dict[str, Any] | None]:  # fmt: skip
+    """The run's validated options; with `resume`, the run's own options, its directory and its checkpoint."""
+    run = state = None
     if resume is not None:
-        run, config = _run_to_resume(resume)
+        run, config = run_to_resume(resume)
         state = load_checkpoint(run / rundir.LAST) if (run / rundir.LAST).is_file() else None
     cfg = dataclasses.replace(config or TrainConfig())
     if device is not None:
         cfg.device = device
-    cfg.validate()
+    return cfg.validate(custom_model=module is not None), run, state
+
+
+def _fit(cfg: TrainConfig, runs_dir: str | Path | None, run_name: str | None, reporter: Reporter,
+         dataset: Dataset | None, run: Path | None, state: dict[str, Any] | None, started: float,
+         callbacks: Sequence[cbs.Callback], clock: planner.Clock, module: nn.Module | None
+         ) -> tuple[Trainer, TrainResult]:  # fmt: skip
     main = distributed.env().is_main  # only rank 0 writes the run directory
-    if resume is None and runs_dir is not None and main:
+    if run is None and runs_dir is not None and main:
         rundir.check_writable(Path(runs_dir))
-    t = _Trainer(cfg, reporter, dataset, started)
-    if resume is not None:
-        t.run = run if main else None
-        if state is not None:
-            try:
-                t.restore(state)
-            except (CnnlabError, KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
-                # Another model's checkpoint, or a hand-edited one: name it, never a traceback.
-                why = str(e) if isinstance(e, CnnlabError) else f"{type(e).__name__}: {(str(e) or '?').splitlines()[0]}"
-                raise UsageError(f"{run / rundir.LAST}: does not fit this run ({why[:160]})") from None
-            if t.run is not None:
-                # The checkpoint is the source of truth: a kill between it and metrics.csv cost the last row.
-                rundir.write_metrics(t.run, t.history)
-            inside = f", batch {t.progress.batch} of epoch {t.epoch + 1}" if t.progress is not None else ""
-            t.reporter.message(f"resuming {run} after epoch {t.epoch}{inside} (step {t.step})")
+    t = Trainer(cfg, reporter, dataset, started, callbacks, clock, module)
+    if run is not None:
+        _resume(t, run if main else None, run, state)
     elif runs_dir is not None and main:
         # Created only now, after options, data and model all proved valid: a bad invocation leaves nothing behind.
         t.run = rundir.new_run_dir(runs_dir, cfg.model, t.data.name, run_name)
@@ -1251,17 +736,29 @@ def _fit(
             f"data-parallel: {t.dist.world_size} processes ({'nccl' if t.device.type == 'cuda' else 'gloo'}), "
             f"{cfg.batch_size} images each per step, global batch {cfg.batch_size * t.dist.world_size}"
         )
-    t.reporter.train_start(
-        {
-            **t.config_dict(),
-            "run_dir": str(t.run) if t.run else None,
-            "steps_per_epoch": t.steps_per_epoch,
-            "total_steps": t.total_steps,
-            "start_epoch": t.epoch,
-        }
-    )
+    t.reporter.train_start({**t.config_dict(), "run_dir": str(t.run) if t.run else None,
+                            "steps_per_epoch": t.steps_per_epoch, "total_steps": t.total_steps,
+                            "start_epoch": t.epoch})  # fmt: skip
     with _graceful_stop(t):
         stopped = t.run_epochs()
     result = t.finish(stopped, started)
     t.reporter.train_end(result)
-    return result
+    return t, result
+
+
+def _resume(t: Trainer, own: Path | None, run: Path, state: dict[str, Any] | None) -> None:
+    """Put a checkpoint back into trainer `t` (this process writes the run directory if `own` is set)."""
+    t.run = own
+    if state is None:
+        return
+    try:
+        t.restore(state)
+    except (CnnlabError, KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        # Another model's checkpoint, or a hand-edited one: name it, never a traceback.
+        why = str(e) if isinstance(e, CnnlabError) else f"{type(e).__name__}: {(str(e) or '?').splitlines()[0]}"
+        raise UsageError(f"{run / rundir.LAST}: does not fit this run ({why[:160]})") from None
+    if t.run is not None:
+        # The checkpoint is the source of truth: a kill between it and metrics.csv cost the last row.
+        rundir.write_metrics(t.run, t.history)
+    inside = f", batch {t.progress.batch} of epoch {t.epoch + 1}" if t.progress is not None else ""
+    t.reporter.message(f"resuming {run} after epoch {t.epoch}{inside} (step {t.step})")

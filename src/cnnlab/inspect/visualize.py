@@ -30,6 +30,11 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Pa
 def plot_curves(
     rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "", best_epoch: int | None = None
 ) -> Path:
+    """Loss and accuracy per epoch, train vs validation, saved as a PNG (see curves_figure)."""
+    return save_figure(curves_figure(rows, title, best_epoch), path)
+
+
+def curves_figure(rows: Sequence[dict[str, Any]], title: str = "", best_epoch: int | None = None) -> Figure:
     """Loss and accuracy per epoch, train vs validation: the picture that shows over- and under-fitting."""
     epochs = [r["epoch"] for r in rows]
     fig = Figure(figsize=(10, 4))
@@ -50,7 +55,7 @@ def plot_curves(
     ax_acc.set_title("accuracy")
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path)
+    return fig
 
 
 def _num(v: Any) -> float:

@@ -1,0 +1,123 @@
+"""Set-up before a run: its data, its model, the memory it needs, the run to resume, and the checks a launcher makes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnlab.data.sources import Dataset, is_folder_name, load_dataset
+from cnnlab.engine import rundir
+from cnnlab.engine.config import TrainConfig
+from cnnlab.engine.device import resolve_device
+from cnnlab.engine.result import TrainResult
+from cnnlab.errors import UsageError
+from cnnlab.memory import HEADROOM, available_bytes, check_fits, model_memory
+from cnnlab.models.registry import create_model
+
+AUTO = "auto"  # resume="auto": continue the named run if it exists unfinished, else start it
+
+
+def load_training_data(cfg: TrainConfig) -> Dataset:
+    """The dataset `cfg` names, at the size training uses (image folders: 224 px for pretrained weights)."""
+    size = cfg.image_size
+    if size is None and is_folder_name(cfg.data) and (cfg.pretrained or cfg.weights or cfg.weights_name):
+        size = 224  # the resolution ImageNet weights were trained and evaluated at
+    return load_dataset(cfg.data, cfg.data_dir, download=cfg.download, image_size=size, on_bad_image=cfg.on_bad_image)
+
+
+def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
+    """The model `cfg` names, shaped for `data` (classes, channels, size), with pretrained weights if asked."""
+    kwargs: dict[str, Any] = dict(cfg.model_args)
+    if cfg.pretrained or cfg.weights or cfg.weights_name:
+        kwargs.update(pretrained=True, weights_file=cfg.weights, weights_name=cfg.weights_name)
+    try:
+        return create_model(
+            cfg.model, num_classes=len(data.classes), in_channels=data.channels, image_size=data.image_size, **kwargs
+        )
+    except TypeError as e:
+        if not cfg.model_args:  # a builder bug, not the user's options: let it surface as such
+            raise
+        raise UsageError(f"--model-args: {cfg.model} does not take these options ({e})") from None
+
+
+def preflight(
+    cfg: TrainConfig, *, runs_dir: str | Path | None, run_name: str | None, resume: str | Path | None
+) -> None:
+    """What a data-parallel launch checks in one process before it starts workers: options, run name, the run to
+    resume, the data and the model. Workers would each report the same error, and a missing dataset on one rank
+    surfaces on the others as a lost connection."""
+    if run_name is not None:
+        rundir.check_run_name(run_name)
+    if resume == AUTO:
+        resume = auto_resume(runs_dir, run_name)
+        if resume is not None and (resume / rundir.RESULTS).is_file():
+            return  # the workers will each say that it finished, and succeed
+    if resume is not None:
+        _, cfg = run_to_resume(resume)
+    cfg = dataclasses.replace(cfg).validate()
+    if resume is None and runs_dir is not None:
+        rundir.check_writable(Path(runs_dir))
+    data = load_training_data(cfg)
+    check_training_memory(cfg, data, resolve_device(cfg.device))
+    build_model(cfg, data)
+
+
+def check_training_memory(cfg: TrainConfig, data: Dataset, device: torch.device) -> None:
+    """Refuse a run whose model, batch and image size need more memory than `device` has, before allocating it.
+
+    The evaluation batch only sets speed, so it is lowered to what fits (recorded in config.json) instead.
+    """
+    shape = (data.channels, data.image_size, data.image_size)
+    arch = dataclasses.replace(cfg, pretrained=False, weights=None, weights_name=None)  # the same shapes, no file
+    est = model_memory(lambda: build_model(arch, data), shape)
+    if est is None:
+        return
+    on_device = 0
+    if device.type != "cpu":  # the whole dataset is moved to the device as uint8
+        on_device = sum(s.images.numel() for s in (data.train, data.val, data.test) if s is not None)
+    states = {"sgd": 1, "adam": 2, "adamw": 2}.get(cfg.optimizer, 2)
+    check_fits(
+        f"training {cfg.model} on {shape[1]}x{shape[2]} images at batch {cfg.batch_size}",
+        est.training(cfg.batch_size, states) + on_device, str(device),
+        hint="lower --batch-size or --image-size, or use a smaller model",
+    )  # fmt: skip
+    budget = int(available_bytes(str(device)) * HEADROOM) - on_device
+    cfg.eval_batch_size = est.eval_batch_that_fits(budget, cfg.eval_batch_size)
+
+
+def run_to_resume(resume: str | Path) -> tuple[Path, TrainConfig]:
+    """The unfinished run RUN names and the TrainConfig it recorded in its (checked) config.json."""
+    run = rundir.resolve_run(resume)
+    saved = rundir.check_config(rundir.read_config(run), run / rundir.CONFIG, need_train=True)
+    if (run / rundir.RESULTS).is_file():
+        raise UsageError(f"{run}: this run has already finished; nothing to resume")
+    try:
+        return run, TrainConfig.from_dict(saved["train"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{run / rundir.CONFIG}: train options unusable ({str(e)[:120]})") from None
+
+
+def auto_resume(runs_dir: str | Path | None, run_name: str | None) -> Path | None:
+    """--resume auto: the named run if it exists and is unfinished (a torchrun restart), else None (start it)."""
+    if runs_dir is None or not run_name:
+        raise UsageError("--resume auto needs --name NAME: the run to continue if it exists, or to start if not")
+    run = Path(runs_dir) / rundir.check_run_name(run_name)
+    if not (run / rundir.CONFIG).is_file():
+        return None
+    return run
+
+
+def finished_result(run: Path) -> TrainResult:
+    """The TrainResult a finished run recorded in results.json."""
+    path = run / rundir.RESULTS
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        names = {f.name for f in dataclasses.fields(TrainResult)} - {"history", "run_dir"}
+        return TrainResult(run_dir=run, **{k: v for k, v in saved.items() if k in names})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise UsageError(f"{path}: unreadable results ({type(e).__name__}: {str(e)[:80]})") from None
