@@ -118,7 +118,7 @@ def test_replanning_after_an_epoch_follows_the_measured_pace() -> None:
 
 
 def test_too_short_a_time_budget_is_a_usage_error_naming_the_option() -> None:
-    with pytest.raises(UsageError, match="time_budget 0.0001: too short"):
+    with pytest.raises(UsageError, match=r"time_budget 0\.0001: too short"):
         fit(TrainConfig(model="cnn-fast", time_budget=1e-4, val_split=0, patience=0, device="cpu"), runs_dir=None,
             dataset=tiny_dataset())  # fmt: skip
 
