@@ -101,7 +101,8 @@ def test_a_planned_run_is_not_re_planned_and_timing_leaves_the_run_unchanged() -
     assert not t.opt.state and torch.equal(torch.get_rng_state(), rng) and torch.equal(t.gen.get_state(), gen)
 
 
-def test_replanning_after_an_epoch_follows_the_measured_pace() -> None:
+def test_replanning_after_an_epoch_follows_the_measured_pace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_Trainer, "_time_steps", lambda self: (0.01, 1e-4))  # the first timing: 10 ms per step
     cfg = TrainConfig(model="cnn-fast", batch_size=16, val_split=0, patience=0, time_budget=30.0, device="cpu")
     t = _Trainer(cfg, Reporter(), tiny_dataset(), time.perf_counter())
     planned = t.total_steps

@@ -278,7 +278,7 @@ def _image_set(x: Any, y: Any, names: Sequence[str]) -> ImageSet:
 
 def _as_uint8_nchw(x: Any, what: str) -> torch.Tensor:
     """Images (N, H, W), (N, C, H, W) or (N, H, W, C), uint8 or floats in [0, 1] -> uint8 (N, C, H, W)."""
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach().cpu()
+    t = torch.as_tensor(np.array(x) if not isinstance(x, torch.Tensor) else x).detach().cpu()
     if t.dim() == 3:
         t = t.unsqueeze(1)
     if t.dim() != 4:
@@ -325,7 +325,7 @@ def _one_image(image: Any) -> torch.Tensor:
     """One image (PIL, array or tensor, HW / CHW / HWC) -> uint8 (C, H, W)."""
     if hasattr(image, "convert"):  # PIL
         image = np.asarray(image.convert("RGB" if image.mode not in ("L", "1", "I", "I;16", "F") else "L"))
-    return _as_uint8_nchw(torch.as_tensor(np.asarray(image)).unsqueeze(0), "data")[0]
+    return _as_uint8_nchw(torch.as_tensor(np.array(image)).unsqueeze(0), "data")[0]
 
 
 def to_images(x: Any, loaded: LoadedRun) -> tuple[torch.Tensor, list[str], bool]:
@@ -348,7 +348,9 @@ def to_images(x: Any, loaded: LoadedRun) -> tuple[torch.Tensor, list[str], bool]
         if isinstance(item, Image.Image):
             batch = [item]
         else:
-            t = item if isinstance(item, torch.Tensor) else torch.as_tensor(np.asarray(item))
+            t = (
+                item if isinstance(item, torch.Tensor) else torch.as_tensor(np.array(item))
+            )  # a copy: read-only arrays (PIL) too
             # One image is HW, CHW or HWC; anything else is a batch (N, H, W), (N, C, H, W) or (N, H, W, C).
             one = t.dim() == 2 or (t.dim() == 3 and (t.shape[0] in (1, 3) or t.shape[2] in (1, 3)))
             t = _as_uint8_nchw(t.unsqueeze(0) if one else t, "x")

@@ -165,10 +165,12 @@ def write_config(run: Path, config: dict[str, Any]) -> Path:
 def write_metrics(run: Path, rows: list[dict[str, Any]]) -> Path:
     """Rewrite metrics.csv with one row per epoch (small: rewriting whole keeps it atomic)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    # The standard columns, then any a callback added to the rows (in the order they first appear).
+    fields = list(dict.fromkeys([*METRIC_FIELDS, *(k for row in rows for k in row)]))
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+        writer.writerow({k: _fmt(row.get(k)) for k in fields})
     return atomic_write_text(run / METRICS, buf.getvalue())
 
 
@@ -197,6 +199,12 @@ def _metrics_row(row: dict[str, Any], path: Path, line: int) -> dict[str, Any]:
     if out["epoch"] is None or not math.isfinite(out["epoch"]) or out["epoch"] != int(out["epoch"]) or out["epoch"] < 1:
         raise UsageError(f"{path}, line {line}: epoch must be a whole number >= 1")
     out["epoch"] = int(out["epoch"])
+    for key in row.keys() - set(METRIC_FIELDS):  # a callback's own columns: numbers where they parse, else text
+        text = (row.get(key) or "").strip()
+        try:
+            out[key] = float(text) if text else None
+        except ValueError:
+            out[key] = text
     return out
 
 

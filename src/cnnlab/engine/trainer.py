@@ -113,10 +113,12 @@ class Trainer:
             self.total_steps = cfg.planned_steps
             cfg.epochs = math.ceil(cfg.planned_steps / self.steps_per_epoch)
         self.sched = build_scheduler(self.opt, cfg, self.total_steps, self.steps_per_epoch)
-        # Order matters at an epoch's end: re-plan, judge the epoch, then save (the checkpoint holds plan and verdict).
-        builtin: list[cbs.Callback] = [cbs.Freeze(), *([self.budget] if self.budget else []), self.early]
-        builtin += [*([self.ema] if self.ema else []), cbs.Checkpointing(cfg.checkpoint_steps, cfg.checkpoint_minutes)]
-        self.callbacks: list[cbs.Callback] = [*builtin, cbs.Progress(self.reporter), *callbacks]
+        # Order matters at an epoch's end: re-plan and judge the epoch, let the user's callbacks add columns or stop,
+        # then save (the checkpoint holds plan, verdict and the callbacks' state) and print the row.
+        judges: list[cbs.Callback] = [cbs.Freeze(), *([self.budget] if self.budget else []), self.early]
+        judges += [self.ema] if self.ema else []
+        saving = [cbs.Checkpointing(cfg.checkpoint_steps, cfg.checkpoint_minutes), cbs.Progress(self.reporter)]
+        self.callbacks: list[cbs.Callback] = [*judges, *callbacks, *saving]
 
     # ----------------------------------------------------------------------------------------------- set-up
 
