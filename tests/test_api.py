@@ -35,8 +35,9 @@ def test_train_returns_a_run_with_model_metrics_dir_and_plot(saved_run: cnnlab.a
     assert [row["epoch"] for row in run.metrics] == [1, 2] and "val_loss" in run.metrics[0]
     assert run.dir is not None and (run.dir / "best.safetensors").is_file()
     assert run.classes == ("a", "b", "c", "d")
-    fig = run.plot()
-    assert len(fig.axes) == 2 and "test accuracy" in repr(run)
+    picture = run.plot()
+    assert len(picture.figure.axes) == 2 and "test accuracy" in repr(run)
+    assert picture._repr_png_().startswith(b"\x89PNG")  # what a notebook displays
 
 
 @pytest.mark.parametrize(

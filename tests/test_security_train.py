@@ -24,8 +24,8 @@ from tests.conftest import main_error, run_cli
 FAST = ["--epochs", "1", "--max-steps", "2", "--quiet"]
 
 BAD_TRAIN = [
-    (["--seed", "99999999999999999999999"], "--seed must be a whole number in 0.."),
-    (["--seed", "-1"], "--seed must be a whole number in 0.."),
+    (["--seed", "99999999999999999999999"], "--seed: must be a whole number in 0.."),
+    (["--seed", "-1"], "--seed: must be a whole number in 0.."),
     (["--device", "xpu"], "--device xpu: not supported"),
     (["--device", "meta"], "--device meta: not supported"),
     (["--model", "cnn-compact", "--model-args", "width=nan"], "--model-args width=nan: not a finite number"),

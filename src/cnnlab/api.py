@@ -155,6 +155,11 @@ class Run:
         return self._loaded.path
 
     @property
+    def loaded(self) -> LoadedRun:
+        """What the lower-level functions take (cnnlab.evaluate_run, predict_files, export_run)."""
+        return self._loaded
+
+    @property
     def classes(self) -> tuple[str, ...]:
         """The class names, in the order of the model's outputs."""
         return self._loaded.classes
@@ -209,12 +214,35 @@ class Run:
             images = eval_data(self._loaded, None, None, "test")[0].images[:32]
         return export_run(self._loaded, format, images, path).path
 
-    def plot(self) -> Any:
-        """Loss and accuracy per epoch (train and validation) as a matplotlib Figure (a notebook shows it)."""
+    def plot(self) -> Picture:
+        """Loss and accuracy per epoch, train vs validation: a notebook shows it; `.save(path)`, `.figure`."""
         from cnnlab.inspect.visualize import curves_figure
 
         best = self.result.best_epoch if self.result else None
-        return curves_figure(self.metrics, f"{self._loaded.config['model']['name']}", best)
+        config = self._loaded.config
+        return Picture(curves_figure(self.metrics, f"{config['model']['name']} on {config['data']['name']}", best))
+
+
+class Picture:
+    """A matplotlib Figure that a notebook displays as a PNG (a bare Figure, made without pyplot, would not show)."""
+
+    def __init__(self, figure: Any) -> None:
+        self.figure = figure
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.figure.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        return buf.getvalue()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the picture as a PNG; returns the path."""
+        self.figure.savefig(path, dpi=120, bbox_inches="tight")
+        return Path(path)
+
+    def __repr__(self) -> str:
+        return f"<cnnlab picture: {len(self.figure.axes)} panels; .save(path) writes a PNG>"
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------------

@@ -328,6 +328,8 @@ def describe_range(opt: Option) -> str:
         return f"in ({lo}, inf)" if opt.lo_open else f"at least {lo}"
     if opt.lo is None:
         return f"at most {hi}" if opt.hi_closed else f"below {hi}"
+    if isinstance(opt.lo, int) and isinstance(opt.hi, int) and not opt.lo_open and opt.hi_closed:
+        return f"a whole number in {lo}..{hi}"
     left, right = "(" if opt.lo_open else "[", "]" if opt.hi_closed else ")"
     return f"in {left}{lo}, {hi}{right}"
 

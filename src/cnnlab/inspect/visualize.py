@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from cnnlab.fileio import atomic_write_bytes
 
@@ -48,6 +49,7 @@ def curves_figure(rows: Sequence[dict[str, Any]], title: str = "", best_epoch: i
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
