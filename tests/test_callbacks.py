@@ -12,8 +12,9 @@ from torch import nn
 
 from cnnlab.engine import planner
 from cnnlab.engine.callbacks import Callback
-from cnnlab.engine.config import OptionError, TrainConfig
+from cnnlab.engine.config import TrainConfig
 from cnnlab.engine.trainer import fit
+from cnnlab.errors import OptionError
 from tests.test_speed import tiny_dataset
 
 

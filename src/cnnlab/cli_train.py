@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from cnnlab.cli import EXIT_OK, _shown, launch_torchrun, parse_checkpoint_every, parse_model_args
-from cnnlab.engine.config import GROUPS, Option, TrainConfig, describe_range, flag, options, type_name
-from cnnlab.errors import UsageError
+from cnnlab.engine.config import GROUPS, Option, TrainConfig, describe_range, options, type_name
+from cnnlab.errors import UsageError, flag
 
 # What `--resume RUN` may be given besides: where to run and how to print (the run's own options are kept).
 RESUME_MAY_CHANGE = {"device"}
@@ -69,7 +69,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "recipe": " " + "; ".join(f"{r.name}: {r.measured}" for r in RECIPES.values()),
     }
     for f, opt in options():
-        if opt.cli is None:
+        if not opt.cli:
             continue
         kind = type_name(f)
         help_text = f"{opt.help}{extra.get(f.name, '')} ({_default_text(getattr(defaults, f.name))})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -32,3 +33,39 @@ def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "") -> 
     if hint:
         msg += f" ({hint})"
     return UsageError(msg)
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of option `name`: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+class OptionError(UsageError):
+    """An impossible option value. Its text names the Python keyword; `cli_message()` names the command-line flag.
+
+    `why` may mention other options as {name} or {name=value}: `freeze='features'` in Python, `--freeze features`
+    on the command line.
+    """
+
+    def __init__(self, name: str, why: str) -> None:
+        self.option, self.why = name, why
+        super().__init__(f"{name} {_spell(why, cli=False)}")
+
+    def cli_message(self) -> str:
+        """The same message in the command line's words."""
+        return f"{flag(self.option)} {_spell(self.why, cli=True)}"
+
+
+_MENTION = re.compile(r"\{(\w+)(?:=([^}]*))?\}")
+
+
+def _spell(text: str, cli: bool) -> str:
+    def one(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        if cli:
+            return flag(name) + (f" {value}" if value is not None else "")
+        if value is None:
+            return name
+        return f"{name}={value}" if re.fullmatch(r"[-+.\deE]+|None|True|False", value) else f"{name}={value!r}"
+
+    return _MENTION.sub(one, text)

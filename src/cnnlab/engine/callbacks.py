@@ -23,7 +23,7 @@ import copy
 import math
 import time
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -32,8 +32,42 @@ from cnnlab.engine.checkpoint import save_checkpoint, save_weights
 from cnnlab.engine.optim import build_scheduler, split_parameters
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from torch import nn
+
+    from cnnlab.engine.config import TrainConfig
     from cnnlab.engine.reporter import Reporter
-    from cnnlab.engine.trainer import Trainer, TrainResult
+    from cnnlab.engine.result import TrainResult
+
+
+class Loop(Protocol):
+    """What a callback may use of the running loop (engine/trainer.py's Trainer is one; cnnlab's own callbacks below
+    also reach into its internals: the classifier's names, the scheduler, mid-epoch saving)."""
+
+    model: nn.Module  # the network being trained (unwrapped: not the DDP or compiled wrapper)
+    epoch: int  # epochs done
+    step: int  # optimizer steps done
+    total_steps: int  # the steps the run will take (a time budget may change it)
+    history: list[dict[str, Any]]  # the metrics rows so far
+    run: Path | None  # the run directory (None: nothing is written)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer (its param_groups hold the learning rates)."""
+
+    @property
+    def config(self) -> TrainConfig:
+        """The run's options."""
+
+    def set_lr(self, lr: float) -> None:
+        """Set the classifier's learning rate (other groups keep their ratio to it)."""
+
+    def stop(self, reason: str) -> None:
+        """End the run after the current step."""
+
+    def message(self, text: str) -> None:
+        """A one-line notice to the progress output."""
 
 
 class Callback:
@@ -41,19 +75,19 @@ class Callback:
 
     key: str | None = None  # the name its state_dict() is saved under in last.ckpt (None: it has no state)
 
-    def on_train_start(self, loop: Trainer) -> None:
+    def on_train_start(self, loop: Loop) -> None:
         """After set-up, before the first step."""
 
-    def on_epoch_start(self, loop: Trainer) -> None:
+    def on_epoch_start(self, loop: Loop) -> None:
         """Before each epoch."""
 
-    def on_step_end(self, loop: Trainer, loss: float | None) -> None:
+    def on_step_end(self, loop: Loop, loss: float | None) -> None:
         """After each optimizer step."""
 
-    def on_epoch_end(self, loop: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
         """After each epoch, with its metrics row."""
 
-    def on_train_end(self, loop: Trainer, result: TrainResult) -> None:
+    def on_train_end(self, loop: Loop, result: TrainResult) -> None:
         """After the test evaluation."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -70,16 +104,16 @@ class Progress(Callback):
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
 
-    def on_epoch_start(self, loop: Trainer) -> None:
+    def on_epoch_start(self, loop: Loop) -> None:
         """Announce the epoch and its number of steps."""
         steps = min(loop.steps_per_epoch - loop.steps_into_epoch(), loop.total_steps - loop.step)
         self.reporter.epoch_start(loop.epoch + 1, steps)
 
-    def on_step_end(self, loop: Trainer, loss: float | None) -> None:
+    def on_step_end(self, loop: Loop, loss: float | None) -> None:
         """Advance the bar."""
         self.reporter.step(loop.epoch + 1, loop.steps_into_epoch(), loss)
 
-    def on_epoch_end(self, loop: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
         """Print the epoch's line."""
         self.reporter.epoch_end(row)
 
@@ -90,7 +124,7 @@ class Freeze(Callback):
     A frozen feature extractor gets no gradient, and its BatchNorm layers keep their running statistics.
     """
 
-    def on_epoch_start(self, loop: Trainer) -> None:
+    def on_epoch_start(self, loop: Loop) -> None:
         """Set requires_grad (and BatchNorm modes) for the coming epoch."""
         if loop.head is None:
             return
@@ -124,7 +158,7 @@ class EarlyStopping(Callback):
         self.patience = patience
         self.best_loss, self.best_epoch, self.bad_epochs = math.inf, 0, 0
 
-    def on_epoch_end(self, loop: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
         """Compare this epoch's validation loss with the best so far."""
         has_val = row.get("val_loss") is not None
         loop.improved = not has_val or row["val_loss"] < self.best_loss
@@ -157,7 +191,7 @@ class Checkpointing(Callback):
         self.steps, self.minutes = steps, minutes
         self.last_save = time.monotonic()
 
-    def on_step_end(self, loop: Trainer, loss: float | None) -> None:
+    def on_step_end(self, loop: Loop, loss: float | None) -> None:
         """A mid-epoch checkpoint when one is due."""
         due = bool(self.steps) and loop.step % self.steps == 0
         due = due or (bool(self.minutes) and time.monotonic() - self.last_save >= 60 * self.minutes)
@@ -165,7 +199,7 @@ class Checkpointing(Callback):
             loop.save_mid_epoch()
             self.last_save = time.monotonic()
 
-    def on_epoch_end(self, loop: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
         """Best weights (if improved), then the checkpoint and the metrics."""
         if loop.improved:
             if loop.run:
@@ -189,17 +223,17 @@ class TimeBudget(Callback):
         self.started, self.fixed_s, self.clock = started, fixed_s, clock
         self.epoch_started, self.steps_before = 0.0, 0
 
-    def on_epoch_start(self, loop: Trainer) -> None:
+    def on_epoch_start(self, loop: Loop) -> None:
         """Note when the epoch began and at which step."""
         self.epoch_started, self.steps_before = self.clock(), loop.step
 
-    def on_epoch_end(self, loop: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
         """Re-plan at the epoch's pace (must run before Checkpointing, which saves the plan)."""
         note = self.replan(loop, self.clock() - self.epoch_started, loop.step - self.steps_before)
         if note:
             loop.message(note)
 
-    def replan(self, loop: Trainer, epoch_seconds: float, epoch_steps: int) -> str | None:
+    def replan(self, loop: Loop, epoch_seconds: float, epoch_steps: int) -> str | None:
         """Re-plan after `epoch_steps` steps took `epoch_seconds`; the note to show, or None if the plan holds."""
         cfg = loop.config
         if epoch_steps < 1 or loop.step >= loop.total_steps:
@@ -243,7 +277,7 @@ class EMA(Callback):
         self.updates = 0
         self._restored: dict[str, Any] | None = None
 
-    def on_train_start(self, loop: Trainer) -> None:
+    def on_train_start(self, loop: Loop) -> None:
         """Start the average from the current weights, or from the average a resumed checkpoint held."""
         self.model = copy.deepcopy(loop.model).eval().requires_grad_(False)
         if self._restored:
@@ -252,7 +286,7 @@ class EMA(Callback):
             self._restored = None
 
     @torch.no_grad()
-    def on_step_end(self, loop: Trainer, loss: float | None) -> None:
+    def on_step_end(self, loop: Loop, loss: float | None) -> None:
         """Move the average towards the new weights: avg += (1 - decay) * (w - avg); integer buffers are copied."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnnlab.errors import UsageError
+from cnnlab.errors import OptionError, UsageError, flag
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
@@ -42,7 +41,7 @@ class Option:
     lo_open: bool = False
     hi_closed: bool = False
     metavar: str | None = None
-    cli: str | None = ""  # "" = --name-with-dashes; None = not a command-line option (set by the trainer)
+    cli: bool = True  # a flag --name-with-dashes; False: set by the trainer or through another flag
     text: str = ""  # how the CLI reads the text: "" by the field's type; "list" comma list; "kv" KEY=VALUE list
 
 
@@ -52,44 +51,6 @@ def option(default: Any, help: str, group: str, **how: Any) -> Any:
     if isinstance(default, dict | list):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of option `name`: batch_size -> --batch-size."""
-    f = next((f for f in dataclasses.fields(TrainConfig) if f.name == name), None)
-    cli = f.metadata["option"].cli if f is not None else ""
-    return cli or "--" + name.replace("_", "-")
-
-
-class OptionError(UsageError):
-    """An impossible option value. Its text names the Python keyword; `cli_message()` names the command-line flag.
-
-    `why` may mention other options as {name} or {name=value}: `freeze="features"` in Python, `--freeze features`
-    on the command line.
-    """
-
-    def __init__(self, name: str, why: str) -> None:
-        self.option, self.why = name, why
-        super().__init__(f"{name} {_spell(why, cli=False)}")
-
-    def cli_message(self) -> str:
-        """The same message in the command line's words."""
-        return f"{flag(self.option)} {_spell(self.why, cli=True)}"
-
-
-_MENTION = re.compile(r"\{(\w+)(?:=([^}]*))?\}")
-
-
-def _spell(text: str, cli: bool) -> str:
-    def one(m: re.Match[str]) -> str:
-        name, value = m.group(1), m.group(2)
-        if cli:
-            return flag(name) + (f" {value}" if value is not None else "")
-        if value is None:
-            return name
-        return f"{name}={value}" if re.fullmatch(r"[-+.\deE]+|None|True|False", value) else f"{name}={value!r}"
-
-    return _MENTION.sub(one, text)
 
 
 _G_WHAT, _G_SPEED, _G_OPT, _G_VAL, _G_RUN, _G_LOG = GROUPS
@@ -137,7 +98,7 @@ class TrainConfig:
         None, "time a few steps, then plan the schedule (steps, epochs, lr) so the whole run ends within this time",
         _G_SPEED, unit="seconds", lo=0.0, lo_open=True, metavar="SECONDS")  # fmt: skip
     planned_steps: int | None = option(
-        None, "the step count a time budget planned (set by the trainer; resume reuses it)", _G_SPEED, cli=None
+        None, "the step count a time budget planned (set by the trainer; resume reuses it)", _G_SPEED, cli=False
     )
     channels_last: bool = option(False, "NHWC memory format for model and batches (faster convolutions)", _G_SPEED)
     compile: bool = option(False, "torch.compile the training forward/backward (pays compile time up front)", _G_SPEED)
@@ -194,8 +155,8 @@ class TrainConfig:
         choices=NAN_POLICIES)  # fmt: skip
     checkpoint_steps: int = option(
         0, "also write last.ckpt every this many steps inside an epoch; 0 = at epoch ends only", _G_RUN,
-        unit="steps", lo=0, cli=None)  # fmt: skip
-    checkpoint_minutes: float = option(0.0, "...or every this many minutes", _G_RUN, unit="minutes", lo=0.0, cli=None)
+        unit="steps", lo=0, cli=False)  # fmt: skip
+    checkpoint_minutes: float = option(0.0, "...or every this many minutes", _G_RUN, unit="minutes", lo=0.0, cli=False)
     sync_bn: bool = option(False, "data-parallel: BatchNorm statistics over the global batch (CUDA only)", _G_RUN)
     logger: tuple[str, ...] = option(
         (), "experiment loggers besides metrics.csv: tensorboard, mlflow (comma list; optional extras)", _G_LOG,
@@ -351,7 +312,7 @@ def markdown_table() -> str:
     for f, opt in options():
         value = getattr(defaults, f.name)
         shown = "`" + (",".join(value) if isinstance(value, tuple) else repr(value)) + "`" if value != {} else "`{}`"
-        cli = f"`{flag(f.name)}`" if opt.cli is not None else "—"
+        cli = f"`{flag(f.name)}`" if opt.cli else "—"
         what = opt.help + "." + (f" One of: {', '.join(opt.choices)}." if opt.choices else "")
         if opt.lo is not None or opt.hi is not None:
             what += f" Must be {describe_range(opt)}."

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from cnnlab.engine.config import OptionError
+from cnnlab.errors import OptionError
 
 
 def resolve_device(name: str) -> torch.device:

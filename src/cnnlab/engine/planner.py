@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cnnlab.engine.config import OptionError
+from cnnlab.errors import OptionError
 
 # The fraction of the budget planned for, seconds per checkpoint, seconds to finish a run (results and curves).
 BUDGET_SAFETY, BUDGET_SAVE_S, BUDGET_FINISH_S = 0.96, 0.05, 0.5
