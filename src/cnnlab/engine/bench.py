@@ -113,8 +113,6 @@ def throughput(cfg: ThroughputConfig) -> dict[str, Any]:
 
     Training FLOPs count 3x the forward (the backward computes gradients for inputs and weights).
     """
-    from cnnlab.inspect.zoo import count_macs
-
     info = model_info(cfg.model)
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
@@ -122,6 +120,27 @@ def throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     channels = cfg.channels or info.default_in_channels
     if cfg.batch_size < 1 or cfg.seconds <= 0 or cfg.warmup < 0:
         raise UsageError("--batch-size must be >= 1, --seconds > 0 and --warmup >= 0")
+    flops = _checked_forward_flops(cfg, channels, size, device)
+    step = _bench_step(cfg, channels, size, device, dtype)
+    steps, elapsed = _timed_steps(step, cfg, device)
+    images_s = steps * cfg.batch_size / elapsed
+    achieved = images_s * flops * (3 if cfg.train else 1) / 1e9
+    peak32 = matmul_peak(device, torch.float32)
+    peak = matmul_peak(device, dtype) if dtype != torch.float32 else peak32
+    return {
+        **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "model_args"},
+        "model_args": dict(cfg.model_args), "image_size": size, "channels": channels, "device": str(device),
+        "precision": str(dtype).replace("torch.", ""), "steps": steps, "elapsed_s": elapsed, "images_per_s": images_s,
+        "forward_gflops_per_image": flops / 1e9, "achieved_gflops_s": achieved, "matmul_peak_fp32_gflops_s": peak32,
+        "fraction_of_fp32_peak": achieved / peak32, "machine": machine_info(), "matmul_peak_gflops_s": peak,
+        "fraction_of_peak": achieved / peak,
+    }  # fmt: skip
+
+
+def _checked_forward_flops(cfg: ThroughputConfig, channels: int, size: int, device: torch.device) -> int:
+    """Forward FLOPs of one image, after checking on the meta device that the measured steps fit in memory."""
+    from cnnlab.inspect.zoo import count_macs
+
     shape = (channels, size, size)
     with torch.device("meta"):  # options and sizes checked, FLOPs and memory measured: nothing allocated yet
         probe = create_model(cfg.model, cfg.num_classes, channels, size, **cfg.model_args)
@@ -130,7 +149,12 @@ def throughput(cfg: ThroughputConfig) -> dict[str, Any]:
         what = "training" if cfg.train else "inference"
         check_fits(f"bench throughput of {cfg.model} (batch {cfg.batch_size} x {channels}x{size}x{size}, {what})",
                    need, str(device))  # fmt: skip
-    flops = 2 * count_macs(probe, shape)  # forward FLOPs of one image
+    return 2 * count_macs(probe, shape)
+
+
+def _bench_step(cfg: ThroughputConfig, channels: int, size: int, device: torch.device, dtype: torch.dtype
+                ) -> Callable[[], None]:  # fmt: skip
+    """One measured step on a fixed synthetic batch: a forward pass, or a full SGD training step."""
     torch.manual_seed(0)
     model = create_model(cfg.model, cfg.num_classes, channels, size, **cfg.model_args).to(device)
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -158,6 +182,11 @@ def throughput(cfg: ThroughputConfig) -> dict[str, Any]:
             loss.backward()
             opt.step()
 
+    return step
+
+
+def _timed_steps(step: Callable[[], None], cfg: ThroughputConfig, device: torch.device) -> tuple[int, float]:
+    """(steps, seconds) after the warm-up, synchronising every 5 steps until cfg.seconds have passed."""
     for _ in range(cfg.warmup):
         step()
     synchronize(device)
@@ -169,34 +198,7 @@ def throughput(cfg: ThroughputConfig) -> dict[str, Any]:
             synchronize(device)
             if time.perf_counter() - t0 >= cfg.seconds:
                 break
-    elapsed = time.perf_counter() - t0
-    images_s = steps * cfg.batch_size / elapsed
-    achieved = images_s * flops * (3 if cfg.train else 1) / 1e9
-    peak32 = matmul_peak(device, torch.float32)
-    result = {
-        **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "model_args"},
-        "model_args": dict(cfg.model_args),
-        "image_size": size,
-        "channels": channels,
-        "device": str(device),
-        "precision": str(dtype).replace("torch.", ""),
-        "steps": steps,
-        "elapsed_s": elapsed,
-        "images_per_s": images_s,
-        "forward_gflops_per_image": flops / 1e9,
-        "achieved_gflops_s": achieved,
-        "matmul_peak_fp32_gflops_s": peak32,
-        "fraction_of_fp32_peak": achieved / peak32,
-        "machine": machine_info(),
-    }
-    if dtype != torch.float32:
-        peak_lp = matmul_peak(device, dtype)
-        result["matmul_peak_gflops_s"] = peak_lp
-        result["fraction_of_peak"] = achieved / peak_lp
-    else:
-        result["matmul_peak_gflops_s"] = peak32
-        result["fraction_of_peak"] = achieved / peak32
-    return result
+    return steps, time.perf_counter() - t0
 
 
 def _throughput_bytes(probe: torch.nn.Module, shape: tuple[int, int, int], cfg: ThroughputConfig) -> int | None:
@@ -233,11 +235,31 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def _recipe_run(cfg: TrainBenchConfig, seed: int, dataset: Any, say: Callable[[str], None]) -> dict[str, Any]:
+    """One seed of cnnlab's recipe: test accuracy, seconds, and the seconds to the target if it was reached."""
+    from cnnlab.engine.recipes import apply_recipe
+
+    base = TrainConfig(data=cfg.data, data_dir=cfg.data_dir, download=cfg.download, seed=seed, device=cfg.device)
+    keep = {"data", "data_dir", "download", "seed", "device"}
+    if cfg.epochs is not None:
+        base.epochs = cfg.epochs
+        keep.add("epochs")
+    if cfg.time_budget is not None:
+        base.time_budget = cfg.time_budget
+    train_cfg = apply_recipe(base, cfg.recipe, keep=keep)
+    say(f"seed {seed}: cnnlab --recipe {cfg.recipe} ...")
+    r = fit(train_cfg, runs_dir=None, dataset=dataset)
+    say(f"seed {seed}: cnnlab {r.test_acc:.2%} in {r.seconds:.1f} s")
+    return {
+        "seed": seed, "test_acc": r.test_acc, "seconds": r.seconds, "epochs": r.epochs_run, "steps": r.steps,
+        "seconds_to_target": r.seconds if r.test_acc >= cfg.target else None, "precision": train_cfg.precision,
+    }  # fmt: skip
+
+
 def bench_train(cfg: TrainBenchConfig, on_event: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time to `target` test accuracy for cnnlab's recipe and the peer loop, back to back for each seed."""
     from cnnlab.data.sources import load_dataset
     from cnnlab.engine.peer import PEER_DATASETS, run_peer
-    from cnnlab.engine.recipes import apply_recipe
 
     say = on_event or (lambda _: None)
     if not 0.0 <= cfg.target <= 1.0:
@@ -249,22 +271,7 @@ def bench_train(cfg: TrainBenchConfig, on_event: Callable[[str], None] | None = 
     load_s = time.perf_counter() - t0
     ours, peers = [], []
     for seed in cfg.seeds:
-        base = TrainConfig(data=cfg.data, data_dir=cfg.data_dir, download=cfg.download, seed=seed, device=cfg.device)
-        keep = {"data", "data_dir", "download", "seed", "device"}
-        if cfg.epochs is not None:
-            base.epochs = cfg.epochs
-            keep.add("epochs")
-        if cfg.time_budget is not None:
-            base.time_budget = cfg.time_budget
-        train_cfg = apply_recipe(base, cfg.recipe, keep=keep)
-        say(f"seed {seed}: cnnlab --recipe {cfg.recipe} ...")
-        r = fit(train_cfg, runs_dir=None, dataset=dataset)
-        ours.append({
-            "seed": seed, "test_acc": r.test_acc, "seconds": r.seconds, "epochs": r.epochs_run, "steps": r.steps,
-            "seconds_to_target": r.seconds if r.test_acc >= cfg.target else None,
-            "precision": train_cfg.precision,
-        })  # fmt: skip
-        say(f"seed {seed}: cnnlab {r.test_acc:.2%} in {r.seconds:.1f} s")
+        ours.append(_recipe_run(cfg, seed, dataset, say))
         if cfg.peer:
             say(f"seed {seed}: peer loop (torchvision DataLoader, batch 64, Adam 1e-3) ...")
             p = run_peer(cfg.data, cfg.data_dir, target=cfg.target, max_epochs=cfg.peer_max_epochs, seed=seed,
