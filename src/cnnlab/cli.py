@@ -541,9 +541,14 @@ def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_zoo(args: argparse.Namespace) -> int:
     """`cnnlab zoo`."""
     from cnnlab.inspect.zoo import matches_torchvision, own_rows, torchvision_rows
+    from cnnlab.reporting import LineProgress
 
-    rows = (torchvision_rows(args.pattern) if args.source != "ours" else []) + (
-        own_rows(args.pattern) if args.source != "torchvision" else [])  # fmt: skip
+    progress = LineProgress("zoo")  # every torchvision weights entry is measured: a minute for all of them
+    try:
+        rows = torchvision_rows(args.pattern, progress) if args.source != "ours" else []
+    finally:
+        progress.close()
+    rows += own_rows(args.pattern) if args.source != "torchvision" else []
     if not rows:
         raise CnnlabError(f"no model matches {args.pattern!r}")
     key = {"name": lambda r: (r.model, r.weights), "acc1": lambda r: -(r.acc1 or 0), "params": lambda r: r.params,
