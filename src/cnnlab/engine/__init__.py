@@ -1,6 +1,15 @@
 """Engine: fit(), checkpoints, run directories, metrics."""
 
-from cnnlab.engine.reporter import Reporter
-from cnnlab.engine.trainer import TrainConfig, TrainResult, evaluate_batches, fit, resolve_device
+from cnnlab._lazy import lazy_attributes
 
-__all__ = ["Reporter", "TrainConfig", "TrainResult", "evaluate_batches", "fit", "resolve_device"]
+# Imported on first use: `cnnlab.engine.rundir` (or any other module here) can be imported without the trainer.
+_PUBLIC = {
+    "Reporter": "cnnlab.engine.reporter",
+    "TrainConfig": "cnnlab.engine.trainer",
+    "TrainResult": "cnnlab.engine.trainer",
+    "evaluate_batches": "cnnlab.engine.trainer",
+    "fit": "cnnlab.engine.trainer",
+    "resolve_device": "cnnlab.engine.trainer",
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy_attributes(globals(), _PUBLIC)
