@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import urllib.error
@@ -17,7 +18,8 @@ from cnnlab.data.sources import Dataset, ImageSet
 from cnnlab.engine import TrainConfig, fit
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.inspect.zoo import matches_torchvision, own_rows, torchvision_rows
-from cnnlab.models import create_model
+from cnnlab.models import create_model, model_info
+from cnnlab.reporting import LineProgress
 from tests.conftest import write_pickle_payload
 
 
@@ -191,6 +193,32 @@ def test_cli_zoo_formats(capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[0].startswith("model,weights,input,acc1") and len(lines) == 2  # header + resnet18
     assert main(["zoo", "squeezenet*", "--format", "markdown", "--source", "torchvision"]) == 0
     assert capsys.readouterr().out.count("| squeezenet1_") == 2
+
+
+def test_cli_zoo_shows_progress_on_stderr_only(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["zoo", "squeezenet*", "--format", "json"]) == 0
+    out = capsys.readouterr()
+    assert [r["model"] for r in json.loads(out.out)] == ["squeezenet1_0", "squeezenet1_1"]
+    assert out.err.splitlines() == ["zoo: 1/2 squeezenet1_0 IMAGENET1K_V1", "zoo: 2/2 squeezenet1_1 IMAGENET1K_V1"]
+
+
+def test_progress_on_a_terminal_rewrites_one_line_and_erases_it() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = LineProgress("zoo", stream)
+    progress(1, 2, "alexnet IMAGENET1K_V1")
+    progress(2, 2, "vgg11 IMAGENET1K_V1")
+    progress.close()
+    assert stream.getvalue() == "\r\x1b[Kzoo: 1/2 alexnet IMAGENET1K_V1\r\x1b[Kzoo: 2/2 vgg11 IMAGENET1K_V1\r\x1b[K"
+
+
+def test_model_descriptions_count_sets_of_weights() -> None:
+    assert model_info("alexnet").description == "torchvision alexnet (1 set of pretrained weights)"
+    assert model_info("resnet50").description == "torchvision resnet50 (2 sets of pretrained weights)"
+    assert model_info("googlenet").description.endswith("(1 set of pretrained weights)")
 
 
 def test_cli_summary_shows_the_lecture_example(capsys: pytest.CaptureFixture[str]) -> None:

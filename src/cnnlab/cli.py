@@ -3,134 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import math
 import os
+import re
 import sys
 import traceback
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from cnnlab.errors import CnnlabError, UsageError
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line, `cnnlab: error: ...`, with exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        """Print one line naming the problem and exit 2."""
-        sys.stderr.write(f"cnnlab: error: {message} (see `{self.prog} --help`)\n")
-        raise SystemExit(EXIT_USAGE)
-
-
-def _int_at_least(lo: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {value}")
-        return value
-
-    return parse
-
-
-def _float_in(lo: float, hi: float, hi_open: bool = True, lo_open: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        ok_lo = value > lo if lo_open else value >= lo
-        ok_hi = value < hi if hi_open else value <= hi
-        if not (ok_lo and ok_hi):
-            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
-        return value
-
-    return parse
-
-
-_positive_float = _float_in(0.0, float("inf"), lo_open=True)
-
-
-def _shown(value: Any) -> str:
-    """An option's value as typed: tuples as comma lists, dicts as KEY=VALUE lists."""
-    if isinstance(value, tuple | list):
-        return ",".join(map(str, value)) or "none"
-    if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items())
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def parse_model_args(text: str | None) -> dict[str, Any]:
-    """'width=16,act=elu,dropout=0.3' -> {'width': 16, 'act': 'elu', 'dropout': 0.3}."""
-    out: dict[str, Any] = {}
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--model-args: expected KEY=VALUE items, got {item!r}")
-        value = value.strip()
-        for cast in (int, float):
-            try:
-                out[key.strip()] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
-        if isinstance(out[key.strip()], float) and not math.isfinite(out[key.strip()]):
-            raise UsageError(f"--model-args {key.strip()}={value}: not a finite number")
-    return out
-
-
-def parse_checkpoint_every(text: str | None) -> dict[str, Any]:
-    """'500' -> every 500 steps; '10m' -> every 10 minutes."""
-    if not text:
-        return {}
-    try:
-        if text.endswith("m"):
-            minutes = float(text[:-1])
-            if minutes > 0 and math.isfinite(minutes):
-                return {"checkpoint_minutes": minutes}
-        elif int(text) > 0:
-            return {"checkpoint_steps": int(text)}
-    except ValueError:
-        pass
-    raise UsageError(f"--checkpoint-every {text!r}: expected a number of steps (500) or minutes (10m), above 0")
-
-
-def launch_torchrun(argv: Sequence[str], nproc: int) -> int:
-    """`cnnlab train --devices N ...` -> `torchrun --standalone --nproc-per-node N -m cnnlab train ...`."""
-    from cnnlab.engine import distributed
-
-    rest, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--devices":
-            skip = True
-        elif not arg.startswith("--devices="):
-            rest.append(arg)
-    torchrun_args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "cnnlab", *rest]
-    print(f"cnnlab: launching {nproc} processes: torchrun {' '.join(torchrun_args)}", file=sys.stderr)
-    failure = distributed.launch(torchrun_args)
-    if failure is None:
-        return EXIT_OK
-    sys.stderr.write(f"cnnlab: error: {failure.message}\n")
-    return failure.exit_code
+from cnnlab import cli_bench, cli_train, cli_use
+from cnnlab.cli_common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    Parser,
+    int_at_least,
+    parse_model_args,  # noqa: F401  (importable from here, as it always was)
+)
+from cnnlab.cli_train import parse_checkpoint_every  # noqa: F401
+from cnnlab.errors import CnnlabError, OptionError, UsageError
 
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab models`."""
     p = sub.add_parser(
         "models",
-        help="list registered models",
         description="List registered models: cnnlab's own and every torchvision classification builder.",
     )
     p.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'resnet*' (default: all)")
@@ -140,9 +40,9 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="build each model for --in-channels/--image-size and say what cnnlab changed to fit",
     )
-    p.add_argument("--in-channels", type=_int_at_least(1), default=None, help="input channels for --details")
-    p.add_argument("--image-size", type=_int_at_least(1), default=None, help="input side for --details")
-    p.add_argument("--num-classes", type=_int_at_least(1), default=10, help="classes for --details (10)")
+    p.add_argument("--in-channels", type=int_at_least(1), default=None, help="input channels for --details")
+    p.add_argument("--image-size", type=int_at_least(1), default=None, help="input side for --details")
+    p.add_argument("--num-classes", type=int_at_least(1), default=10, help="classes for --details (10)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_models)
 
@@ -204,7 +104,7 @@ def _model_details(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab zoo`."""
     p = sub.add_parser(
-        "zoo", help="params, GFLOPS and ImageNet accuracy of every torchvision weights entry (and ours)",
+        "zoo",
         description="The zoo table. Acc@1/Acc@5 come from torchvision's weights metadata; Params and GFLOPS are "
         "measured by cnnlab on the meta device at each weights' input size. GFLOPS = billions of multiply-"
         "accumulates per image, as torchvision's table counts them (torch's FlopCounterMode counts 2 FLOPs per "
@@ -220,9 +120,14 @@ def add_zoo_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_zoo(args: argparse.Namespace) -> int:
     """`cnnlab zoo`."""
     from cnnlab.inspect.zoo import matches_torchvision, own_rows, torchvision_rows
+    from cnnlab.reporting import LineProgress
 
-    rows = (torchvision_rows(args.pattern) if args.source != "ours" else []) + (
-        own_rows(args.pattern) if args.source != "torchvision" else [])  # fmt: skip
+    progress = LineProgress("zoo")  # every torchvision weights entry is measured: a minute for all of them
+    try:
+        rows = torchvision_rows(args.pattern, progress) if args.source != "ours" else []
+    finally:
+        progress.close()
+    rows += own_rows(args.pattern) if args.source != "torchvision" else []
     if not rows:
         raise CnnlabError(f"no model matches {args.pattern!r}")
     key = {"name": lambda r: (r.model, r.weights), "acc1": lambda r: -(r.acc1 or 0), "params": lambda r: r.params,
@@ -263,7 +168,6 @@ def add_summary_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab summary`."""
     p = sub.add_parser(
         "summary",
-        help="per-layer table: output shape, params, MACs, totals",
         description="A per-layer table like torchinfo or Keras summary(), from a real forward pass "
         "(on the meta device for torchvision models: no memory, no compute).",
     )
@@ -271,7 +175,7 @@ def add_summary_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", help="a layer stack as in `cnnlab shape --layers`, e.g. 'conv 6 5'")
     p.add_argument("--input-size", default=None, help="C,H,W (default: the model's own; e.g. 3,32,32)")
     p.add_argument(
-        "--num-classes", type=_int_at_least(1), default=None, help="classes (default 10; 1000 for torchvision models)"
+        "--num-classes", type=int_at_least(1), default=None, help="classes (default 10; 1000 for torchvision models)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_summary)
@@ -356,7 +260,6 @@ def add_kernels_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab kernels`."""
     p = sub.add_parser(
         "kernels",
-        help="list the named image kernels with their matrices",
         description="List the named kernels that `cnnlab filter --kernel` accepts, with matrices.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -387,7 +290,7 @@ def add_filter_parser(sub: argparse._SubParsersAction) -> None:
     from cnnlab.kernels import PADDINGS
 
     p = sub.add_parser(
-        "filter", help="apply image kernels (or pooling) to an image; explain one output pixel",
+        "filter",
         description="Apply kernels to an image by cross-correlation, exactly as nn.Conv2d computes it (--convolve "
         "flips the kernel for true convolution). Colour images are filtered per channel. IMAGE may be `sample`, "
         "a photo that ships with matplotlib.",
@@ -440,8 +343,8 @@ def add_filter_parser(sub: argparse._SubParsersAction) -> None:
         help="print the weighted sum behind output pixel (column X, row Y, from 0) per channel",
     )
     p.add_argument("--pool", choices=("max", "avg"), default=None, help="pool after the kernels (or alone)")
-    p.add_argument("--size", type=_int_at_least(1), default=2, help="pooling window (2)")
-    p.add_argument("--stride", type=_int_at_least(1), default=None, help="pooling stride (default: --size)")
+    p.add_argument("--size", type=int_at_least(1), default=2, help="pooling window (2)")
+    p.add_argument("--stride", type=int_at_least(1), default=None, help="pooling stride (default: --size)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_filter, range="clip")
 
@@ -488,7 +391,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
 def add_shape_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab shape`."""
     p = sub.add_parser(
-        "shape", help="conv/pool output shapes, parameters, MACs and receptive field, layer by layer",
+        "shape",
         description="Convolution arithmetic with torch's formulas: out = floor((in + 2p - d(k-1) - 1)/s) + 1 "
         "(ceil with ceil=1, where torch drops a last window that would start in the right padding; p=same pads an "
         "even kernel's extra row/column at the bottom/right, as torch does). Shapes are C x H x W as in torch; the "
@@ -601,44 +504,110 @@ def _shape_of_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> Parser:
-    """The whole `cnnlab` argument parser."""
-    import torch
-    import torchvision
+@dataclass(frozen=True)
+class Command:
+    """A `cnnlab` command: the line `cnnlab --help` shows for it, and the function that adds its parser."""
 
+    help: str
+    builder: Callable[[argparse._SubParsersAction], None]  # called for the command being run only (train's: torch)
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a model (default: LeNet-5 on the embedded MNIST subset)", cli_train.add_train_parser),
+    "models": Command("list registered models", add_models_parser),
+    "kernels": Command("list the named image kernels with their matrices", add_kernels_parser),
+    "filter": Command("apply image kernels (or pooling) to an image; explain one output pixel", add_filter_parser),
+    "shape": Command("conv/pool output shapes, parameters, MACs and receptive field, layer by layer", add_shape_parser),
+    "zoo": Command(
+        "params, GFLOPS and ImageNet accuracy of every torchvision weights entry (and ours)", add_zoo_parser
+    ),
+    "summary": Command("per-layer table: output shape, params, MACs, totals", add_summary_parser),
+    "evaluate": Command(
+        "top-1/top-5, per-class metrics and the confusion matrix of a trained run", cli_use.add_evaluate_parser
+    ),
+    "predict": Command("top-k labels with probabilities for image files", cli_use.add_predict_parser),
+    "visualize": Command(
+        "pictures of a trained run: filters, activation maps, Grad-CAM, curves", cli_use.add_visualize_parser
+    ),
+    "export": Command("export a trained run to ONNX or TorchScript, with a parity check", cli_use.add_export_parser),
+    "explore": Command(
+        "a local web page: draw a digit, watch the prediction and every activation map; kernel playground",
+        cli_use.add_explore_parser,
+    ),
+    "bench": Command("speed: time to accuracy against the peer loop; model throughput", cli_bench.add_bench_parser),
+}
+
+
+class _Commands(argparse._SubParsersAction):
+    """The subcommands: a builder's `add_parser(name)` gets the one-line help from COMMANDS."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        """Add the parser of command `name`."""
+        kwargs.setdefault("help", COMMANDS[name].help)
+        return super().add_parser(name, **kwargs)
+
+
+class _Version(argparse.Action):
+    """`--version`: the line is composed only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show program's version number and exit")  # fmt: skip
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        """Print the versions on stdout and exit 0."""
+        sys.stdout.write(version_line() + "\n")
+        parser.exit()
+
+
+def version_line() -> str:
+    """`cnnlab X (torch Y, torchvision Z)`, read from the installed files: importing torch would take seconds."""
     import cnnlab
 
+    return f"cnnlab {cnnlab.__version__} (torch {_version_of('torch')}, torchvision {_version_of('torchvision')})"
+
+
+def _version_of(package: str) -> str:
+    """A package's `__version__` (torch: '2.6.0+cu124', with its build) from its version.py, without importing it."""
+    if package in sys.modules:
+        return str(sys.modules[package].__version__)
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = (Path(folder) / "version.py").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+        if found:
+            return found.group(1)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)  # the release without the build ('2.6.0')
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def build_parser(commands: Iterable[str] | None = None) -> Parser:
+    """The `cnnlab` argument parser, with the options of `commands` only (of every command when None).
+
+    Every command is listed either way. Building a command's options imports what they need (`train`: torch), so
+    main() builds only the command being run: `cnnlab --help`, `cnnlab shape ...` and `cnnlab kernels` start fast.
+    """
     parser = Parser(
         prog="cnnlab",
         description="Convolutional neural networks from a single 3x3 kernel to the ImageNet model zoo.",
         epilog="Run `cnnlab COMMAND --help` for a command's options.",
     )
-    parser.add_argument(
-        "--version",
-        action="version",
-        version=f"cnnlab {cnnlab.__version__} (torch {torch.__version__}, torchvision {torchvision.__version__})",
-    )
+    parser.add_argument("--version", action=_Version)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    from cnnlab.cli_train import add_train_parser
-
-    add_train_parser(sub)
-    add_models_parser(sub)
-    add_kernels_parser(sub)
-    add_filter_parser(sub)
-    add_shape_parser(sub)
-    add_zoo_parser(sub)
-    add_summary_parser(sub)
-    from cnnlab import cli_use
-
-    cli_use.add_evaluate_parser(sub)
-    cli_use.add_predict_parser(sub)
-    cli_use.add_visualize_parser(sub)
-    cli_use.add_export_parser(sub)
-    cli_use.add_explore_parser(sub)
-    from cnnlab import cli_bench
-
-    cli_bench.add_bench_parser(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, action=_Commands)
+    wanted = None if commands is None else set(commands)
+    for name, command in COMMANDS.items():
+        if wanted is None or name in wanted:
+            command.builder(sub)
+        else:
+            sub.add_parser(name)  # listed; its options are built when it runs
     return parser
 
 
@@ -647,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        parser = build_parser()
+        parser = build_parser([a for a in argv if not a.startswith("-")][:1])  # the command: its first word
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
@@ -658,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         # The library names Python keywords (batch_size); on the command line the user typed flags (--batch-size).
-        text = e.cli_message() if hasattr(e, "cli_message") else str(e)
+        text = e.cli_message() if isinstance(e, OptionError) else str(e)
         if not _left_for_launcher(text, e.exit_code, internal=False):
             sys.stderr.write(f"cnnlab: error: {text}\n")
         return e.exit_code

@@ -7,17 +7,16 @@ import json
 import sys
 from typing import Any
 
-from cnnlab.cli import EXIT_OK, _float_in, _int_at_least, _positive_float, parse_model_args
+from cnnlab.cli_common import EXIT_OK, float_in, int_at_least, parse_model_args, positive_float
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """`cnnlab bench` and its two measurements."""
+    from cnnlab.engine.config import PRECISIONS
     from cnnlab.engine.recipes import list_recipes
-    from cnnlab.engine.trainer import PRECISIONS
 
-    p = sub.add_parser("bench", help="speed: time to accuracy against the peer loop; model throughput",
-                       description="Speed measurements. Every result names the machine (CPU, cores, GPU), torch "
-                       "version and threads. Longer runs over seeds: the scripts in benchmarks/.")  # fmt: skip
+    p = sub.add_parser("bench", description="Speed measurements. Every result names the machine (CPU, cores, GPU), "
+                       "torch version and threads. Longer runs over seeds: the scripts in benchmarks/.")  # fmt: skip
     bsub = p.add_subparsers(dest="bench_command", metavar="MEASUREMENT", required=True)
 
     t = bsub.add_parser(
@@ -30,15 +29,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--data", default="fashion-mnist", help="fashion-mnist, mnist or kmnist (fashion-mnist)")
     t.add_argument("--data-dir", default=None, help="look here first for the dataset files")
     t.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing (on)")
-    t.add_argument("--target", type=_float_in(0, 1, hi_open=False), default=0.91, help="test accuracy (0.91)")
+    t.add_argument("--target", type=float_in(0, 1, hi_open=False), default=0.91, help="test accuracy (0.91)")
     t.add_argument("--recipe", choices=list_recipes(), default="fast", help="cnnlab's recipe (fast)")
-    t.add_argument("--epochs", type=_int_at_least(1), default=None, help="override the recipe's epochs")
-    t.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
+    t.add_argument("--epochs", type=int_at_least(1), default=None, help="override the recipe's epochs")
+    t.add_argument("--time-budget", type=positive_float, default=None, metavar="SECONDS",
                    help="plan the recipe's schedule to this many seconds instead")  # fmt: skip
-    t.add_argument("--seeds", type=_int_at_least(1), default=1, help="seeds 0..N-1, each run by both (1)")
+    t.add_argument("--seeds", type=int_at_least(1), default=1, help="seeds 0..N-1, each run by both (1)")
     t.add_argument("--device", default="auto", help="device for cnnlab's recipe (auto); the peer runs on the CPU")
     t.add_argument("--no-peer", dest="peer", action="store_false", help="time cnnlab's recipe only")
-    t.add_argument("--peer-max-epochs", type=_int_at_least(1), default=8, help="stop the peer after N epochs (8)")
+    t.add_argument("--peer-max-epochs", type=int_at_least(1), default=8, help="stop the peer after N epochs (8)")
     t.add_argument("--json", action="store_true", help="print one JSON document")
     t.set_defaults(func=cmd_bench_train)
 
@@ -51,10 +50,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--model", default="cnn-fast", help="a registered model (cnn-fast)")
     q.add_argument("--model-args", default=None, metavar="K=V,...", help="builder options")
-    q.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per step (64)")
-    q.add_argument("--image-size", type=_int_at_least(1), default=None, help="side (the model's default)")
-    q.add_argument("--channels", type=_int_at_least(1), default=None, help="input channels (the model's default)")
-    q.add_argument("--num-classes", type=_int_at_least(1), default=10, help="classes (10)")
+    q.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per step (64)")
+    q.add_argument("--image-size", type=int_at_least(1), default=None, help="side (the model's default)")
+    q.add_argument("--channels", type=int_at_least(1), default=None, help="input channels (the model's default)")
+    q.add_argument("--num-classes", type=int_at_least(1), default=10, help="classes (10)")
     mode = q.add_mutually_exclusive_group()
     mode.add_argument("--train", dest="train", action="store_true", default=True, help="training steps (default)")
     mode.add_argument("--infer", dest="train", action="store_false", help="inference only")
@@ -62,8 +61,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast dtype (auto: bf16 on CUDA)")
     q.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     q.add_argument("--compile", action="store_true", help="torch.compile the model first")
-    q.add_argument("--seconds", type=_positive_float, default=3.0, help="measure at least this long (3)")
-    q.add_argument("--warmup", type=_int_at_least(0), default=3, help="untimed steps first (3)")
+    q.add_argument("--seconds", type=positive_float, default=3.0, help="measure at least this long (3)")
+    q.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed steps first (3)")
     q.add_argument("--json", action="store_true", help="print one JSON document")
     q.set_defaults(func=cmd_bench_throughput)
 

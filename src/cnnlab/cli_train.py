@@ -5,15 +5,62 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from cnnlab.cli import EXIT_OK, _shown, launch_torchrun, parse_checkpoint_every, parse_model_args
+from cnnlab.cli_common import EXIT_OK, parse_model_args
 from cnnlab.engine.config import GROUPS, Option, TrainConfig, describe_range, options, type_name
 from cnnlab.errors import UsageError, flag
 
 # What `--resume RUN` may be given besides: where to run and how to print (the run's own options are kept).
 RESUME_MAY_CHANGE = {"device"}
+
+
+def _shown(value: Any) -> str:
+    """An option's value as typed: tuples as comma lists, dicts as KEY=VALUE lists."""
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def parse_checkpoint_every(text: str | None) -> dict[str, Any]:
+    """'500' -> every 500 steps; '10m' -> every 10 minutes."""
+    if not text:
+        return {}
+    try:
+        if text.endswith("m"):
+            minutes = float(text[:-1])
+            if minutes > 0:
+                return {"checkpoint_minutes": minutes}
+        elif int(text) > 0:
+            return {"checkpoint_steps": int(text)}
+    except ValueError:
+        pass
+    raise UsageError(f"--checkpoint-every {text!r}: expected a number of steps (500) or minutes (10m), above 0")
+
+
+def launch_torchrun(argv: Sequence[str], nproc: int) -> int:
+    """`cnnlab train --devices N ...` -> `torchrun --standalone --nproc-per-node N -m cnnlab train ...`."""
+    from cnnlab.engine import distributed
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            rest.append(arg)
+    torchrun_args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "cnnlab", *rest]
+    print(f"cnnlab: launching {nproc} processes: torchrun {' '.join(torchrun_args)}", file=sys.stderr)
+    failure = distributed.launch(torchrun_args)
+    if failure is None:
+        return EXIT_OK
+    sys.stderr.write(f"cnnlab: error: {failure.message}\n")
+    return failure.exit_code
 
 
 def _checked(kind: str, opt: Option) -> Callable[[str], Any]:
@@ -52,7 +99,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     Every table option defaults to SUPPRESS: the parsed namespace holds exactly the options the user typed, so a
     recipe knows what not to override and --resume what it would ignore.
     """
-    from cnnlab.data.sources import list_sources, source_info
+    from cnnlab.data.catalog import BUILTIN_SOURCES
     from cnnlab.engine.recipes import RECIPES, list_recipes
 
     p = sub.add_parser(
@@ -65,7 +112,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     defaults = TrainConfig()
     extra = {
-        "data": " Known: " + "; ".join(f"{n}: {source_info(n).description}" for n in list_sources()),
+        "data": " Known: " + "; ".join(f"{name}: {what}" for name, what in BUILTIN_SOURCES.items()),
         "recipe": " " + "; ".join(f"{r.name}: {r.measured}" for r in RECIPES.values()),
     }
     for f, opt in options():

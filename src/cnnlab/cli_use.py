@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cnnlab.cli import _int_at_least
+from cnnlab.cli_common import EXIT_OK, int_at_least
 from cnnlab.errors import UsageError
-
-EXIT_OK = 0
 
 
 def _device_option(p: argparse.ArgumentParser) -> None:
@@ -42,7 +40,6 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab evaluate`."""
     p = sub.add_parser(
         "evaluate",
-        help="top-1/top-5, per-class metrics and the confusion matrix of a trained run",
         description="Evaluate a trained run (its best weights) on its own test split, or on another dataset or "
         "folder with the same classes. Writes confusion.png, misclassified.png and evaluation.json.",
     )
@@ -51,7 +48,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="where to look for dataset files (as in train)")
     p.add_argument("--split", choices=("test", "val", "train", "all"), default="test", help="which split (test)")
     p.add_argument("--normalize", action="store_true", help="confusion.png shows row percentages, not counts")
-    p.add_argument("--worst", type=_int_at_least(0), default=16, help="misclassified images in the picture (16)")
+    p.add_argument("--worst", type=int_at_least(0), default=16, help="misclassified images in the picture (16)")
     p.add_argument("--out", default=None, help="folder for the pictures and evaluation.json (default: the run)")
     p.add_argument("--json", action="store_true", help="print every number as one JSON document")
     _device_option(p)
@@ -120,18 +117,17 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab predict`."""
     p = sub.add_parser(
         "predict",
-        help="top-k labels with probabilities for image files",
         description="Predict image files (or every file in folders) with a trained run, preprocessed exactly as in "
         "training; or, with --model NAME --pretrained, with torchvision's ImageNet weights and category names.",
     )
     p.add_argument("inputs", nargs="+", metavar="RUN IMAGE", help="RUN then IMAGE... (with --model: IMAGE... only)")
-    p.add_argument("--top-k", type=_int_at_least(1), default=5, help="labels per image (5)")
+    p.add_argument("--top-k", type=int_at_least(1), default=5, help="labels per image (5)")
     p.add_argument("--model", default=None, help="a torchvision model with pretrained weights, instead of a RUN")
     p.add_argument("--pretrained", action="store_true", help="with --model: use torchvision's weights")
     p.add_argument("--weights", default=None, metavar="FILE", help="with --model: the weights from a local file")
     p.add_argument("--weights-name", default=None, help="with --model: which weights, e.g. IMAGENET1K_V2 (DEFAULT)")
     p.add_argument("--invert", action="store_true", help="invert grey levels first (dark digits on white paper)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=256, help="images per forward pass (256)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256, help="images per forward pass (256)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON document")
     fmt.add_argument("--csv", action="store_true", help="CSV: file,rank,label,probability")
@@ -179,7 +175,6 @@ def add_visualize_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab visualize {filters,activations,gradcam,curves}`."""
     p = sub.add_parser(
         "visualize",
-        help="pictures of a trained run: filters, activation maps, Grad-CAM, curves",
         description="Write PNG pictures of what a trained run learned; prints their paths. IMAGE is an image file, "
         "or test:N for the N-th image of the run's test split.",
     )
@@ -319,7 +314,6 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab export`."""
     p = sub.add_parser(
         "export",
-        help="export a trained run to ONNX or TorchScript, with a parity check",
         description="Export the run's best weights with a dynamic batch size, run the exported file on a real batch "
         "of test images and fail if any logit differs by more than 1e-4. Writes <file>.json beside it with the "
         "preprocessing and class names.",
@@ -329,7 +323,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         "--format", choices=("onnx", "torchscript"), required=True, help="onnx (needs cnnlab[onnx]) or torchscript"
     )
     p.add_argument("-o", "--output", default=None, help="file to write (default RUN/model.onnx or RUN/model.pt)")
-    p.add_argument("--check-images", type=_int_at_least(2), default=32, help="test images in the parity batch (32)")
+    p.add_argument("--check-images", type=int_at_least(2), default=32, help="test images in the parity batch (32)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_export)
 
@@ -358,14 +352,13 @@ def add_explore_parser(sub: argparse._SubParsersAction) -> None:
     """Options of `cnnlab explore`."""
     p = sub.add_parser(
         "explore",
-        help="a local web page: draw a digit, watch the prediction and every activation map; kernel playground",
         description="Start a local web server with one page: draw or upload an image and see the run's prediction, "
         "its activation maps and the weighted sum behind any pixel; a kernel playground (works with no RUN); the "
         "run's layer table, curves and confusion matrix.",
     )
     p.add_argument("run", nargs="?", default=None, help="run directory (optional: without it, the kernel playground)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this computer only)")
-    p.add_argument("--port", type=_int_at_least(0), default=8000, help="port (8000; 0 picks a free one)")
+    p.add_argument("--port", type=int_at_least(0), default=8000, help="port (8000; 0 picks a free one)")
     _device_option(p)
     p.set_defaults(func=cmd_explore)
 

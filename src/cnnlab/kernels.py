@@ -12,12 +12,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from cnnlab.errors import UsageError, unknown_name
+
+if TYPE_CHECKING:  # torch is imported by the functions that filter images: `cnnlab kernels` lists without it
+    import torch
 
 PADDINGS = ("zero", "reflect", "replicate", "circular", "valid")
 _TORCH_PAD = {"zero": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
@@ -317,6 +319,8 @@ def same_padding(kh: int, kw: int) -> tuple[int, int, int, int]:
 
 def pad_image(x: torch.Tensor, kh: int, kw: int, padding: str) -> torch.Tensor:
     """Pad (C, H, W) or (N, C, H, W) for a kh x kw kernel; `valid` pads nothing."""
+    import torch.nn.functional as F
+
     if padding not in PADDINGS:
         raise UsageError(f"--padding must be one of {', '.join(PADDINGS)}, got {short(padding)}")
     if padding == "valid":
@@ -340,6 +344,9 @@ def correlate(
 
     Same arithmetic as nn.Conv2d with the kernel as weight; `convolve=True` flips the kernel (true convolution).
     """
+    import torch
+    import torch.nn.functional as F
+
     k = torch.as_tensor(np.asarray(matrix), dtype=image.dtype)
     if convolve:
         k = k.flip(0, 1)
@@ -370,6 +377,8 @@ def apply_kernel(
     Refused (UsageError) when it would take more than `max_work` multiply-adds (see `check_work`), or when the
     result leaves the image's float range (weights like 1e300 overflow 32-bit floats: inf, then NaN).
     """
+    import torch
+
     check_work(image.shape, kernel, padding, max_work)
     outs = [correlate(image, m, padding, convolve) for m in kernel.matrices]
     out = outs[0] if len(outs) == 1 else torch.sqrt(sum(o * o for o in outs))
@@ -383,6 +392,8 @@ def apply_kernel(
 
 def pool(image: torch.Tensor, kind: str, size: int, stride: int | None = None) -> torch.Tensor:
     """Max or average pooling of a (C, H, W) image, like nn.MaxPool2d / nn.AvgPool2d (no padding)."""
+    import torch.nn.functional as F
+
     stride = stride or size
     if kind not in ("max", "avg"):
         raise UsageError(f"--pool must be max or avg, got {short(kind)}")
@@ -396,6 +407,8 @@ def pool(image: torch.Tensor, kind: str, size: int, stride: int | None = None) -
 
 def to_display_range(x: torch.Tensor, max_value: int, mode: str = "clip") -> torch.Tensor:
     """Map filter output to [0, max_value]: `clip` cuts, `abs` takes |x| then cuts, `normalize` rescales min..max."""
+    import torch
+
     if mode == "clip":
         return x.clamp(0, max_value)
     if mode == "abs":
@@ -427,6 +440,8 @@ def explain_pixel(
     image: torch.Tensor, matrix: np.ndarray, x: int, y: int, padding: str = "zero", convolve: bool = False
 ) -> list[PixelExplanation]:
     """For output pixel (x=column, y=row), every channel's neighbourhood, kernel, products and sum."""
+    import torch
+
     k = np.asarray(matrix, dtype=np.float64)
     if convolve:
         k = k[::-1, ::-1]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -93,6 +93,29 @@ class ConsoleReporter(Reporter):
         if self.progress:
             self.progress.stop()
             self.progress = None
+
+
+class LineProgress:
+    """`LABEL: n/total ITEM` on stderr: one line rewritten in place on a terminal, a plain line each elsewhere."""
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.in_place = self.stream.isatty()
+        self.shown = False
+
+    def __call__(self, number: int, total: int, item: str) -> None:
+        """Show that item `number` of `total` is under way."""
+        line = f"{self.label}: {number}/{total} {item}"
+        self.stream.write(f"\r\x1b[K{line}" if self.in_place else line + "\n")  # \x1b[K: erase the previous one
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        """Erase the line on a terminal, so that what follows starts on a clean one."""
+        if self.in_place and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
 
 def make_reporter(quiet: bool = False) -> Reporter:

@@ -23,7 +23,7 @@ from safetensors.torch import save
 
 from cnnlab.data.images import open_image
 from cnnlab.data.locate import cache_root
-from cnnlab.data.sources import Dataset, ImageSet, stratified_split
+from cnnlab.data.types import Dataset, ImageSet, stratified_split
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.fileio import atomic_write_bytes
 from cnnlab.memory import check_fits

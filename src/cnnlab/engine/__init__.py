@@ -1,10 +1,15 @@
 """Engine: fit(), checkpoints, run directories, metrics."""
 
-from cnnlab.engine.config import TrainConfig
-from cnnlab.engine.device import resolve_device
-from cnnlab.engine.evaluate import evaluate_batches
-from cnnlab.engine.reporter import Reporter
-from cnnlab.engine.result import TrainResult
-from cnnlab.engine.trainer import fit
+from cnnlab._lazy import lazy_attributes
 
-__all__ = ["Reporter", "TrainConfig", "TrainResult", "evaluate_batches", "fit", "resolve_device"]
+# Imported on first use: `cnnlab.engine.rundir` (or any other module here) can be imported without the trainer.
+_PUBLIC = {
+    "Reporter": "cnnlab.engine.reporter",
+    "TrainConfig": "cnnlab.engine.config",
+    "TrainResult": "cnnlab.engine.result",
+    "evaluate_batches": "cnnlab.engine.evaluate",
+    "fit": "cnnlab.engine.trainer",
+    "resolve_device": "cnnlab.engine.device",
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy_attributes(globals(), _PUBLIC)

@@ -609,9 +609,10 @@ def default_size(name: str) -> int:
 def _register_all() -> None:
     for name in torchvision_names():
         n_weights = len(list(weights_enum(name)))
+        weights = f" ({n_weights} set{'s' if n_weights != 1 else ''} of pretrained weights)" if n_weights else ""
         register_model(
             name, family=family_of(name), default_image_size=default_size(name), default_in_channels=3,
-            description=f"torchvision {name}" + (f" ({n_weights} pretrained weights)" if n_weights else ""),
+            description=f"torchvision {name}{weights}",
             tags=("torchvision",) + (("pretrained",) if n_weights else ()),
         )(functools.partial(build_torchvision, name))  # fmt: skip
 
