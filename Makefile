@@ -38,7 +38,8 @@ install: $(STAMP)
 # after `apt install python3-venv` the next call adds pip to that .venv instead of failing on it.
 $(STAMP): pyproject.toml
 	@if [ ! -x $(VENV)/bin/python ]; then echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); fi
-	@if [ ! -x $(VENV)/bin/pip ]; then $(VENV)/bin/python -m ensurepip --upgrade; fi
+	@if [ ! -x $(VENV)/bin/pip ]; then $(VENV)/bin/python -m ensurepip --upgrade --default-pip; fi
+	@test -x $(VENV)/bin/pip || { echo "$(VENV) has no pip (Debian/Ubuntu: apt install python3-venv)" >&2; exit 1; }
 	. $(VENV)/bin/activate && pip install -e ".[dev]"
 	@touch $@
 
