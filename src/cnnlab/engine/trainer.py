@@ -55,6 +55,7 @@ from cnnlab.engine.device import (
     synchronize,
 )
 from cnnlab.engine.evaluate import evaluate_batches, predict_logits
+from cnnlab.engine.loggers import make_loggers
 from cnnlab.engine.optim import build_optimizer, build_scheduler, classifier_modules, split_parameters  # noqa: F401
 from cnnlab.engine.reporter import Reporter
 from cnnlab.engine.result import TrainResult
@@ -113,9 +114,11 @@ class Trainer:
             self.total_steps = cfg.planned_steps
             cfg.epochs = math.ceil(cfg.planned_steps / self.steps_per_epoch)
         self.sched = build_scheduler(self.opt, cfg, self.total_steps, self.steps_per_epoch)
-        # Order matters at an epoch's end: re-plan, judge the epoch, then save (the checkpoint holds plan and verdict).
+        # Order matters at an epoch's end: re-plan, judge the epoch, log it, then save (the checkpoint holds plan and
+        # verdict; an epoch logged but not yet saved is logged again after a resume, and the loggers drop the repeat).
         builtin: list[cbs.Callback] = [cbs.Freeze(), *([self.budget] if self.budget else []), self.early]
-        builtin += [*([self.ema] if self.ema else []), cbs.Checkpointing(cfg.checkpoint_steps, cfg.checkpoint_minutes)]
+        builtin += [*([self.ema] if self.ema else []), *make_loggers(cfg.logger)]
+        builtin += [cbs.Checkpointing(cfg.checkpoint_steps, cfg.checkpoint_minutes)]
         self.callbacks: list[cbs.Callback] = [*builtin, cbs.Progress(self.reporter), *callbacks]
 
     # ----------------------------------------------------------------------------------------------- set-up
