@@ -99,9 +99,6 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     Every table option defaults to SUPPRESS: the parsed namespace holds exactly the options the user typed, so a
     recipe knows what not to override and --resume what it would ignore.
     """
-    from cnnlab.data.catalog import BUILTIN_SOURCES
-    from cnnlab.engine.recipes import RECIPES, list_recipes
-
     p = sub.add_parser(
         "train",
         help="train a model (default: LeNet-5 on the embedded MNIST subset)",
@@ -109,6 +106,16 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "last.ckpt, curves.png, results.json). With no options: lenet5-modern on mnist-mini, >= 98% test "
         "accuracy in well under a minute on 2 CPU cores. Every option is also a keyword of cnnlab.train().",
     )
+    groups = add_train_options(p)
+    _add_run_options(groups["run"], p)
+    p.set_defaults(func=cmd_train)
+
+
+def add_train_options(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """Every option of the table as a flag of `p`, in its group (returned by name); defaults are SUPPRESSed."""
+    from cnnlab.data.catalog import BUILTIN_SOURCES
+    from cnnlab.engine.recipes import RECIPES, list_recipes
+
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     defaults = TrainConfig()
     extra = {
@@ -130,8 +137,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         if opt.metavar:
             kwargs["metavar"] = opt.metavar
         groups[opt.group].add_argument(flag(f.name), dest=f.name, **kwargs)
-    _add_run_options(groups["run"], p)
-    p.set_defaults(func=cmd_train)
+    return groups
 
 
 def _add_run_options(g: argparse._ArgumentGroup, p: argparse.ArgumentParser) -> None:

@@ -55,6 +55,7 @@ from cnnlab.engine.device import (
     synchronize,
 )
 from cnnlab.engine.evaluate import evaluate_batches, predict_logits
+from cnnlab.engine.loggers import make_loggers
 from cnnlab.engine.optim import build_optimizer, build_scheduler, classifier_modules, split_parameters  # noqa: F401
 from cnnlab.engine.reporter import Reporter
 from cnnlab.engine.result import TrainResult
@@ -114,11 +115,12 @@ class Trainer:
             cfg.epochs = math.ceil(cfg.planned_steps / self.steps_per_epoch)
         self.sched = build_scheduler(self.opt, cfg, self.total_steps, self.steps_per_epoch)
         # Order matters at an epoch's end: re-plan and judge the epoch, let the user's callbacks add columns or stop,
-        # then save (the checkpoint holds plan, verdict and the callbacks' state) and print the row.
+        # log it, then save (the checkpoint holds plan, verdict and the callbacks' state) and print the row. An epoch
+        # logged but not yet saved is logged again after a resume, and the loggers drop the repeat.
         judges: list[cbs.Callback] = [cbs.Freeze(), *([self.budget] if self.budget else []), self.early]
         judges += [self.ema] if self.ema else []
         saving = [cbs.Checkpointing(cfg.checkpoint_steps, cfg.checkpoint_minutes), cbs.Progress(self.reporter)]
-        self.callbacks: list[cbs.Callback] = [*judges, *callbacks, *saving]
+        self.callbacks: list[cbs.Callback] = [*judges, *callbacks, *make_loggers(cfg.logger), *saving]
 
     # ----------------------------------------------------------------------------------------------- set-up
 
