@@ -89,8 +89,10 @@ def write_pickle_payload(path: Path, marker: Path, wrap: object = None) -> Path:
 
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
-    # Tests on a 2-core CI machine: keep torch from oversubscribing when pytest runs subprocesses too.
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # Tests on a 2-core CI machine: keep torch from oversubscribing when pytest runs subprocesses too, and share
+    # the cores between pytest-xdist's workers (`-n 2` in pyproject.toml: each of 2 workers gets 1 thread).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True, scope="session")
