@@ -620,9 +620,11 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    from cnnlab.cli_lrfind import add_lrfind_parser
     from cnnlab.cli_train import add_train_parser
 
     add_train_parser(sub)
+    add_lrfind_parser(sub)
     add_models_parser(sub)
     add_kernels_parser(sub)
     add_filter_parser(sub)
