@@ -20,6 +20,7 @@ from cnnlab.engine import rundir
 from cnnlab.engine.callbacks import Callback
 from cnnlab.engine.config import TrainConfig, option_names
 from cnnlab.engine.inference import Evaluation, LoadedRun, Prediction
+from cnnlab.engine.lr_find import LRFind
 from cnnlab.engine.reporter import Reporter
 from cnnlab.engine.result import TrainResult
 from cnnlab.errors import UsageError, unknown_name
@@ -29,8 +30,8 @@ ARRAY_DATA = "<arrays>"  # config.json's data name for images passed in memory (
 
 
 def train(
-    model: str | nn.Module = "lenet5-modern",
-    data: Any = "mnist-mini",
+    model: str | nn.Module | None = None,
+    data: Any = None,
     *,
     runs_dir: str | Path | None = "runs",
     name: str | None = None,
@@ -42,25 +43,14 @@ def train(
 ) -> Run:
     """Train `model` on `data` with cnnlab's defaults and any train option as a keyword; returns the Run.
 
-    model: a registered name (`cnnlab models`) or your own nn.Module (trained in place; its output must have one
-    logit per class). data: a dataset name, an image folder, a cnnlab Dataset, a torch Dataset of (image, label),
-    or arrays/tensors `(x, y)` - or `((x, y), (x_test, y_test))` to also test. `x` holds images as (N, H, W),
-    (N, C, H, W) or (N, H, W, C), uint8 or floats in [0, 1]; `y` holds class indices or class names.
+    model: a registered name (`cnnlab models`; None: lenet5-modern, or the recipe's) or your own nn.Module (trained
+    in place; its output must have one logit per class). data: a dataset name (None: mnist-mini, or the recipe's),
+    an image folder, a cnnlab Dataset, a torch Dataset of (image, label), or arrays/tensors `(x, y)` - or
+    `((x, y), (x_test, y_test))` to also test. `x` holds images as (N, H, W), (N, C, H, W) or (N, H, W, C), uint8
+    or floats in [0, 1]; `y` holds class indices or class names.
     runs_dir=None writes nothing to disk. progress: a live bar (a notebook's own, or the terminal's).
     """
-    unknown = sorted(set(options) - option_names())
-    if unknown:
-        raise unknown_name("option", unknown[0], option_names(), "train() takes every `cnnlab train` option")
-    module = model if isinstance(model, nn.Module) else None
-    if module is None and not isinstance(model, str):
-        raise UsageError(f"model: expected a registered name or an nn.Module, got {type(model).__name__}")
-    data = str(data) if isinstance(data, Path) else data
-    dataset = as_dataset(data, classes)
-    cfg = TrainConfig(
-        **options,
-        model=model if module is None else f"module:{type(module).__name__}",
-        data=data if isinstance(data, str) else (dataset.name if dataset is not None else ARRAY_DATA),
-    )
+    cfg, dataset, module = _config(model, data, classes, options, "train()")
     from cnnlab.engine.trainer import train_run
 
     reporter = make_reporter(progress)
@@ -79,6 +69,52 @@ def train(
         weights=(trainer.run / rundir.BEST) if trainer.run else None,
     )  # fmt: skip
     return Run(loaded, result.history, result, dataset)
+
+
+def _config(model: str | nn.Module | None, data: Any, classes: Sequence[str] | None, options: dict[str, Any],
+            caller: str) -> tuple[TrainConfig, Dataset | None, nn.Module | None]:  # fmt: skip
+    """The options as a TrainConfig, the data in memory (None for a name or folder) and the user's own module."""
+    unknown = sorted(set(options) - option_names())
+    if unknown:
+        raise unknown_name("option", unknown[0], option_names(), f"{caller} takes every `cnnlab train` option")
+    module = model if isinstance(model, nn.Module) else None
+    if module is None and not isinstance(model, str | None):
+        raise UsageError(f"model: expected a registered name or an nn.Module, got {type(model).__name__}")
+    data = str(data) if isinstance(data, Path) else data
+    dataset = as_dataset(data, classes) if data is not None else None
+    given = {**options}  # what the caller chose: a recipe fills in only the rest, as on the command line
+    if model is not None:
+        given["model"] = model if module is None else f"module:{type(module).__name__}"
+    if data is not None:
+        given["data"] = data if isinstance(data, str) else (dataset.name if dataset is not None else ARRAY_DATA)
+    cfg = TrainConfig(**given)
+    if cfg.recipe:
+        from cnnlab.engine.recipes import apply_recipe
+
+        cfg = apply_recipe(cfg, cfg.recipe, keep=given)
+    return cfg, dataset, module
+
+
+def lr_find(
+    model: str | nn.Module | None = None,
+    data: Any = None,
+    *,
+    steps: int = 100,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    classes: Sequence[str] | None = None,
+    **options: Any,
+) -> LRFind:
+    """The learning-rate range test on `model` and `data` with any train option as a keyword; nothing is written.
+
+    The rate rises exponentially from start_lr to end_lr over at most `steps` optimizer steps of ordinary training;
+    the result has `.suggested_lr` (the steepest descent of the smoothed loss), `.lrs`, `.losses` (smoothed),
+    `.raw_losses` and `.plot(path=None)`, a matplotlib Figure. model, data and classes are as in train().
+    """
+    from cnnlab.engine.lr_find import find_lr
+
+    cfg, dataset, module = _config(model, data, classes, options, "lr_find()")
+    return find_lr(cfg, start_lr=start_lr, end_lr=end_lr, steps=steps, dataset=dataset, module=module)
 
 
 def make_reporter(progress: bool) -> Reporter:
@@ -390,4 +426,4 @@ def to_images(x: Any, loaded: LoadedRun) -> tuple[torch.Tensor, list[str], bool]
     return torch.cat(out), names, single
 
 
-__all__ = ["Run", "as_dataset", "load_run", "train"]
+__all__ = ["LRFind", "Run", "as_dataset", "load_run", "lr_find", "train"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnlab import cli_bench, cli_train, cli_use
+from cnnlab import cli_bench, cli_lrfind, cli_train, cli_use
 from cnnlab.cli_common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -514,6 +514,9 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model (default: LeNet-5 on the embedded MNIST subset)", cli_train.add_train_parser),
+    "lr-find": Command(
+        "learning-rate range test: the training loss at rising rates, and a suggested --lr", cli_lrfind.add_lrfind_parser
+    ),
     "models": Command("list registered models", add_models_parser),
     "kernels": Command("list the named image kernels with their matrices", add_kernels_parser),
     "filter": Command("apply image kernels (or pooling) to an image; explain one output pixel", add_filter_parser),
