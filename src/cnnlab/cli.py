@@ -515,7 +515,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model (default: LeNet-5 on the embedded MNIST subset)", cli_train.add_train_parser),
     "lr-find": Command(
-        "learning-rate range test: the training loss at rising rates, and a suggested --lr", cli_lrfind.add_lrfind_parser
+        "learning-rate range test: the training loss at rising rates, and a suggested --lr",
+        cli_lrfind.add_lrfind_parser,
     ),
     "models": Command("list registered models", add_models_parser),
     "kernels": Command("list the named image kernels with their matrices", add_kernels_parser),
