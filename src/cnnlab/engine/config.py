@@ -154,9 +154,11 @@ class TrainConfig:
         "stop", "a non-finite loss or gradient: stop naming epoch and step, or skip that step", _G_RUN,
         choices=NAN_POLICIES)  # fmt: skip
     checkpoint_steps: int = option(
-        0, "also write last.ckpt every this many steps inside an epoch; 0 = at epoch ends only", _G_RUN,
+        0, "also write last.ckpt every this many steps inside an epoch; 0 = at epoch ends only (CLI: --checkpoint-every N)", _G_RUN,
         unit="steps", lo=0, cli=False)  # fmt: skip
-    checkpoint_minutes: float = option(0.0, "...or every this many minutes", _G_RUN, unit="minutes", lo=0.0, cli=False)
+    checkpoint_minutes: float = option(
+        0.0, "...or every this many minutes (CLI: --checkpoint-every Nm)", _G_RUN, unit="minutes", lo=0.0, cli=False
+    )
     sync_bn: bool = option(False, "data-parallel: BatchNorm statistics over the global batch (CUDA only)", _G_RUN)
     logger: tuple[str, ...] = option(
         (), "experiment loggers besides metrics.csv: tensorboard, mlflow (comma list; optional extras)", _G_LOG,
