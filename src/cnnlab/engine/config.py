@@ -154,8 +154,8 @@ class TrainConfig:
         "stop", "a non-finite loss or gradient: stop naming epoch and step, or skip that step", _G_RUN,
         choices=NAN_POLICIES)  # fmt: skip
     checkpoint_steps: int = option(
-        0, "also write last.ckpt every this many steps inside an epoch; 0 = at epoch ends only (CLI: --checkpoint-every N)", _G_RUN,
-        unit="steps", lo=0, cli=False)  # fmt: skip
+        0, "also write last.ckpt every this many steps inside an epoch; 0 = at epoch ends only "
+        "(CLI: --checkpoint-every N)", _G_RUN, unit="steps", lo=0, cli=False)  # fmt: skip
     checkpoint_minutes: float = option(
         0.0, "...or every this many minutes (CLI: --checkpoint-every Nm)", _G_RUN, unit="minutes", lo=0.0, cli=False
     )
