@@ -206,11 +206,6 @@ class TrainConfig:
         for name in self.logger:
             if name not in LOGGERS:
                 raise OptionError("logger", f"unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
-            from cnnlab.engine.loggers import missing_package
-
-            missing = missing_package(name)  # before any data is loaded or a run directory made
-            if missing:
-                raise OptionError("logger", missing)
         if self.recipe is not None:
             from cnnlab.engine.recipes import get_recipe
 

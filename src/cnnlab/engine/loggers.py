@@ -13,7 +13,7 @@ metrics.csv is always written (Checkpointing does it); `logger=("tensorboard", "
 Only rank 0 of a data-parallel run logs. A resumed run appends to the same logs without repeating an epoch: TensorBoard
 hides the events from the epoch the checkpoint resumes at onwards (purge_step) and they are logged again, bit for bit;
 MLflow reopens its run and skips the epochs it already holds. The packages are optional extras (`pip install
-"cnnlab[tensorboard]"`); TrainConfig.validate asks missing_package() before anything is loaded or written.
+"cnnlab[tensorboard]"`); fit() asks check_installed() before anything is loaded or written.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ import torch
 
 from cnnlab.engine import rundir
 from cnnlab.engine.callbacks import Callback
-from cnnlab.engine.config import OptionError
-from cnnlab.errors import UsageError
+from cnnlab.errors import OptionError, UsageError
 from cnnlab.fileio import atomic_write_json
 
 if TYPE_CHECKING:
-    from cnnlab.engine.trainer import Trainer, TrainResult
+    from cnnlab.engine.callbacks import Loop as Trainer
+    from cnnlab.engine.result import TrainResult
 
 TENSORBOARD_DIR, MLFLOW_FILE, CONFUSION = "tensorboard", "mlflow.json", "confusion.png"
 EXPERIMENT = "cnnlab"  # the MLflow experiment, unless $MLFLOW_EXPERIMENT_NAME names another
@@ -343,6 +343,14 @@ def missing_package(name: str) -> str | None:
     except (ImportError, ValueError):
         found = False
     return None if found else missing_message(name)
+
+
+def check_installed(names: tuple[str, ...] | list[str]) -> None:
+    """An OptionError naming the extra to install for the first logger whose package is missing."""
+    for name in names:
+        missing = missing_package(name)
+        if missing:
+            raise OptionError("logger", missing)
 
 
 def make_loggers(names: tuple[str, ...] | list[str]) -> list[ExperimentLogger]:

@@ -60,6 +60,9 @@ def preflight(
     if resume is not None:
         _, cfg = run_to_resume(resume)
     cfg = dataclasses.replace(cfg).validate()
+    from cnnlab.engine.loggers import check_installed
+
+    check_installed(cfg.logger)
     if resume is None and runs_dir is not None:
         rundir.check_writable(Path(runs_dir))
     data = load_training_data(cfg)

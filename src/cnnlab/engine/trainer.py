@@ -55,7 +55,7 @@ from cnnlab.engine.device import (
     synchronize,
 )
 from cnnlab.engine.evaluate import evaluate_batches, predict_logits
-from cnnlab.engine.loggers import make_loggers
+from cnnlab.engine.loggers import check_installed, make_loggers
 from cnnlab.engine.optim import build_optimizer, build_scheduler, classifier_modules, split_parameters  # noqa: F401
 from cnnlab.engine.reporter import Reporter
 from cnnlab.engine.result import TrainResult
@@ -718,7 +718,9 @@ def _options(config: TrainConfig | None, resume: str | Path | None, device: str 
     cfg = dataclasses.replace(config or TrainConfig())
     if device is not None:
         cfg.device = device
-    return cfg.validate(custom_model=module is not None), run, state
+    cfg.validate(custom_model=module is not None)
+    check_installed(cfg.logger)  # a missing logger package: one line, before any data is loaded or written
+    return cfg, run, state
 
 
 def _fit(cfg: TrainConfig, runs_dir: str | Path | None, run_name: str | None, reporter: Reporter,
