@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cnnlab.cli_common import EXIT_OK, parse_model_args
-from cnnlab.engine.config import GROUPS, Option, TrainConfig, describe_range, options, type_name
+from cnnlab.engine.config import GROUPS, Option, TrainConfig, describe_range, options, out_of_range, type_name
 from cnnlab.errors import UsageError, flag
 
 # What `--resume RUN` may be given besides: where to run and how to print (the run's own options are kept).
@@ -74,9 +74,7 @@ def _checked(kind: str, opt: Option) -> Callable[[str], Any]:
                                              f"got {text!r}") from None  # fmt: skip
         if isinstance(value, float) and not math.isfinite(value) and (opt.lo is not None or opt.hi is not None):
             raise argparse.ArgumentTypeError(f"must be {describe_range(opt)}, got {text}")
-        below = opt.lo is not None and (value <= opt.lo if opt.lo_open else value < opt.lo)
-        above = opt.hi is not None and (value > opt.hi if opt.hi_closed else value >= opt.hi)
-        if below or above:
+        if out_of_range(opt, value):
             raise argparse.ArgumentTypeError(f"must be {describe_range(opt)}, got {text}")
         return value
 

@@ -278,10 +278,15 @@ def check_ranges(cfg: TrainConfig) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             raise OptionError(f.name, f"must be a finite number, got {value}")
-        below = opt.lo is not None and (value <= opt.lo if opt.lo_open else value < opt.lo)
-        above = opt.hi is not None and (value > opt.hi if opt.hi_closed else value >= opt.hi)
-        if below or above:
+        if out_of_range(opt, value):
             raise OptionError(f.name, f"must be {describe_range(opt)}, got {_num(value)}")
+
+
+def out_of_range(opt: Option, value: float) -> bool:
+    """Whether `value` lies outside the option's declared bounds (the CLI's parser and validate() both ask)."""
+    below = opt.lo is not None and (value <= opt.lo if opt.lo_open else value < opt.lo)
+    above = opt.hi is not None and (value > opt.hi if opt.hi_closed else value >= opt.hi)
+    return below or above
 
 
 def describe_range(opt: Option) -> str:
