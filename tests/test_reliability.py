@@ -261,6 +261,7 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(
         ),
         ("shorter than a header", b"\x01\x02"),
     ],
+    ids=lambda value: value if isinstance(value, str) else "",
 )
 def test_malformed_safetensors_are_refused_cleanly(tmp_path: Path, label: str, data: bytes) -> None:
     path = tmp_path / "bad.safetensors"

@@ -175,10 +175,13 @@ def _idx_dir(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("file", "content", "expected"),
     [
-        (IDX_FILES[0] + ".gz", gzip.compress(b"\x00\x00\x08"), "not an IDX file"),
-        (IDX_FILES[1] + ".gz", gzip.compress(b"\x08\x01\x00\x00hello"), "not an IDX file"),  # wrong magic
+        # mtime=0 and explicit ids: pytest-xdist workers must collect the same test ids, and gzip's header
+        # otherwise carries the second it was built in.
+        (IDX_FILES[0] + ".gz", gzip.compress(b"\x00\x00\x08", mtime=0), "not an IDX file"),
+        (IDX_FILES[1] + ".gz", gzip.compress(b"\x08\x01\x00\x00hello", mtime=0), "not an IDX file"),  # wrong magic
         (IDX_FILES[0] + ".gz", b"not gzip at all", "cannot read"),
     ],
+    ids=["short-header", "wrong-magic", "not-gzip"],
 )
 def test_damaged_idx_files_name_the_file(
     tmp_path: Path, file: str, content: bytes, expected: str
