@@ -71,6 +71,7 @@ def test_a_list_or_a_batch_gives_one_prediction_per_image(saved_run: cnnlab.api.
 
 def test_load_run_gives_the_same_predictions_evaluation_and_export(saved_run: cnnlab.api.Run, tmp_path: Path) -> None:
     again = cnnlab.load_run(saved_run.dir)
+    assert again.record == saved_run.record and again.record.train.epochs == 2  # config.json read back as written
     images = tiny_dataset().test.images[:8]
     assert [p.label for p in again.predict(images)] == [p.label for p in saved_run.predict(images)]
     for mine, theirs in zip(again.metrics, saved_run.metrics, strict=True):  # metrics.csv keeps 6 digits

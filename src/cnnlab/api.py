@@ -21,6 +21,7 @@ from cnnlab.engine.callbacks import Callback
 from cnnlab.engine.config import TrainConfig, option_names
 from cnnlab.engine.inference import Evaluation, LoadedRun, Prediction
 from cnnlab.engine.lr_find import LRFind
+from cnnlab.engine.record import RunRecord
 from cnnlab.engine.reporter import Reporter
 from cnnlab.engine.result import TrainResult
 from cnnlab.errors import UsageError, unknown_name
@@ -63,11 +64,8 @@ def train(
         getattr(reporter, "close", lambda: None)()
     if trainer is None:  # resume="auto" of a run that had finished
         return load_run(result.run_dir, model=module)
-    loaded = LoadedRun(
-        path=trainer.run, config=trainer.config_dict(), model=trainer.model.eval(), classes=tuple(trainer.data.classes),
-        norm=trainer.norm, channels=trainer.data.channels, image_size=trainer.data.image_size,
-        weights=(trainer.run / rundir.BEST) if trainer.run else None,
-    )  # fmt: skip
+    weights = (trainer.run / rundir.BEST) if trainer.run else None
+    loaded = LoadedRun(path=trainer.run, record=trainer.record(), model=trainer.model.eval(), weights=weights)
     return Run(loaded, result.history, result, dataset)
 
 
@@ -141,9 +139,8 @@ def load_run(path: str | Path, device: str = "cpu", model: nn.Module | None = No
     if model is not None:
         loaded = _load_into(run, model, device)
     else:
-        config = rundir.read_config(run)
-        if str(config.get("model", {}).get("name", "")).startswith("module:"):
-            own = config["model"]["name"][len("module:") :]
+        own = RunRecord.read(run).model.own_module
+        if own is not None:
             raise UsageError(f"{run}: trained your own {own}; pass model=<a new {own}> to load its weights into")
         loaded = load_weights_of_run(run, device=device)
     history = rundir.read_metrics(run) if (run / rundir.METRICS).is_file() else []
@@ -158,17 +155,11 @@ def load_run(path: str | Path, device: str = "cpu", model: nn.Module | None = No
 
 
 def _load_into(run: Path, model: nn.Module, device: str) -> LoadedRun:
-    from cnnlab.data.pipeline import Normalization
     from cnnlab.engine.checkpoint import load_weights
 
-    config = rundir.read_config(run)
+    record = RunRecord.read(run)
     load_weights(model, run / rundir.BEST)
-    d = config["data"]
-    return LoadedRun(
-        path=run, config=config, model=model.to(device).eval(), classes=tuple(d["classes"]),
-        norm=Normalization(tuple(d["mean"]), tuple(d["std"])), channels=int(d["channels"]),
-        image_size=int(d["image_size"]), weights=run / rundir.BEST,
-    )  # fmt: skip
+    return LoadedRun.of(run, record, model, run / rundir.BEST, device)
 
 
 class Run:
@@ -196,12 +187,17 @@ class Run:
         return self._loaded
 
     @property
+    def record(self) -> RunRecord:
+        """The run's config.json as types: .model, .data, .train (every option), .runtime."""
+        return self._loaded.record
+
+    @property
     def classes(self) -> tuple[str, ...]:
         """The class names, in the order of the model's outputs."""
         return self._loaded.classes
 
     def __repr__(self) -> str:
-        name, data = self._loaded.config["model"]["name"], self._loaded.config["data"]["name"]
+        name, data = self._loaded.record.model.name, self._loaded.record.data.name
         done = (
             f"test accuracy {self.result.test_acc:.2%}, "
             if self.result and not math.isnan(self.result.test_acc)
@@ -255,8 +251,7 @@ class Run:
         from cnnlab.inspect.visualize import curves_figure
 
         best = self.result.best_epoch if self.result else None
-        config = self._loaded.config
-        return Picture(curves_figure(self.metrics, f"{config['model']['name']} on {config['data']['name']}", best))
+        return Picture(curves_figure(self.metrics, self._loaded.record.title, best))
 
 
 class Picture:

@@ -66,7 +66,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ev = evaluate_run(loaded, data=args.data, data_dir=args.data_dir, split=args.split, worst=args.worst)
     out = _out_dir(args, loaded.path)
     suffix = "" if args.data is None and args.split == "test" else "-" + safe_name(f"{ev.data}-{args.split}")
-    title = f"{loaded.config['model']['name']} on {ev.data} ({args.split}, {ev.n:,} images)"
+    title = f"{loaded.record.model.name} on {ev.data} ({args.split}, {ev.n:,} images)"
     files = {
         "confusion": plot_confusion(
             ev.confusion, ev.classes, out / f"confusion{suffix}.png", args.normalize, title=f"confusion matrix: {title}"
@@ -222,6 +222,7 @@ def _run_image(loaded: Any, spec: str, invert: bool) -> tuple[Any, str]:
 def cmd_visualize(args: argparse.Namespace) -> int:
     """`cnnlab visualize WHAT RUN ...`."""
     from cnnlab.engine import rundir
+    from cnnlab.engine.record import RunRecord
 
     if args.what == "curves":
         from cnnlab.inspect.visualize import plot_curves
@@ -230,8 +231,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         rows = rundir.read_metrics(run)
         if not rows:
             raise UsageError(f"{run / rundir.METRICS}: no epochs recorded yet")
-        cfg = rundir.check_config(rundir.read_config(run), run / rundir.CONFIG)
-        title = f"{cfg['model']['name']} on {cfg['data']['name']}"
+        title = RunRecord.read(run).title
         path = plot_curves(rows, _out_dir(args, run) / rundir.CURVES, title=title, best_epoch=rundir.best_epoch(rows))
         print(path)
         return EXIT_OK
@@ -254,7 +254,7 @@ def _filters(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     layers = args.layer or convs[:1]
     if not layers:
-        raise UsageError(f"{loaded.config['model']['name']} has no conv layer")
+        raise UsageError(f"{loaded.record.model.name} has no conv layer")
     check_layers(model, layers)
     paths = []
     for name in layers:
@@ -262,7 +262,7 @@ def _filters(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
         if weight is None or weight.dim() != 4:
             raise UsageError(f"--layer {name}: not a convolution (no 4-D weight); conv layers: {', '.join(convs[:8])}")
         shape = "×".join(str(s) for s in weight.shape)
-        title = f"{loaded.config['model']['name']} {name}: {weight.shape[0]} kernels, weights {shape}"
+        title = f"{loaded.record.model.name} {name}: {weight.shape[0]} kernels, weights {shape}"
         paths.append(plot_filters(weight, out / f"filters_{safe_name(name)}.png", title))
     return paths
 

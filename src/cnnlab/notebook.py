@@ -7,7 +7,8 @@ import sys
 import time
 from typing import Any
 
-from cnnlab.engine.reporter import Reporter
+from cnnlab.engine.record import Runtime
+from cnnlab.engine.reporter import Reporter, TrainStart
 
 
 def in_notebook() -> bool:
@@ -29,16 +30,16 @@ class NotebookReporter(Reporter):
         self.loss: float | None = None
         self.last_draw = 0.0
 
-    def train_start(self, info: dict[str, Any]) -> None:
+    def train_start(self, info: TrainStart) -> None:
         """Show what is trained, on what, where."""
-        m, d, rt = info["model"], info["data"], info["runtime"]
-        self.epochs = info["train"]["epochs"]
-        self.total = info["total_steps"]
-        self.done = min(info["start_epoch"] * info["steps_per_epoch"], self.total)
+        m, d, rt = info.record.model, info.record.data, info.record.runtime or Runtime("?", "?", "?", 0)
+        self.epochs = info.record.train.epochs if info.record.train else 0
+        self.total = info.total_steps
+        self.done = min(info.start_epoch * info.steps_per_epoch, self.total)
         self.header = (
-            f"training {m['name']} ({m['params']:,} params) on {d['name']}: {d['train_size']:,} train / "
-            f"{d['val_size']:,} val / {d['test_size']:,} test images; {rt['device']} {rt['precision']}"
-            + (f"; run directory {info['run_dir']}" if info.get("run_dir") else "")
+            f"training {m.name} ({m.params:,} params) on {d.name}: {d.train_size:,} train / "
+            f"{d.val_size:,} val / {d.test_size:,} test images; {rt.device} {rt.precision}"
+            + (f"; run directory {info.run_dir}" if info.run_dir else "")
         )
         self.handle = self._display(self._html(), display_id=True, raw=False)
 

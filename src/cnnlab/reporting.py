@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cnnlab.engine.reporter import Reporter
+from cnnlab.engine.record import Runtime
+from cnnlab.engine.reporter import Reporter, TrainStart
 
 
 def _console(stderr: bool) -> Console:
@@ -42,29 +43,29 @@ class ConsoleReporter(Reporter):
         self.task: Any = None
         self.epochs = 0
 
-    def train_start(self, info: dict[str, Any]) -> None:
-        m, d, rt = info["model"], info["data"], info["runtime"]
-        self.epochs = info["train"]["epochs"]
+    def train_start(self, info: TrainStart) -> None:
+        m, d, rt = info.record.model, info.record.data, info.record.runtime or Runtime("?", "?", "?", 0)
+        self.epochs = info.record.train.epochs if info.record.train else 0
         self.console.print(
-            f"training {m['name']} ({m['params']:,} params) on {d['name']}: {d['train_size']:,} train / "
-            f"{d['val_size']:,} val / {d['test_size']:,} test images of {d['channels']}x{d['image_size']}x"
-            f"{d['image_size']}, augment {','.join(d['augment']) or 'none'}; {rt['device']} {rt['precision']}, "
-            f"{info['steps_per_epoch']} steps/epoch"
+            f"training {m.name} ({m.params:,} params) on {d.name}: {d.train_size:,} train / "
+            f"{d.val_size:,} val / {d.test_size:,} test images of {d.channels}x{d.image_size}x"
+            f"{d.image_size}, augment {','.join(d.augment) or 'none'}; {rt.device} {rt.precision}, "
+            f"{info.steps_per_epoch} steps/epoch"
         )
-        if info.get("run_dir"):
-            self.console.print(f"run directory: {info['run_dir']}")
+        if info.run_dir:
+            self.console.print(f"run directory: {info.run_dir}")
         if self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
                 MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
                 TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=True,
             )  # fmt: skip
-            done = info["start_epoch"] * info["steps_per_epoch"]
+            done = info.start_epoch * info.steps_per_epoch
             self.task = self.progress.add_task(
                 "train",
-                total=info["total_steps"],
-                completed=min(done, info["total_steps"]),
-                epoch=info["start_epoch"] + 1,
+                total=info.total_steps,
+                completed=min(done, info.total_steps),
+                epoch=info.start_epoch + 1,
                 epochs=self.epochs,
                 loss="-",
             )

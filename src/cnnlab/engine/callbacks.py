@@ -30,6 +30,7 @@ import torch
 from cnnlab.engine import distributed, planner, rundir
 from cnnlab.engine.checkpoint import save_checkpoint, save_weights
 from cnnlab.engine.optim import build_scheduler, split_parameters
+from cnnlab.engine.record import RunRecord
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -255,9 +256,7 @@ class TimeBudget(Callback):
                 loop.sched.last_epoch = loop.step - 1
                 loop.sched.step()  # the learning rate at step loop.step of the new schedule
         if loop.run:  # a resumed run follows the new plan
-            config = rundir.read_config(loop.run)
-            config["train"] = cfg.to_dict()
-            rundir.write_config(loop.run, config)
+            RunRecord.read(loop.run).with_train(cfg).write(loop.run)
         return note
 
 

@@ -130,7 +130,7 @@ def export_run(
                           "nothing written")  # fmt: skip
     atomic_write_bytes(path, data)
     meta = {
-        "model": loaded.config["model"]["name"], "format": fmt, "exporter": exporter, "input": "input",
+        "model": loaded.record.model.name, "format": fmt, "exporter": exporter, "input": "input",
         "output": "logits (apply softmax for probabilities)", "layout": "NCHW float32",
         "image_size": loaded.image_size, "channels": loaded.channels, "mean": list(loaded.norm.mean),
         "std": list(loaded.norm.std), "pixel_scale": "divide 8-bit values by 255, then (x - mean) / std",

@@ -23,6 +23,7 @@ from cnnlab.engine import rundir
 from cnnlab.engine.checkpoint import apply_state_dict, load_checkpoint, load_weights
 from cnnlab.engine.evaluate import predict_logits
 from cnnlab.engine.metrics import confusion_matrix, most_confused, per_class_report, topk_correct
+from cnnlab.engine.record import RunRecord
 from cnnlab.errors import CnnlabError, UsageError
 from cnnlab.models.registry import create_model, model_info
 
@@ -32,18 +33,41 @@ class LoadedRun:
     """A trained model in eval mode with everything needed to feed it as in training."""
 
     path: Path
-    config: dict[str, Any]
+    record: RunRecord
     model: nn.Module
-    classes: tuple[str, ...]
-    norm: Normalization
-    channels: int
-    image_size: int
     weights: Path  # the file the weights came from
+
+    @classmethod
+    def of(
+        cls, path: Path, record: RunRecord, model: nn.Module, weights: Path, device: str | torch.device
+    ) -> LoadedRun:
+        """The run at PATH with MODEL (weights loaded) moved to DEVICE in eval mode."""
+        return cls(path=path, record=record, model=model.to(device).eval(), weights=weights)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names, in the order of the model's outputs."""
+        return self.record.data.classes
+
+    @property
+    def channels(self) -> int:
+        """Image channels the model takes (1 grey, 3 RGB)."""
+        return self.record.data.channels
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images the model takes."""
+        return self.record.data.image_size
+
+    @property
+    def norm(self) -> Normalization:
+        """The normalisation of training."""
+        return Normalization(self.record.data.mean, self.record.data.std)
 
     @property
     def tta(self) -> bool:
         """Whether the run evaluates with test-time augmentation (the mean of each image's and its mirror's logits)."""
-        return bool(self.config.get("train", {}).get("tta"))
+        return self.record.tta
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> normalised float32 on the model's device."""
@@ -51,27 +75,25 @@ class LoadedRun:
         return self.norm.apply(images.to(device).float().div_(255.0))
 
 
-def build_run_model(config: dict[str, Any]) -> nn.Module:
-    """The architecture a run trained, built from its config.json, with fresh (untrained) weights."""
-    m = config["model"]
-    kwargs: dict[str, Any] = dict(m.get("args") or {})
-    if m.get("pretrained"):
+def build_run_model(record: RunRecord) -> nn.Module:
+    """The architecture a run trained, built from its record, with fresh (untrained) weights."""
+    m = record.model
+    kwargs: dict[str, Any] = dict(m.args)
+    if m.pretrained:
         # Fine-tuned from torchvision weights: the same architecture (heads, stems), nothing downloaded.
-        kwargs.update(pretrained=True, weights_name=config.get("train", {}).get("weights_name"), architecture_only=True)
-    model_info(m["name"])  # an unknown name (a run from a newer cnnlab) is a clear error
-    return create_model(m["name"], num_classes=m["num_classes"], in_channels=m["in_channels"],
-                        image_size=m["image_size"], **kwargs)  # fmt: skip
+        weights_name = record.train.weights_name if record.train else None
+        kwargs.update(pretrained=True, weights_name=weights_name, architecture_only=True)
+    model_info(m.name)  # an unknown name (a run from a newer cnnlab) is a clear error
+    return create_model(m.name, num_classes=m.num_classes, in_channels=m.in_channels, image_size=m.image_size,
+                        **kwargs)  # fmt: skip
 
 
 def load_run(run: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedRun:
     """Load RUN (a run directory, or a weights/checkpoint file inside one) for inference."""
     given = Path(run)
     path = rundir.resolve_run(given)
-    config = rundir.check_config(rundir.read_config(path), path / rundir.CONFIG)
-    try:
-        model = build_run_model(config)
-    except KeyError as e:
-        raise UsageError(f"{path / rundir.CONFIG}: missing entry {e}; not a complete cnnlab run") from None
+    record = RunRecord.read(path)
+    model = build_run_model(record)
     if given.is_file() and given.suffix == ".ckpt":
         apply_state_dict(model, load_checkpoint(given).get("model"), str(given))
         weights = given
@@ -80,13 +102,7 @@ def load_run(run: str | os.PathLike[str], device: str | torch.device = "cpu") ->
         if not weights.is_file():
             raise UsageError(f"{path}: no {rundir.BEST} yet (the run has not finished an epoch)")
         load_weights(model, weights)
-    data = config["data"]
-    model.to(device).eval()
-    return LoadedRun(
-        path=path, config=config, model=model, classes=tuple(data["classes"]),
-        norm=Normalization(tuple(data["mean"]), tuple(data["std"])), channels=int(data["channels"]),
-        image_size=int(data["image_size"]), weights=weights,
-    )  # fmt: skip
+    return LoadedRun.of(path, record, model, weights, device)
 
 
 @torch.no_grad()
@@ -134,11 +150,12 @@ class Evaluation:
 
 def eval_data(loaded: LoadedRun, data: str | None, data_dir: str | None, split: str) -> tuple[ImageSet, str]:
     """The images to evaluate: the run's own test split by default, or another dataset/folder with the same classes."""
-    train_cfg = loaded.config.get("train", {})
-    name = data or train_cfg.get("data") or loaded.config["data"]["name"]
+    train = loaded.record.train
+    name = data or (train.data if train else None) or loaded.record.data.name
+    own_dir = train.data_dir if train else None
     ds: Dataset = load_dataset(
-        name, data_dir if data else (data_dir or train_cfg.get("data_dir")), download=bool(train_cfg.get("download")),
-        image_size=loaded.image_size, on_bad_image=train_cfg.get("on_bad_image", "error") if not data else "error",
+        name, data_dir if data else (data_dir or own_dir), download=bool(train and train.download),
+        image_size=loaded.image_size, on_bad_image=train.on_bad_image if train and not data else "error",
     )  # fmt: skip
     if tuple(ds.classes) != loaded.classes:
         raise UsageError(f"--data {name}: its classes ({_short(ds.classes)}) differ from the run's "

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from cnnlab.engine.record import RunRecord
+
+
+@dataclass(frozen=True)
+class TrainStart:
+    """What a reporter is told when training starts: the run's record and where the loop stands."""
+
+    record: RunRecord
+    run_dir: Path | None  # None when nothing is written (runs_dir=None)
+    steps_per_epoch: int
+    total_steps: int
+    start_epoch: int  # epochs already done (a resumed run starts past 0)
 
 
 class Reporter:
     """Receives training events. This base class ignores them all; the CLI subclasses it to draw progress."""
 
-    def train_start(self, info: dict[str, Any]) -> None:
+    def train_start(self, info: TrainStart) -> None:
         """Called once with the resolved run: model, dataset sizes, device, steps per epoch, run directory."""
 
     def epoch_start(self, epoch: int, steps: int) -> None:

@@ -106,57 +106,6 @@ def read_config(run: Path) -> dict[str, Any]:
         raise UsageError(f"{run / CONFIG}: unreadable config ({e})") from e
 
 
-def check_config(config: Any, path: Path, need_train: bool = False) -> dict[str, Any]:
-    """Refuse a config.json (hand-edited, truncated, from elsewhere) whose entries the commands rely on are wrong."""
-
-    def bad(key: str, why: str) -> UsageError:
-        return UsageError(f"{path}: {key} {why}; not a usable cnnlab run config")
-
-    def number(v: Any) -> bool:
-        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not isinstance(config, dict):
-        raise bad("the file", "is not a JSON object")
-    model, data = config.get("model"), config.get("data")
-    for key, part in (("model", model), ("data", data)):
-        if not isinstance(part, dict):
-            raise bad(key, "is missing or not an object")
-    if not isinstance(model.get("name"), str):
-        raise bad("model.name", "is missing or not a text")
-    for key in ("num_classes", "in_channels", "image_size"):
-        v = model.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise bad(f"model.{key}", f"must be a whole number >= 1, got {v!r:.40}")
-    if not isinstance(model.get("args", {}) or {}, dict):
-        raise bad("model.args", "must be an object")
-    if not isinstance(model.get("pretrained"), dict | None):
-        raise bad("model.pretrained", "must be an object or null")
-    classes = data.get("classes")
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise bad("data.classes", "must be a list of names")
-    if len(classes) != model["num_classes"]:
-        raise bad("data.classes", f"has {len(classes)} names for {model['num_classes']} model outputs")
-    if data.get("channels") != model["in_channels"] or data.get("image_size") != model["image_size"]:
-        raise bad("data.channels/image_size", "differ from the model's in_channels/image_size")
-    for key in ("mean", "std"):
-        v = data.get(key)
-        if not isinstance(v, list) or len(v) != model["in_channels"] or not all(number(x) for x in v):
-            raise bad(f"data.{key}", f"must be {model['in_channels']} finite numbers, got {v!r:.60}")
-    if not all(x > 0 for x in data["std"]):
-        raise bad("data.std", "must be positive")
-    if not isinstance(data.get("name"), str):
-        raise bad("data.name", "must be a text")
-    train = config.get("train")
-    if train is None and not need_train:
-        config["train"] = train = {}  # inference needs no training options
-    if not isinstance(train, dict):
-        raise bad("train", "is missing or not an object")
-    for key in ("data", "data_dir", "on_bad_image"):
-        if not isinstance(train.get(key), str | None):
-            raise bad(f"train.{key}", "must be a text")
-    return config
-
-
 def write_config(run: Path, config: dict[str, Any]) -> Path:
     """Write config.json atomically."""
     return atomic_write_json(run / CONFIG, config)

@@ -14,6 +14,7 @@ from cnnlab.data.sources import Dataset, is_folder_name, load_dataset
 from cnnlab.engine import rundir
 from cnnlab.engine.config import TrainConfig
 from cnnlab.engine.device import resolve_device
+from cnnlab.engine.record import RunRecord
 from cnnlab.engine.result import TrainResult
 from cnnlab.errors import UsageError
 from cnnlab.memory import HEADROOM, available_bytes, check_fits, model_memory
@@ -96,13 +97,11 @@ def check_training_memory(cfg: TrainConfig, data: Dataset, device: torch.device)
 def run_to_resume(resume: str | Path) -> tuple[Path, TrainConfig]:
     """The unfinished run RUN names and the TrainConfig it recorded in its (checked) config.json."""
     run = rundir.resolve_run(resume)
-    saved = rundir.check_config(rundir.read_config(run), run / rundir.CONFIG, need_train=True)
+    train = RunRecord.read(run, need_train=True).train
     if (run / rundir.RESULTS).is_file():
         raise UsageError(f"{run}: this run has already finished; nothing to resume")
-    try:
-        return run, TrainConfig.from_dict(saved["train"])
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{run / rundir.CONFIG}: train options unusable ({str(e)[:120]})") from None
+    assert train is not None  # need_train
+    return run, train
 
 
 def auto_resume(runs_dir: str | Path | None, run_name: str | None) -> Path | None:

@@ -57,7 +57,8 @@ from cnnlab.engine.device import (
 from cnnlab.engine.evaluate import evaluate_batches, predict_logits
 from cnnlab.engine.loggers import check_installed, make_loggers
 from cnnlab.engine.optim import build_optimizer, build_scheduler, classifier_modules, split_parameters  # noqa: F401
-from cnnlab.engine.reporter import Reporter
+from cnnlab.engine.record import DataRecord, ModelRecord, RunRecord, Runtime
+from cnnlab.engine.reporter import Reporter, TrainStart
 from cnnlab.engine.result import TrainResult
 from cnnlab.engine.setup import (
     AUTO,
@@ -88,6 +89,7 @@ class Trainer:
                  module: nn.Module | None = None) -> None:  # fmt: skip
         self.clock, self.module = clock, module  # module: the user's own network, trained instead of cfg.model
         started = clock() if started is None else started  # when the run began (a time budget counts from it)
+        self.created = datetime.now(UTC).isoformat(timespec="seconds")  # config.json's "created"
         self.dist = distributed.env()
         self.cfg, self.reporter = cfg, reporter if self.dist.is_main else Reporter()  # only rank 0 talks
         self.device = resolve_device(cfg.device)
@@ -365,34 +367,33 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- run state
 
-    def config_dict(self) -> dict[str, Any]:
+    def record(self) -> RunRecord:
         """Everything config.json records: options, model, data (classes, normalisation), runtime."""
-        n_params = sum(p.numel() for p in self.model.parameters())
-        return {
-            "cnnlab_version": cnnlab.__version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "model": {
-                "name": self.cfg.model, "num_classes": len(self.data.classes), "in_channels": self.data.channels,
-                "image_size": self.data.image_size, "params": n_params, "args": dict(self.cfg.model_args),
-                "changes": list(getattr(self.model, "cnnlab_changes", [])),
-                "pretrained": getattr(self.model, "pretrained_info", None),
-                "classifier": self.head,  # the module(s) freeze="features" keeps trainable
-            },
-            "data": {
-                "name": self.data.name, "classes": list(self.data.classes), "channels": self.data.channels,
-                "image_size": self.data.image_size, "mean": list(self.norm.mean), "std": list(self.norm.std),
-                "augment": list(self.augment), "train_size": len(self.train_set),
-                "val_size": len(self.val_set) if self.val_set is not None else 0, "test_size": len(self.data.test),
-                "validation": f"{self.cfg.val_split:g} of train" if self.data.val is None else "given by the source",
-                **self.data.extra,
-            },
-            "train": self.cfg.to_dict(),
-            "runtime": {
-                "device": str(self.device), "precision": str(self.dtype).replace("torch.", ""),
-                "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": self.dist.world_size,
-                "global_batch": self.cfg.batch_size * self.cfg.accumulate * self.dist.world_size,
-            },
-        }  # fmt: skip
+        d = self.data
+        return RunRecord(
+            cnnlab_version=cnnlab.__version__, created=self.created,
+            model=ModelRecord(
+                name=self.cfg.model, num_classes=len(d.classes), in_channels=d.channels, image_size=d.image_size,
+                params=sum(p.numel() for p in self.model.parameters()), args=dict(self.cfg.model_args),
+                changes=tuple(getattr(self.model, "cnnlab_changes", ())),
+                pretrained=getattr(self.model, "pretrained_info", None),
+                classifier=tuple(self.head) if self.head is not None else None,
+            ),
+            data=DataRecord(
+                name=d.name, classes=tuple(d.classes), channels=d.channels, image_size=d.image_size,
+                mean=tuple(self.norm.mean), std=tuple(self.norm.std), augment=tuple(self.augment),
+                train_size=len(self.train_set), val_size=len(self.val_set) if self.val_set is not None else 0,
+                test_size=len(d.test),
+                validation=f"{self.cfg.val_split:g} of train" if d.val is None else "given by the source",
+                extra=dict(d.extra),
+            ),
+            train=self.cfg,
+            runtime=Runtime(
+                device=str(self.device), precision=str(self.dtype).replace("torch.", ""), torch=torch.__version__,
+                threads=torch.get_num_threads(), world_size=self.dist.world_size,
+                global_batch=self.cfg.batch_size * self.cfg.accumulate * self.dist.world_size,
+            ),
+        )  # fmt: skip
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything an exact resume needs, as tensors and plain values."""
@@ -736,15 +737,13 @@ def _fit(cfg: TrainConfig, runs_dir: str | Path | None, run_name: str | None, re
     elif runs_dir is not None and main:
         # Created only now, after options, data and model all proved valid: a bad invocation leaves nothing behind.
         t.run = rundir.new_run_dir(runs_dir, cfg.model, t.data.name, run_name)
-        rundir.write_config(t.run, t.config_dict())
+        t.record().write(t.run)
     if t.dist.enabled:
         t.reporter.message(
             f"data-parallel: {t.dist.world_size} processes ({'nccl' if t.device.type == 'cuda' else 'gloo'}), "
             f"{cfg.batch_size} images each per step, global batch {cfg.batch_size * t.dist.world_size}"
         )
-    t.reporter.train_start({**t.config_dict(), "run_dir": str(t.run) if t.run else None,
-                            "steps_per_epoch": t.steps_per_epoch, "total_steps": t.total_steps,
-                            "start_epoch": t.epoch})  # fmt: skip
+    t.reporter.train_start(TrainStart(t.record(), t.run, t.steps_per_epoch, t.total_steps, t.epoch))
     with _graceful_stop(t):
         stopped = t.run_epochs()
     result = t.finish(stopped, started)

@@ -130,12 +130,12 @@ class Explorer:
         out: dict[str, Any] = {"run": None, "kernels": kernels}
         if self.loaded is not None:
             run = self.loaded
-            cfg = run.config
+            record = run.record
             out["run"] = {
-                "path": str(run.path), "name": run.path.name, "model": cfg["model"]["name"],
-                "data": cfg["data"]["name"], "classes": list(run.classes), "channels": run.channels,
+                "path": str(run.path), "name": run.path.name, "model": record.model.name,
+                "data": record.data.name, "classes": list(run.classes), "channels": run.channels,
                 "image_size": run.image_size, "digits": run.channels == 1 and run.image_size <= 32,
-                "test_size": cfg["data"].get("test_size", 0), "layers": self.layers(),
+                "test_size": record.data.test_size, "layers": self.layers(),
             }  # fmt: skip
         return out
 
@@ -264,7 +264,7 @@ class Explorer:
                 rows = rundir.read_metrics(run.path)
                 if not rows:
                     raise LookupError("the run has no metrics.csv rows")
-                title = f"{run.config['model']['name']} on {run.config['data']['name']}"
+                title = run.record.title
                 plot_curves(rows, d / "x.png", title=title, best_epoch=rundir.best_epoch(rows))
                 return {"curves": (d / "x.png").read_bytes()}
             ev = evaluate_run(run)
