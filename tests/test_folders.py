@@ -180,7 +180,8 @@ def test_bad_file_is_an_error_naming_it_or_skipped_and_listed(name: str, tmp_pat
     make(bad)
     with pytest.raises(CnnlabError, match=reason) as e:
         load_image_folder(root, image_size=8)
-    assert str(e.value).startswith(str(bad)) and "--on-bad-image skip" in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith(str(bad)) and "on_bad_image='skip'" in str(e.value) and "\n" not in str(e.value)
+    assert "--on-bad-image skip" in e.value.cli_message()  # the command line names its flag
     ds = load_image_folder(root, image_size=8, on_bad_image="skip")  # from the cache this time: same verdict
     assert len(ds.train) + len(ds.test) == 10
     assert ds.extra["skipped"][0]["path"] == str(bad)

@@ -76,7 +76,7 @@ def test_file_source_reads_its_real_format_into_uint8_tensors(name: str, tmp_pat
     assert ds.train.labels.tolist() == labels.tolist()
     assert len(ds.test) == 20 and ds.test.images.shape[1:] == ds.train.images.shape[1:]
     assert len(ds.classes) == int(labels.max()) + 1 or len(ds.classes) in (10, 100)
-    assert "--data-dir" in ds.notes[0] and str(tmp_path) in ds.notes[0]
+    assert "(data_dir)" in ds.notes[0] and str(tmp_path) in ds.notes[0]
 
 
 @pytest.mark.parametrize("name", FILE_SOURCES)
@@ -121,10 +121,10 @@ def test_missing_dataset_offline_says_where_it_looked_and_how_to_get_it(
     monkeypatch.setitem(FILE_SPECS, "fashion-mnist", FileSpec(**{**spec.__dict__, "system_dirs": ()}))
     with pytest.raises(CnnlabError) as e:
         load_dataset("mnist", data_dir=tmp_path, download=False)
-    msg = str(e.value)
+    msg, cli = str(e.value), e.value.cli_message()  # Python's words, and the command line's
     assert "\n" not in msg
-    assert f"--data-dir {tmp_path}" in msg and "user cache" in msg and "--no-download" in msg
-    assert "train-images-idx3-ubyte" in msg and "pass --data-dir" in msg
+    assert f"--data-dir {tmp_path}" in cli and "user cache" in msg and "downloading is off" in msg
+    assert "train-images-idx3-ubyte" in msg and "pass --data-dir DIR" in cli and "pass data_dir='DIR'" in msg
     with pytest.raises(CnnlabError, match="apt install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", data_dir=tmp_path, download=False)
 
@@ -231,10 +231,13 @@ def test_image_size_resizes_any_source(tmp_path: Path) -> None:
 
 
 def test_bad_policy_and_size_are_usage_errors() -> None:
-    with pytest.raises(UsageError, match="--on-bad-image"):
+    # The library names its keyword; the command line (cli_message) the flag.
+    with pytest.raises(UsageError, match="^on_bad_image: expected one of") as e:
         load_dataset("mnist-mini", on_bad_image="ignore")
-    with pytest.raises(UsageError, match="--image-size"):
+    assert e.value.cli_message().startswith("--on-bad-image: expected one of")
+    with pytest.raises(UsageError, match="^image_size must be at least 1") as e:
         load_dataset("mnist-mini", image_size=0)
+    assert e.value.cli_message().startswith("--image-size must be at least 1")
 
 
 def test_cli_missing_dataset_is_one_line_and_leaves_no_run(tmp_path: Path) -> None:

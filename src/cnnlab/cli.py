@@ -24,7 +24,7 @@ from cnnlab.cli_common import (
     parse_model_args,  # noqa: F401  (importable from here, as it always was)
 )
 from cnnlab.cli_train import parse_checkpoint_every  # noqa: F401
-from cnnlab.errors import CnnlabError, OptionError, UsageError
+from cnnlab.errors import CnnlabError, UsageError
 
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
@@ -631,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         # The library names Python keywords (batch_size); on the command line the user typed flags (--batch-size).
-        text = e.cli_message() if isinstance(e, OptionError) else str(e)
+        text = e.cli_message()
         if not _left_for_launcher(text, e.exit_code, internal=False):
             sys.stderr.write(f"cnnlab: error: {text}\n")
         return e.exit_code

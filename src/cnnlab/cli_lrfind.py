@@ -55,12 +55,12 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else default_plot_path()
     if out.suffix.lower() != ".png":
         raise UsageError(f"--output {out}: the plot is a PNG; give a name ending in .png")
-    rundir.check_writable(out.parent, "--output")  # before minutes of training, not after
+    rundir.check_writable(out.parent, "output")  # before minutes of training, not after
     range_config(cfg, args.steps).validate()  # a bad option is the one line on stderr, before the notice below
     reporter = make_reporter(quiet=args.quiet)
     reporter.message(f"lr-find: up to {args.steps} steps, lr from {args.start_lr:g} to {args.end_lr:g}")
     result = find_lr(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, reporter=reporter)
-    rundir.make_dir(out.parent, "--output")
+    rundir.make_dir(out.parent, "output")
     result.plot(out)
     if args.json:
         print(json.dumps({**result.to_dict(), "plot": str(out)}, indent=2))

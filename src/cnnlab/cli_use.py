@@ -30,7 +30,7 @@ def _out_dir(args: argparse.Namespace, run: Path) -> Path:
 
     if not getattr(args, "out", None):
         return run
-    return make_dir(Path(args.out), "--out")
+    return make_dir(Path(args.out), "out")
 
 
 # --- evaluate ---------------------------------------------------------------------------------------------------------

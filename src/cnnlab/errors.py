@@ -8,9 +8,33 @@ from collections.abc import Iterable
 
 
 class CnnlabError(Exception):
-    """A failure the user can act on; the CLI prints its message without a traceback."""
+    """A failure the user can act on; the CLI prints its message without a traceback.
+
+    With `options=True` the message may mention options as {name} or {name=value}: Python sees the keyword
+    (`on_bad_image='skip'`), the command line its flag (`--on-bad-image skip`, through `cli_message()`).
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, options: bool = False) -> None:
+        self.template = message if options else None
+        super().__init__(_spell(message, cli=False) if options else message)
+
+    def cli_message(self) -> str:
+        """The message in the command line's words."""
+        return _spell(self.template, cli=True) if self.template is not None else str(self)
+
+    def __reduce__(self) -> tuple:
+        # Pickled (a worker process's error) with its template, so the parent can still spell flags.
+        return (_rebuild, (type(self), self.template if self.template is not None else str(self), self.template
+                           is not None, self.__dict__))  # fmt: skip
+
+
+def _rebuild(cls: type[CnnlabError], message: str, options: bool, state: dict) -> CnnlabError:
+    error = CnnlabError.__new__(cls)
+    CnnlabError.__init__(error, message, options=options)
+    error.__dict__.update(state)
+    return error
 
 
 class UsageError(CnnlabError):
@@ -49,11 +73,8 @@ class OptionError(UsageError):
 
     def __init__(self, name: str, why: str) -> None:
         self.option, self.why = name, why
-        super().__init__(f"{name} {_spell(why, cli=False)}")
-
-    def cli_message(self) -> str:
-        """The same message in the command line's words."""
-        return f"{flag(self.option)} {_spell(self.why, cli=True)}"
+        # "batch_size must be ...", or "model_args: lenet5 does not take ..." when `why` starts with a colon.
+        super().__init__(f"{{{name}}}{'' if why.startswith(':') else ' '}{why}", options=True)
 
 
 _MENTION = re.compile(r"\{(\w+)(?:=([^}]*))?\}")

@@ -75,8 +75,10 @@ def check_fits(what: str, need: int, device: str = "cpu", hint: str = "") -> Non
     have = available_bytes(device)
     if need > have * HEADROOM:
         where = "RAM" if not device.startswith(("cuda", "mps")) else f"{device} memory"
+        # The hint may mention options ({batch_size}): Python shows the keyword, the command line the flag.
         raise OutOfMemory(
-            f"{what} needs about {gib(need)} of {where}, {gib(have)} is available" + (f"; {hint}" if hint else "")
+            f"{what} needs about {gib(need)} of {where}, {gib(have)} is available" + (f"; {hint}" if hint else ""),
+            options=bool(hint),
         )
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import save
 from cnnlab.data.images import open_image
 from cnnlab.data.locate import cache_root
 from cnnlab.data.types import Dataset, ImageSet, stratified_split
-from cnnlab.errors import CnnlabError, UsageError
+from cnnlab.errors import CnnlabError, OptionError, UsageError
 from cnnlab.fileio import atomic_write_bytes
 from cnnlab.memory import check_fits
 
@@ -93,9 +93,9 @@ def list_images(class_dir: Path) -> list[Path]:
 def scan(root: Path) -> tuple[dict[str, list[tuple[Path, int]]], tuple[str, ...], list[str]]:
     """The folder's splits as {split: [(file, class index)]}, the class names, and notes on what was ignored."""
     if not root.exists():
-        raise UsageError(f"--data {root}: no such folder (and not a registered dataset name)")
+        raise OptionError("data", f"{root}: no such folder (and not a registered dataset name)")
     if not root.is_dir():
-        raise UsageError(f"--data {root}: not a folder; an image folder holds one sub-folder per class")
+        raise OptionError("data", f"{root}: not a folder; an image folder holds one sub-folder per class")
     split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
     notes = []
     if "train" in split_dirs:
@@ -222,7 +222,7 @@ def load_image_folder(
         # 4.1x the decoded size (40 images at 4096 px: 6.6 GB resident for 1.6 GB of pixels).
         check_fits(
             f"decoding {n:,} images at {size}x{size}", 5 * n * 3 * size * size,
-            hint="lower --image-size" if size > DEFAULT_FOLDER_SIZE else "",
+            hint="lower {image_size}" if size > DEFAULT_FOLDER_SIZE else "",
         )  # fmt: skip
         sets, bad, _ = _decode_folder(root, splits, size)
         if cache:
@@ -230,7 +230,8 @@ def load_image_folder(
             notes += [problem] if problem else []
     if bad and on_bad_image == "error":
         more = f" ({len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
-        raise CnnlabError(f"{bad[0].path}: {bad[0].reason}{more}; --on-bad-image skip leaves bad files out")
+        raise CnnlabError(f"{bad[0].path}: {bad[0].reason}{more}; {{on_bad_image=skip}} leaves bad files out",
+                          options=True)  # fmt: skip
     if bad:
         listed = "; ".join(f"{b.path}: {b.reason}" for b in bad[:5])
         notes.append(f"skipped {len(bad)} bad image(s) (--on-bad-image skip): {listed}{' ...' if len(bad) > 5 else ''}")

@@ -35,7 +35,7 @@ class SearchRoot:
     """One place to look, and why it is on the list (for the error message)."""
 
     path: Path
-    origin: str  # --data-dir, $CNNLAB_DATA, user cache, system
+    origin: str  # {data_dir} (an option mention, see errors.CnnlabError), $CNNLAB_DATA, user cache, system
     flat: bool = False  # the dataset's files may sit directly in it (an explicit --data-dir, a package's folder)
 
 
@@ -43,7 +43,7 @@ def search_roots(data_dir: str | os.PathLike[str] | None, system: tuple[Path, ..
     """The directories to look in, in priority order."""
     roots = []
     if data_dir:
-        roots.append(SearchRoot(Path(data_dir).expanduser(), "--data-dir", flat=True))
+        roots.append(SearchRoot(Path(data_dir).expanduser(), "{data_dir}", flat=True))
     if os.environ.get(DATA_ENV):
         roots.append(SearchRoot(Path(os.environ[DATA_ENV]).expanduser(), f"${DATA_ENV}"))
     roots.append(SearchRoot(download_root(), "user cache"))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab.data.types import ImageSet
-from cnnlab.errors import UsageError
+from cnnlab.errors import OptionError, UsageError
 
 AUGMENTATIONS: dict[str, str] = {
     "crop": "random translation: pad by ~7% of the side with black, crop back to size",
@@ -29,10 +29,12 @@ def parse_augment(spec: str | Sequence[str]) -> tuple[str, ...]:
     if items in ([], [""], ["none"]):  # '' (and an empty tuple) mean no augmentation, as 'none' does
         return ()
     if "" in items:  # ',,' or 'crop,' is a typo, not a request for no augmentation
-        raise UsageError(f"--augment {','.join(items)!r}: empty item; give names like crop,flip or none")
+        raise OptionError("augment", f"{','.join(items)!r}: empty item; give names like crop,flip or none")
     for s in items:
         if s not in AUGMENTATIONS:
-            raise UsageError(f"--augment: unknown augmentation {s!r}; choose from {', '.join(AUGMENTATIONS)} or none")
+            raise OptionError(
+                "augment", f": unknown augmentation {s!r}; choose from {', '.join(AUGMENTATIONS)} or none"
+            )
     return tuple(dict.fromkeys(items))
 
 

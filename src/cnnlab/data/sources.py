@@ -18,7 +18,7 @@ from cnnlab.data.catalog import BUILTIN_SOURCES
 from cnnlab.data.formats import cifar_batch, cifar_names, idx_images_and_labels
 from cnnlab.data.locate import SearchRoot, describe_roots, download_root, dpkg_dirs, find_files, search_roots
 from cnnlab.data.types import Dataset, ImageSet, stratified_split
-from cnnlab.errors import CnnlabError, UsageError, unknown_name
+from cnnlab.errors import CnnlabError, OptionError, unknown_name
 from cnnlab.memory import check_fits
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
@@ -85,9 +85,9 @@ def load_dataset(
     `image_size` resizes every image to that square side (image folders: the side they are decoded at).
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise UsageError(f"--on-bad-image: expected one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
+        raise OptionError("on_bad_image", f": expected one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
     if image_size is not None and image_size < 1:
-        raise UsageError(f"--image-size must be at least 1, got {image_size}")
+        raise OptionError("image_size", f"must be at least 1, got {image_size}")
     if is_folder_name(name):
         from cnnlab.data.folders import load_image_folder
 
@@ -98,7 +98,7 @@ def load_dataset(
         n = len(ds.train) + len(ds.test)
         # The resized copy of every image, plus one chunk in float32 while it is resized.
         need = n * ds.channels * image_size**2 + 4096 * ds.channels * image_size**2 * 8
-        check_fits(f"{name} resized to {image_size}x{image_size} ({n:,} images)", need, hint="lower --image-size")
+        check_fits(f"{name} resized to {image_size}x{image_size} ({n:,} images)", need, hint="lower {image_size}")
         ds.train, ds.test = resize_set(ds.train, image_size), resize_set(ds.test, image_size)
         ds.notes.append(f"images resized from {native}x{native} to {image_size}x{image_size}")
     return ds
@@ -186,7 +186,7 @@ class FileSpec:
         """One sentence on getting the files by hand."""
         ways = [f"apt install {self.debian_package}"] if self.debian_package else []
         ways.append(f"put {', '.join(self.files)} (or .gz) into {download_root() / self.subdirs[0]}")
-        ways.append("pass --data-dir DIR")
+        ways.append("pass {data_dir=DIR}")
         return "; or ".join(ways)
 
 
@@ -222,13 +222,14 @@ def locate_files(spec: FileSpec, data_dir: str | Path | None, download: bool) ->
             return found, root
     missing = f"{spec.name}: files not found (looked in {describe_roots(roots)})"
     if not download:
-        raise CnnlabError(f"{missing} and --no-download was given. Get them: {spec.how_to_get()}")
+        # options=True: the search roots and the ways to get the files mention {data_dir}, spelled per caller.
+        raise CnnlabError(f"{missing} and downloading is off. Get them: {spec.how_to_get()}", options=True)
     reason = _torchvision_download(spec)
     found = find_files([SearchRoot(download_root(), "user cache")], spec.subdirs, spec.files)
     if reason is None and found:
         return found, SearchRoot(download_root(), "downloaded to user cache")
     raise CnnlabError(f"{missing} and the download failed ({reason or 'files missing after download'}). "
-                      f"Get them: {spec.how_to_get()}")  # fmt: skip
+                      f"Get them: {spec.how_to_get()}", options=True)  # fmt: skip
 
 
 def _torchvision_download(spec: FileSpec) -> str | None:
@@ -266,7 +267,7 @@ def _file_dataset(spec: FileSpec, data_dir: str | Path | None, download: bool) -
         name=spec.name, train=train, test=test, classes=classes, default_augment=spec.default_augment,
         description=_SOURCES[spec.name].description,
         extra={"files": str(folder)},
-        notes=[f"data: {spec.name} from {folder} ({root.origin})"],
+        notes=[f"data: {spec.name} from {folder} ({root.origin.strip('{}')})"],
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ import torch
 
 from cnnlab.engine.inference import LoadedRun
 from cnnlab.engine.rundir import make_dir
-from cnnlab.errors import CnnlabError, UsageError
+from cnnlab.errors import CnnlabError, OptionError, UsageError
 from cnnlab.fileio import atomic_write_bytes, atomic_write_json
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -101,7 +101,7 @@ def export_run(
 ) -> ExportResult:
     """Export `loaded` as `fmt` and check it on `images` (uint8 (N, C, H, W), a real batch) at two batch sizes."""
     if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
+        raise OptionError("format", f"{fmt!r}: choose {' or '.join(FORMATS)}")
     path = Path(out) if out else loaded.path / f"model{FORMATS[fmt]}"
     if path.is_dir():
         raise UsageError(f"-o {path}: is a directory; name the file to write")

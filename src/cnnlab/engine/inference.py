@@ -24,7 +24,7 @@ from cnnlab.engine.checkpoint import apply_state_dict, load_checkpoint, load_wei
 from cnnlab.engine.evaluate import predict_logits
 from cnnlab.engine.metrics import confusion_matrix, most_confused, per_class_report, topk_correct
 from cnnlab.engine.record import RunRecord
-from cnnlab.errors import CnnlabError, UsageError
+from cnnlab.errors import CnnlabError, OptionError, UsageError
 from cnnlab.models.registry import create_model, model_info
 
 
@@ -158,14 +158,14 @@ def eval_data(loaded: LoadedRun, data: str | None, data_dir: str | None, split: 
         image_size=loaded.image_size, on_bad_image=train.on_bad_image if train and not data else "error",
     )  # fmt: skip
     if tuple(ds.classes) != loaded.classes:
-        raise UsageError(f"--data {name}: its classes ({_short(ds.classes)}) differ from the run's "
-                         f"({_short(loaded.classes)})")  # fmt: skip
+        raise OptionError("data", f"{name}: its classes ({_short(ds.classes)}) differ from the run's "
+                                  f"({_short(loaded.classes)})")  # fmt: skip
     if ds.channels != loaded.channels:
-        raise UsageError(f"--data {name}: {ds.channels}-channel images, the model takes {loaded.channels}")
+        raise OptionError("data", f"{name}: {ds.channels}-channel images, the model takes {loaded.channels}")
     parts = {"test": [ds.test], "train": [ds.train], "val": [ds.val] if ds.val is not None else [],
              "all": [s for s in (ds.train, ds.val, ds.test) if s is not None]}  # fmt: skip
     if not parts[split]:
-        raise UsageError(f"--split {split}: {name} has no separate validation split (it is held out of train)")
+        raise OptionError("split", f"{split}: {name} has no separate validation split (it is held out of train)")
     chosen = parts[split]
     return ImageSet(torch.cat([s.images for s in chosen]), torch.cat([s.labels for s in chosen])), ds.name
 
@@ -290,7 +290,7 @@ def predict_pretrained(
 
     info = model_info(model_name)
     if "pretrained" not in info.tags:
-        raise UsageError(f"--model {model_name}: has no pretrained weights; see `cnnlab models --pretrained`")
+        raise OptionError("model", f"{model_name}: has no pretrained weights; see `cnnlab models --pretrained`")
     files = expand_inputs(inputs)
     weights = resolve_weights(model_name, weights_name)
     classes = weights.meta.get("categories")

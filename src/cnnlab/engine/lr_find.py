@@ -172,7 +172,9 @@ class RangeTest(Callback):
         """The measurements and the suggestion."""
         if len(self.lrs) < 3:
             raise CnnlabError(
-                f"lr-find: only {len(self.lrs)} steps before {self.stopped}; lower --start-lr (now {self.start_lr:g})"
+                f"lr-find: only {len(self.lrs)} steps before {self.stopped}; "
+                f"lower {{start_lr}} (now {self.start_lr:g})",
+                options=True,
             )
         suggested, lowest = suggest(self.lrs, self.losses)
         settings = {"start_lr": self.start_lr, "end_lr": self.end_lr, "max_steps": self.steps}

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cnnlab.errors import UsageError
+from cnnlab.errors import OptionError, UsageError
 from cnnlab.fileio import atomic_write_json, atomic_write_text
 
 CONFIG, METRICS, BEST, LAST, CURVES, RESULTS = (
@@ -21,19 +21,23 @@ CONFIG, METRICS, BEST, LAST, CURVES, RESULTS = (
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "elapsed")
 
 
-def check_writable(directory: Path, label: str = "--runs-dir") -> None:
-    """Raise a UsageError unless `directory` is, or could be created as, a writable directory. Creates nothing."""
+def check_writable(directory: Path, label: str = "runs_dir") -> None:
+    """Raise a UsageError unless `directory` is, or could be created as, a writable directory. Creates nothing.
+
+    `label` is the option that named the directory: a keyword (runs_dir, spelled --runs-dir on the command line) or,
+    starting with '-', a flag of one command only.
+    """
     existing = directory
     while not existing.exists():
         if existing.parent == existing:
             break
         existing = existing.parent
     if existing != directory and not existing.is_dir():
-        raise UsageError(f"{label} {directory}: cannot create directory ({existing} is not a directory)")
+        raise _dir_error(label, f"{directory}: cannot create directory ({existing} is not a directory)")
     if not existing.is_dir():
-        raise UsageError(f"{label} {directory}: not a directory")
+        raise _dir_error(label, f"{directory}: not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{label} {directory}: {existing} is not writable")
+        raise _dir_error(label, f"{directory}: {existing} is not writable")
 
 
 def make_dir(directory: Path, label: str) -> Path:
@@ -42,8 +46,12 @@ def make_dir(directory: Path, label: str) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"{label} {directory}: cannot create directory ({e.strerror or e})") from None
+        raise _dir_error(label, f"{directory}: cannot create directory ({e.strerror or e})") from None
     return directory
+
+
+def _dir_error(label: str, why: str) -> UsageError:
+    return UsageError(f"{label} {why}") if label.startswith("-") else OptionError(label, why)
 
 
 def new_run_dir(runs_dir: str | os.PathLike[str], model: str, data: str, name: str | None = None) -> Path:
@@ -55,7 +63,7 @@ def new_run_dir(runs_dir: str | os.PathLike[str], model: str, data: str, name: s
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--runs-dir {root}: cannot create directory ({e.strerror or e})") from e
+        raise OptionError("runs_dir", f"{root}: cannot create directory ({e.strerror or e})") from e
     stem = name or f"{datetime.now():%Y-%m-%d_%H%M}_{model}_{_slug(data)}"
     for i in range(1, 1000):
         path = root / (stem if i == 1 else f"{stem}-{i}")
@@ -64,15 +72,15 @@ def new_run_dir(runs_dir: str | os.PathLike[str], model: str, data: str, name: s
         except FileExistsError:
             continue
         except OSError as e:
-            raise UsageError(f"--runs-dir {root}: cannot create {path.name} ({e.strerror or e})") from e
+            raise OptionError("runs_dir", f"{root}: cannot create {path.name} ({e.strerror or e})") from e
         return path
-    raise UsageError(f"--runs-dir {root}: too many runs named {stem}")
+    raise OptionError("runs_dir", f"{root}: too many runs named {stem}")
 
 
 def check_run_name(name: str) -> str:
     """Refuse a --name that is not one plain directory name (it must not lead outside --runs-dir)."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name or "\0" in name:
-        raise UsageError(f"--name {name!r}: give a plain directory name (no '/', not '.' or '..')")
+        raise OptionError("name", f"{name!r}: give a plain directory name (no '/', not '.' or '..')")
     return name
 
 

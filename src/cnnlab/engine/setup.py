@@ -16,7 +16,7 @@ from cnnlab.engine.config import TrainConfig
 from cnnlab.engine.device import resolve_device
 from cnnlab.engine.record import RunRecord
 from cnnlab.engine.result import TrainResult
-from cnnlab.errors import UsageError
+from cnnlab.errors import OptionError, UsageError
 from cnnlab.memory import HEADROOM, available_bytes, check_fits, model_memory
 from cnnlab.models.registry import create_model
 
@@ -43,7 +43,7 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
     except TypeError as e:
         if not cfg.model_args:  # a builder bug, not the user's options: let it surface as such
             raise
-        raise UsageError(f"--model-args: {cfg.model} does not take these options ({e})") from None
+        raise OptionError("model_args", f": {cfg.model} does not take these options ({e})") from None
 
 
 def preflight(
@@ -88,7 +88,7 @@ def check_training_memory(cfg: TrainConfig, data: Dataset, device: torch.device)
     check_fits(
         f"training {cfg.model} on {shape[1]}x{shape[2]} images at batch {cfg.batch_size}",
         est.training(cfg.batch_size, states) + on_device, str(device),
-        hint="lower --batch-size or --image-size, or use a smaller model",
+        hint="lower {batch_size} or {image_size}, or use a smaller model",
     )  # fmt: skip
     budget = int(available_bytes(str(device)) * HEADROOM) - on_device
     cfg.eval_batch_size = est.eval_batch_that_fits(budget, cfg.eval_batch_size)
@@ -107,7 +107,7 @@ def run_to_resume(resume: str | Path) -> tuple[Path, TrainConfig]:
 def auto_resume(runs_dir: str | Path | None, run_name: str | None) -> Path | None:
     """--resume auto: the named run if it exists and is unfinished (a torchrun restart), else None (start it)."""
     if runs_dir is None or not run_name:
-        raise UsageError("--resume auto needs --name NAME: the run to continue if it exists, or to start if not")
+        raise OptionError("resume", "auto needs {name}: the run to continue if it exists, or to start if not")
     run = Path(runs_dir) / rundir.check_run_name(run_name)
     if not (run / rundir.CONFIG).is_file():
         return None

@@ -71,7 +71,7 @@ from cnnlab.engine.setup import (
     run_to_resume,
 )
 from cnnlab.engine.state import EpochProgress
-from cnnlab.errors import CnnlabError, UsageError
+from cnnlab.errors import CnnlabError, OptionError, UsageError
 from cnnlab.fileio import atomic_write_json
 
 
@@ -165,7 +165,7 @@ class Trainer:
             self.head = classifier_modules(self.model, probe)
         if cfg.sync_bn and self.dist.enabled:
             if self.device.type != "cuda":
-                raise UsageError("--sync-bn needs CUDA devices (nccl); on CPU each process keeps its own statistics")
+                raise OptionError("sync_bn", "needs CUDA devices (nccl); on CPU each process keeps its own statistics")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.opt = build_optimizer(self.model, cfg, self.head)
         self.train_model: nn.Module = self.model
@@ -196,10 +196,10 @@ class Trainer:
         elif cfg.val_split > 0:
             rest, held = stratified_split(train.labels, cfg.val_split, cfg.seed)
             if len(held) == 0 or len(rest) == 0:
-                raise UsageError(
-                    f"--val-split {cfg.val_split} leaves an empty split of {len(train)} training images "
-                    "(it holds out round(fraction x images) per class); raise it, or use --val-split 0 --patience 0"
-                )
+                raise OptionError(
+                    "val_split", f"{cfg.val_split} leaves an empty split of {len(train)} training images (it holds "
+                    "out round(fraction x images) per class); raise it, or use {val_split=0} {patience=0}"
+                )  # fmt: skip
             self.train_set, self.val_set = train.subset(rest), train.subset(held)
         else:
             self.train_set, self.val_set = train, None
@@ -551,7 +551,8 @@ class Trainer:
         if bad >= 0:
             raise CnnlabError(
                 f"training diverged: non-finite loss at epoch {self.epoch + 1}, step {bad}; the last checkpoint "
-                f"is from before it (try a lower --lr or --clip-grad)"
+                "is from before it (try a lower {lr} or {clip_grad})",
+                options=True,
             )
 
     def save_mid_epoch(self) -> None:

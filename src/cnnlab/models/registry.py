@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from cnnlab.errors import UsageError, unknown_name
+from cnnlab.errors import OptionError, UsageError, unknown_name
 
 Builder = Callable[..., nn.Module]
 
@@ -88,7 +88,7 @@ def _check_options(name: str, kwargs: dict[str, object]) -> None:
     for key in kwargs:
         if key not in accepted:
             options = ", ".join(model_options(name)) or "no options"
-            raise UsageError(f"--model-args: {name} does not take {key!r}; it takes {options}")
+            raise OptionError("model_args", f": {name} does not take {key!r}; it takes {options}")
 
 
 def create_model(
