@@ -138,7 +138,7 @@ def cache_key(root: Path, splits: dict[str, list[tuple[Path, int]]], size: int) 
     for split, items in splits.items():
         for path, label in items:
             st = path.stat()
-            h.update(f"|{split}|{path.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(f"|{split}|{os.path.relpath(path, root)}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
 
 
@@ -210,6 +210,19 @@ def load_image_folder(
     root = Path(path).expanduser()
     splits, classes, notes = scan(root)
     size = image_size or DEFAULT_FOLDER_SIZE
+    name = root.resolve().name or "folder"
+    return load_listed(
+        root, splits, classes, size, on_bad_image, cache, name=name, description=f"image folder {root}",
+        extra={"folder": str(root.resolve())},
+        notes=[f"data: image folder {root.resolve()}: {len(classes)} classes, {size}x{size}", *notes],
+    )  # fmt: skip
+
+
+def load_listed(
+    root: Path, splits: dict[str, list[tuple[Path, int]]], classes: tuple[str, ...], size: int, on_bad_image: str,
+    cache: bool, *, name: str, description: str, extra: dict, notes: list[str],
+) -> Dataset:  # fmt: skip
+    """Decode listed files {split: [(file, class index)]} (cached under a key of root and files) into a Dataset."""
     key = cache_key(root, splits, size)
     cache_file = cache_root() / "folders" / f"{key}.safetensors"
     cached = _read_cache(cache_file) if cache and cache_file.is_file() else None
@@ -234,12 +247,13 @@ def load_image_folder(
                           options=True)  # fmt: skip
     if bad:
         listed = "; ".join(f"{b.path}: {b.reason}" for b in bad[:5])
-        notes.append(f"skipped {len(bad)} bad image(s) (--on-bad-image skip): {listed}{' ...' if len(bad) > 5 else ''}")
+        notes.append(f"skipped {len(bad)} bad image(s) (on_bad_image=skip): {listed}{' ...' if len(bad) > 5 else ''}")
     for s, data in sets.items():
         counts = torch.bincount(data.labels, minlength=len(classes))
         if s == "train" and bool((counts == 0).any()):
             empty = [classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
-            raise CnnlabError(f"{root}: class(es) {', '.join(empty)} have no usable images after skipping bad files")
+            raise CnnlabError(f"{description}: class(es) {', '.join(empty)} have no usable images after skipping "
+                              "bad files")  # fmt: skip
     train = sets["train"]
     if "test" in sets:
         test = sets["test"]
@@ -249,11 +263,9 @@ def load_image_folder(
     else:
         rest, held = stratified_split(train.labels, FOLDER_TEST_FRACTION, FOLDER_SPLIT_SEED)
         train, test = train.subset(rest), train.subset(held)
-        notes.append(f"no train/ and test/ folders: a fixed {FOLDER_TEST_FRACTION:.0%} of each class is the test split")
-    name = root.resolve().name or "folder"
+        notes.append(f"no test split given: a fixed {FOLDER_TEST_FRACTION:.0%} of each class is the test split")
     return Dataset(
         name=name, train=train, test=test, classes=classes, default_augment=("crop", "flip"),
-        description=f"image folder {root}", val=sets.get("val"),
-        extra={"folder": str(root.resolve()), "skipped": [b.__dict__ for b in bad]},
-        notes=[f"data: image folder {root.resolve()}: {len(classes)} classes, {size}x{size}", *notes],
+        description=description, val=sets.get("val"), extra={**extra, "skipped": [b.__dict__ for b in bad]},
+        notes=notes,
     )  # fmt: skip

@@ -66,10 +66,14 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 def is_folder_name(name: str) -> bool:
-    """Whether --data names a path rather than a registered source (registered names win over folders)."""
+    """Whether `data` names a path (an image folder or a CSV labels file) rather than a registered source.
+
+    Registered names win over folders of the same name.
+    """
     return name not in _SOURCES and (
-        os.sep in name or "/" in name or name.startswith((".", "~")) or Path(name).is_dir()
-    )
+        os.sep in name or "/" in name or name.startswith((".", "~")) or name.lower().endswith(".csv")
+        or Path(name).is_dir()
+    )  # fmt: skip
 
 
 def load_dataset(
@@ -88,6 +92,10 @@ def load_dataset(
         raise OptionError("on_bad_image", f": expected one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
     if image_size is not None and image_size < 1:
         raise OptionError("image_size", f"must be at least 1, got {image_size}")
+    if is_folder_name(name) and name.lower().endswith(".csv"):
+        from cnnlab.data.csvlabels import load_csv_labels
+
+        return load_csv_labels(name, image_size=image_size, on_bad_image=on_bad_image)
     if is_folder_name(name):
         from cnnlab.data.folders import load_image_folder
 

@@ -62,8 +62,8 @@ class TrainConfig:
 
     model: str = option("lenet5-modern", "registered model name, see `cnnlab models`", _G_WHAT)
     data: str = option(
-        "mnist-mini", "a dataset name or an image folder (one sub-folder per class; "
-        "optional train/ val/ test/)", _G_WHAT)  # fmt: skip
+        "mnist-mini", "a dataset name, an image folder (one sub-folder per class; optional train/ val/ test/) "
+        "or a CSV of file,label[,split] rows", _G_WHAT)  # fmt: skip
     data_dir: str | None = option(
         None, "look here first for dataset files; then $CNNLAB_DATA, the user cache, system locations", _G_WHAT,
         metavar="DIR")  # fmt: skip
