@@ -232,10 +232,10 @@ def test_image_size_resizes_any_source(tmp_path: Path) -> None:
 
 def test_bad_policy_and_size_are_usage_errors() -> None:
     # The library names its keyword; the command line (cli_message) the flag.
-    with pytest.raises(UsageError, match="^on_bad_image: expected one of") as e:
+    with pytest.raises(UsageError, match=r"^on_bad_image: expected one of") as e:
         load_dataset("mnist-mini", on_bad_image="ignore")
     assert e.value.cli_message().startswith("--on-bad-image: expected one of")
-    with pytest.raises(UsageError, match="^image_size must be at least 1") as e:
+    with pytest.raises(UsageError, match=r"^image_size must be at least 1") as e:
         load_dataset("mnist-mini", image_size=0)
     assert e.value.cli_message().startswith("--image-size must be at least 1")
 
