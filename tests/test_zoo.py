@@ -171,7 +171,15 @@ def test_models_that_cannot_run_small_name_a_size() -> None:
     ).shape == (1, 10), "Inception v3's 75x75 minimum goes away with the small-input stem"
 
 
-def test_transfer_learning_run_records_preprocessing(resnet18_file: tuple[Path, dict], tmp_path: Path) -> None:
+def test_transfer_learning_run_records_preprocessing(
+    resnet18_file: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cnnlab.engine.trainer
+
+    def no_pass_over_the_data(images: torch.Tensor) -> None:
+        raise AssertionError("pretrained weights bring their own mean and std: no pass over the training images")
+
+    monkeypatch.setattr(cnnlab.engine.trainer, "channel_stats", no_pass_over_the_data)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=g)
     data = Dataset(

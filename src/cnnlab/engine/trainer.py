@@ -181,12 +181,17 @@ class Trainer:
     def _create_model(self) -> nn.Module:
         model = build_model(self.cfg, self.data) if self.module is None else self.module
         info = getattr(model, "pretrained_info", None)
+        self.norm: Normalization
         if info:
             # Pretrained features expect the weights' own normalisation; a grey image sees the mean over RGB.
             mean, std = info["mean"], info["std"]
             if self.data.channels != len(mean):
                 mean, std = [sum(mean) / len(mean)] * self.data.channels, [sum(std) / len(std)] * self.data.channels
             self.norm = Normalization(tuple(mean), tuple(std))
+        else:
+            # From the images the model trains on, never from validation or test images; a pass over the training
+            # split that pretrained weights (which bring their own) skip.
+            self.norm = channel_stats(self.train_set.images)
         return model
 
     def _split(self) -> None:
@@ -203,8 +208,6 @@ class Trainer:
             self.train_set, self.val_set = train.subset(rest), train.subset(held)
         else:
             self.train_set, self.val_set = train, None
-        # Normalisation comes from the images the model trains on, never from validation or test images.
-        self.norm: Normalization = channel_stats(self.train_set.images)
 
     def eval_loader(self, which: str) -> BatchLoader | None:
         """A loader over the validation or test split, without augmentation."""
