@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnlab import cli_bench, cli_lrfind, cli_train, cli_use
+from cnnlab import cli_bench, cli_cache, cli_lrfind, cli_train, cli_use
 from cnnlab.cli_common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -539,6 +539,10 @@ COMMANDS: dict[str, Command] = {
         cli_use.add_explore_parser,
     ),
     "bench": Command("speed: time to accuracy against the peer loop; model throughput", cli_bench.add_bench_parser),
+    "cache": Command(
+        "list the cached decoded images and downloaded datasets with their sizes; clear them",
+        cli_cache.add_cache_parser,
+    ),
 }
 
 

@@ -113,7 +113,8 @@ def load_csv_labels(
     size = image_size or DEFAULT_FOLDER_SIZE
     counts = ", ".join(f"{len(v):,} {k}" for k, v in splits.items())
     return load_listed(
-        root, splits, classes, size, on_bad_image, cache, name=csv_path.stem, description=f"labels file {csv_path}",
+        root, splits, classes, size, on_bad_image, cache, name=csv_path.stem,
+        description=f"labels file {csv_path.resolve()}",
         extra={"csv": str(csv_path.resolve())},
         notes=[f"data: labels file {csv_path.resolve()}: {len(classes)} classes, {counts} images, {size}x{size} "
                f"({used})"],

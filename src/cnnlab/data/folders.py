@@ -8,6 +8,7 @@ per-user cache keyed by the files' names, sizes and modification times, so later
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -188,19 +189,27 @@ def _read_cache(path: Path) -> tuple[dict[str, ImageSet], list[BadImage]] | None
         }
     except Exception:  # a damaged or foreign cache file is simply decoded again (and rewritten)
         return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # "last used", as `cnnlab cache` lists it
     return sets, bad
 
 
-def _write_cache(path: Path, sets: dict[str, ImageSet], bad: list[BadImage]) -> str | None:
+def _write_cache(path: Path, sets: dict[str, ImageSet], bad: list[BadImage], source: str, size: int) -> str | None:
+    """Write the decoded splits; then delete this source's older versions at this size (they can never be read)."""
     tensors = {}
     for s, data in sets.items():
         tensors[f"{s}_images"], tensors[f"{s}_labels"] = data.images.contiguous(), data.labels.contiguous()
+    meta = {"bad": json.dumps([b.__dict__ for b in bad]), "source": source, "size": str(size),
+            "version": str(CACHE_VERSION), "images": str(sum(len(v) for v in sets.values()))}  # fmt: skip
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, save(tensors, metadata={"bad": json.dumps([b.__dict__ for b in bad])}))
+        atomic_write_bytes(path, save(tensors, metadata=meta))
     except OSError as e:
         return f"could not write the decode cache {path} ({e.strerror or e}); the next run decodes again"
-    return None
+    from cnnlab.data.cache import remove_superseded
+
+    removed = remove_superseded(path)
+    return f"removed {removed} outdated decode cache file(s) of this data" if removed else None
 
 
 def load_image_folder(
@@ -212,7 +221,7 @@ def load_image_folder(
     size = image_size or DEFAULT_FOLDER_SIZE
     name = root.resolve().name or "folder"
     return load_listed(
-        root, splits, classes, size, on_bad_image, cache, name=name, description=f"image folder {root}",
+        root, splits, classes, size, on_bad_image, cache, name=name, description=f"image folder {root.resolve()}",
         extra={"folder": str(root.resolve())},
         notes=[f"data: image folder {root.resolve()}: {len(classes)} classes, {size}x{size}", *notes],
     )  # fmt: skip
@@ -239,7 +248,7 @@ def load_listed(
         )  # fmt: skip
         sets, bad, _ = _decode_folder(root, splits, size)
         if cache:
-            problem = _write_cache(cache_file, sets, bad)
+            problem = _write_cache(cache_file, sets, bad, description, size)
             notes += [problem] if problem else []
     if bad and on_bad_image == "error":
         more = f" ({len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
