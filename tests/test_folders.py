@@ -260,3 +260,17 @@ def test_cli_trains_on_a_folder_and_a_bad_file_fails_in_one_line(tmp_path: Path)
     r = run_cli("train", "--data", str(root), "--image-size", "16", "--runs-dir", str(tmp_path / "runs2"), cwd=tmp_path)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "broken.jpg" in r.stderr and not (tmp_path / "runs2").exists()
+
+
+def test_heic_photos_load_with_the_extra_and_name_it_without(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pillow_heif = pytest.importorskip("pillow_heif")  # in the dev extra, so CI runs this
+    pillow_heif.register_heif_opener()
+    root = two_classes(tmp_path / "photos", n=3)
+    photo = rgb(7, (40, 30))
+    photo.save(root / "a" / "phone.HEIC", quality=95)  # what an iPhone writes; the suffix's case varies
+    (root / "a" / "phone.HEIC").rename(root / "a" / "renamed.jpg")  # found by its bytes, not its name
+    ds = load_image_folder(root, image_size=8, cache=False)
+    assert len(ds.train) + len(ds.test) == 7
+    monkeypatch.setitem(__import__("sys").modules, "pillow_heif", None)  # as without the extra
+    with pytest.raises(CnnlabError, match=r"renamed.jpg: a HEIC/HEIF photo; reading it needs the heic extra: pip ins"):
+        load_image_folder(root, image_size=8, cache=False)

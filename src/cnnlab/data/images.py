@@ -46,7 +46,34 @@ def open_image(path: str | os.PathLike[str], draft: tuple[int, int] | None = Non
         raise UsageError(f"{path}: is a directory, not an image")
     if path.stat().st_size == 0:
         raise UsageError(f"{path}: empty file (0 bytes), not an image")
+    if is_heif(path):
+        enable_heif(path)
     return decode_image(path, str(path), draft)
+
+
+# The brands of an ISO-BMFF 'ftyp' box that mean HEIF/HEIC (phones' photos), whatever the file is called.
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+
+
+def is_heif(path: Path) -> bool:
+    """Whether the file is a HEIF/HEIC image, by its first 12 bytes."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False  # decode_image names the real problem
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+
+
+def enable_heif(path: Path) -> None:
+    """Let Pillow read HEIF through pillow-heif (the `heic` extra), or say which extra PATH needs."""
+    try:
+        import pillow_heif
+    except ImportError:
+        extra = "pip install 'cnnlab[heic]'"
+        raise UsageError(f"{path}: a HEIC/HEIF photo; reading it needs the heic extra: {extra}") from None
+    # Registered only when a file needs it (idempotent): uploads to `cnnlab explore` never reach this path.
+    pillow_heif.register_heif_opener()
 
 
 def decode_image(
