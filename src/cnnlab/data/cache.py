@@ -15,6 +15,8 @@ from safetensors import safe_open
 
 from cnnlab.data.locate import cache_root, download_root
 
+CACHE_VERSION = 1  # bump when decoding changes: files of another version are never read, and are deleted
+
 
 @dataclass(frozen=True)
 class CacheEntry:
@@ -36,8 +38,6 @@ def decode_dir() -> Path:
 
 
 def _decoded(path: Path) -> CacheEntry:
-    from cnnlab.data.folders import CACHE_VERSION
-
     meta: dict[str, str] = {}
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save
 
+from cnnlab.data.cache import CACHE_VERSION, remove_superseded
 from cnnlab.data.images import open_image
 from cnnlab.data.locate import cache_root
 from cnnlab.data.types import Dataset, ImageSet, stratified_split
@@ -33,7 +34,6 @@ DEFAULT_FOLDER_SIZE = 64  # square side when --image-size is not given (224 is u
 FOLDER_TEST_FRACTION = 0.2  # flat layout: held-out test images per class
 FOLDER_SPLIT_SEED = 0  # fixed, so the test split never changes between runs
 SPLIT_NAMES = ("train", "val", "test")
-CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
@@ -206,8 +206,6 @@ def _write_cache(path: Path, sets: dict[str, ImageSet], bad: list[BadImage], sou
         atomic_write_bytes(path, save(tensors, metadata=meta))
     except OSError as e:
         return f"could not write the decode cache {path} ({e.strerror or e}); the next run decodes again"
-    from cnnlab.data.cache import remove_superseded
-
     removed = remove_superseded(path)
     return f"removed {removed} outdated decode cache file(s) of this data" if removed else None
 
