@@ -66,6 +66,14 @@ def read_mlflow(run: Path) -> Logged:
     return metrics, pictures
 
 
+def mlflow_status(run: Path) -> str:
+    """The status of the MLflow run that RUN/mlflow.json names."""
+    from mlflow.tracking import MlflowClient
+
+    saved = json.loads((run / loggers.MLFLOW_FILE).read_text())
+    return MlflowClient(tracking_uri=saved["tracking_uri"]).get_run(saved["run_id"]).info.status
+
+
 READERS: dict[str, Callable[[Path], Logged]] = {"tensorboard": read_tensorboard, "mlflow": read_mlflow}
 
 
@@ -131,10 +139,24 @@ def test_a_resume_appends_without_repeating_an_epoch(
     monkeypatch.setattr(cbs.Checkpointing, "on_epoch_end", killed_before_saving_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         fit(quick(name, epochs=3), runs_dir=own_mlflow_env / "runs", run_name="r", dataset=small_digits)
+    if name == "mlflow":  # the interrupted run is marked as such, not left RUNNING
+        assert mlflow_status(own_mlflow_env / "runs" / "r") == "KILLED"
     monkeypatch.setattr(cbs.Checkpointing, "on_epoch_end", save)
     result = fit(resume=own_mlflow_env / "runs" / "r", dataset=small_digits)  # epochs 2 and 3 again
     assert result.epochs_run == 3
     assert_logged_once_per_epoch(name, result.run_dir)
+
+
+def test_a_failed_run_is_marked_failed_and_the_error_is_not_hidden(small_digits: Dataset, own_mlflow_env: Path) -> None:
+    need("mlflow")
+
+    class Broken(cbs.Callback):
+        def on_epoch_end(self, loop: Any, row: dict[str, Any]) -> None:
+            raise ValueError("a bug in my callback")
+
+    with pytest.raises(ValueError, match="a bug in my callback"):
+        fit(quick("mlflow"), runs_dir=own_mlflow_env / "runs", run_name="r", dataset=small_digits, callbacks=[Broken()])
+    assert mlflow_status(own_mlflow_env / "runs" / "r") == "FAILED"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,7 +1,7 @@
 """Callbacks: whatever watches or steers a run (early stopping, checkpoints, the time budget, freezing, weight EMA,
 progress, experiment logs), and your own.
 
-The protocol is five hooks, each given the running `Trainer` (called `loop` here):
+The protocol is six hooks, each given the running `Trainer` (called `loop` here):
 
     on_train_start(loop)             after set-up (and after a resume restored the run), before the first step
     on_epoch_start(loop)             before each epoch; loop.epoch is the number of epochs done
@@ -9,6 +9,8 @@ The protocol is five hooks, each given the running `Trainer` (called `loop` here
                                      stall a GPU (the loss of every step is in the epoch's metrics row anyway)
     on_epoch_end(loop, row)          with the epoch's metrics row (what metrics.csv gets); add keys to log them
     on_train_end(loop, result)       with the TrainResult, after the test evaluation
+    on_train_error(loop, error)      instead of on_train_end when the run ends by an exception (Ctrl-C, a diverged
+                                     loss, a full disk); the exception is raised again after every callback saw it
 
 From a hook a callback may read `loop.model`, `loop.optimizer`, `loop.epoch`, `loop.step`, `loop.total_steps`,
 `loop.history`, `loop.run` (the run directory or None) and `loop.config`, change the learning rate with
@@ -90,6 +92,9 @@ class Callback:
 
     def on_train_end(self, loop: Loop, result: TrainResult) -> None:
         """After the test evaluation."""
+
+    def on_train_error(self, loop: Loop, error: BaseException) -> None:
+        """The run ended by `error` (raised again afterwards): close what on_train_start opened."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a resume needs to continue exactly (only for callbacks with a `key`)."""

@@ -147,9 +147,21 @@ class ExperimentLogger(Callback):
         self.close()
         self.active = False
 
+    def on_train_error(self, loop: Trainer, error: BaseException) -> None:
+        """Mark the log as ended by an interrupt or a failure, and close it (a resume reopens it)."""
+        if not self.active:
+            return
+        self.active = False
+        interrupted = isinstance(error, KeyboardInterrupt) or getattr(error, "exit_code", None) == 130
+        self.log_failure(interrupted)
+        self.close()
+
     def open(self, loop: Trainer) -> None:
         """Start (or, on a resume, reopen) the log."""
         raise NotImplementedError
+
+    def log_failure(self, interrupted: bool) -> None:
+        """The run ended early: interrupted (Ctrl-C, SIGTERM) or failed."""
 
     def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
         """One epoch's numbers (metrics.csv's names)."""
@@ -313,6 +325,10 @@ class MLflowLogger(ExperimentLogger):
         for path in pictures.values():
             self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, "FINISHED")
+
+    def log_failure(self, interrupted: bool) -> None:
+        """KILLED for an interrupt, FAILED otherwise, as MLflow's own fluent API marks them."""
+        self.client.set_terminated(self.run_id, "KILLED" if interrupted else "FAILED")
 
 
 @dataclass(frozen=True)

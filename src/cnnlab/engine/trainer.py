@@ -368,6 +368,12 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
 
+    def emit_error(self, error: BaseException) -> None:
+        """Tell every callback the run ended by `error`; a callback failing here must not hide the error itself."""
+        for callback in self.callbacks:
+            with contextlib.suppress(Exception):
+                callback.on_train_error(self, error)
+
     # ---------------------------------------------------------------------------------------- run state
 
     def record(self) -> RunRecord:
@@ -748,9 +754,13 @@ def _fit(cfg: TrainConfig, runs_dir: str | Path | None, run_name: str | None, re
             f"{cfg.batch_size} images each per step, global batch {cfg.batch_size * t.dist.world_size}"
         )
     t.reporter.train_start(TrainStart(t.record(), t.run, t.steps_per_epoch, t.total_steps, t.epoch))
-    with _graceful_stop(t):
-        stopped = t.run_epochs()
-    result = t.finish(stopped, started)
+    try:
+        with _graceful_stop(t):
+            stopped = t.run_epochs()
+        result = t.finish(stopped, started)
+    except BaseException as error:
+        t.emit_error(error)
+        raise
     t.reporter.train_end(result)
     return t, result
 
