@@ -231,6 +231,7 @@ def create_app(loaded: LoadedRun | None, *, allowed_hosts: Collection[str] = LOO
     """
     app = FastAPI(title="cnnlab explore", docs_url=None, redoc_url=None, openapi_url=None)
     explorer = Explorer(loaded)
+    app.state.explorer = explorer
     busy = threading.Lock()  # one computation at a time: a burst of requests queues instead of multiplying memory
 
     def compute(fn: Callable[..., T], *args: Any) -> T:

@@ -98,6 +98,19 @@ class Explorer:
         self._layers: list[str] | None = None
         self._test: ImageSet | None = None
 
+    def warm_up(self) -> None:
+        """Compute once before the server answers, so that lazy imports and library start-up never run in a request.
+
+        Loading a library's native code holds the GIL; inside the first request on a loaded machine that delayed
+        Ctrl-C by as long as it took (tests saw 16-30 s instead of about 3 s).
+        """
+        self.playground(None, "sharpen", "max", 2, "clip", False)
+        if self.loaded is not None:
+            run = self.loaded
+            blank = torch.zeros((1, run.channels, run.image_size, run.image_size), dtype=torch.uint8)
+            with torch.no_grad():
+                layer_inputs_and_outputs(run.model, run.prepare(blank), self.layers())
+
     def test_split(self) -> ImageSet:
         """The run's test images, loaded once (a dataset load per drawn stroke would dominate the round trip)."""
         if self._test is None:
