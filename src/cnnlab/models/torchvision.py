@@ -583,6 +583,28 @@ def _smallest_size(name: str, in_channels: int, start: int, use_weights: bool, p
 
 def _plan(name: str, in_channels: int, image_size: int, use_weights: bool, num_classes: int) -> list[tuple[str, str]]:
     """Plan the small-input changes on a meta probe; a UsageError naming the minimum size if none works."""
+    plan, refusal = _remembered_plan(name, in_channels, image_size, use_weights, num_classes)
+    if refusal is not None:
+        raise UsageError(refusal)
+    return list(plan)
+
+
+@functools.lru_cache(maxsize=256)
+def _remembered_plan(
+    name: str, in_channels: int, image_size: int, use_weights: bool, num_classes: int
+) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """_plan_once's answer (or refusal), kept: planning runs up to ~15 meta forward passes (seconds for a large
+    model), and a run plans twice (the memory check's meta build, then the real one)."""
+    try:
+        return tuple(_plan_once(name, in_channels, image_size, use_weights, num_classes)), None
+    except UsageError as e:
+        return (), str(e)
+
+
+def _plan_once(
+    name: str, in_channels: int, image_size: int, use_weights: bool, num_classes: int
+) -> list[tuple[str, str]]:
+    """The plan, computed: meta probes of the model at this input."""
     probe = _probe(name, in_channels, image_size, use_weights, num_classes)
     plan: list[tuple[str, str]] = []
     if probe is not None:
