@@ -126,3 +126,20 @@ def test_resume_refuses_typed_options_and_names_them(tmp_path: Path, capsys: pyt
     code = main(["train", "--resume", str(tmp_path), "--epochs", "6", "--accumulate", "2", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "drop --accumulate, --epochs (only --device may change)" in err, err
+
+
+def test_errors_keep_both_wordings_across_processes() -> None:
+    """A worker process's error, pickled to its parent, still prints the keyword in Python and the flag on the CLI."""
+    import pickle
+
+    from cnnlab.errors import CnnlabError
+    from cnnlab.memory import OutOfMemory
+
+    for error in (
+        OptionError("batch_size", "must be at least 1 with {accumulate=2}"),
+        CnnlabError("photo.jpg: truncated; {on_bad_image=skip} leaves bad files out", options=True),
+        OutOfMemory("training needs 9 GiB; lower {batch_size}", options=True),
+    ):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error) and "--" not in str(again)
+        assert again.cli_message() == error.cli_message() and "--" in again.cli_message()

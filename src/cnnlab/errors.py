@@ -26,8 +26,8 @@ class CnnlabError(Exception):
 
     def __reduce__(self) -> tuple:
         # Pickled (a worker process's error) with its template, so the parent can still spell flags.
-        return (_rebuild, (type(self), self.template if self.template is not None else str(self), self.template
-                           is not None, self.__dict__))  # fmt: skip
+        options = self.template is not None
+        return (_rebuild, (type(self), self.template if options else str(self), options, self.__dict__))
 
 
 def _rebuild(cls: type[CnnlabError], message: str, options: bool, state: dict) -> CnnlabError:
