@@ -6,6 +6,7 @@ headers only, and writing a new version of a source deletes the versions it repl
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -60,7 +61,10 @@ def _tree_bytes(path: Path) -> tuple[int, float]:
 
 def entries() -> list[CacheEntry]:
     """Everything in the cache: decode caches (most recently used first), then downloaded datasets."""
-    found = [_decoded(p) for p in decode_dir().glob("*.safetensors")] if decode_dir().is_dir() else []
+    found = []
+    for path in decode_dir().glob("*.safetensors") if decode_dir().is_dir() else ():
+        with contextlib.suppress(OSError):  # deleted while listing
+            found.append(_decoded(path))
     found.sort(key=lambda e: -e.last_used)
     if download_root().is_dir():
         for d in sorted(p for p in download_root().iterdir() if p.is_dir()):
@@ -71,12 +75,18 @@ def entries() -> list[CacheEntry]:
 
 def remove_superseded(current: Path) -> int:
     """Delete the decode caches that `current` replaces (same source and size) or that an older format wrote."""
-    mine = _decoded(current)
+    try:
+        mine = _decoded(current)
+    except OSError:  # replaced meanwhile by another process writing the same cache
+        return 0
     removed = 0
     for other in decode_dir().glob("*.safetensors"):
         if other == current:
             continue
-        entry = _decoded(other)
+        try:
+            entry = _decoded(other)
+        except OSError:  # deleted meanwhile (another rank, another run): nothing to do
+            continue
         if not entry.current or (entry.source == mine.source and entry.image_size == mine.image_size):
             other.unlink(missing_ok=True)
             removed += 1
