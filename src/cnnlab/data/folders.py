@@ -206,7 +206,10 @@ def _write_cache(path: Path, sets: dict[str, ImageSet], bad: list[BadImage], sou
         atomic_write_bytes(path, save(tensors, metadata=meta))
     except OSError as e:
         return f"could not write the decode cache {path} ({e.strerror or e}); the next run decodes again"
-    removed = remove_superseded(path)
+    try:
+        removed = remove_superseded(path)
+    except OSError as e:  # an old cache we may not delete (another user's, read-only): left where it is
+        return f"could not delete an outdated decode cache ({e.strerror or e})"
     return f"removed {removed} outdated decode cache file(s) of this data" if removed else None
 
 
