@@ -49,10 +49,12 @@ class _Server(uvicorn.Server):
     """uvicorn whose shutdown never waits on a computation for more than GRACE_S + 1 seconds."""
 
     watchdog: threading.Timer | None = None
+    stopped_by: int | None = None  # the exit code of the signal that stopped the server (130 for SIGINT)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """First signal: graceful stop plus a watchdog; a second one: exit at once."""
         code = 128 + int(sig)
+        self.stopped_by = code
         if self.should_exit:
             _hard_exit(code)
         # Requests cut off by the shutdown are expected now: no tracebacks for them in the terminal.
@@ -81,3 +83,10 @@ def serve(app: FastAPI, sock: socket.socket) -> None:
     finally:
         if server.watchdog is not None:
             server.watchdog.cancel()
+    if server.stopped_by is not None:
+        # uvicorn raises the signal again under the handler it found at start. A parent that ignores SIGINT (a
+        # script's `cnnlab explore &`, some test runners) leaves it ignored: the signal vanishes, run() returns, and
+        # Python would wait for every queued computation before exiting. Stop as the signal asked instead.
+        if _computing():
+            _hard_exit(server.stopped_by)
+        raise KeyboardInterrupt
