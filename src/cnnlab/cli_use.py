@@ -387,7 +387,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     app = create_app(loaded, allowed_hosts=allowed_hosts_for(args.host, port))
-    app.state.explorer.warm_up()  # lazy start-up work now, not inside the first request (where it delays Ctrl-C)
+    app.state.explorer.warm_up()  # lazy start-up work now, not inside the first request
     print(f"cnnlab explore: http://{host}:{port}/  ({'run ' + str(loaded.path) if loaded else 'no run'}; Ctrl-C stops)",
           flush=True)  # fmt: skip
     serve(app, sock)

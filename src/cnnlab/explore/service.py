@@ -101,8 +101,7 @@ class Explorer:
     def warm_up(self) -> None:
         """Compute once before the server answers, so that lazy imports and library start-up never run in a request.
 
-        Loading a library's native code holds the GIL; inside the first request on a loaded machine that delayed
-        Ctrl-C by as long as it took (tests saw 16-30 s instead of about 3 s).
+        The first drawing or kernel then answers as fast as the others (the first one used to pay that start-up).
         """
         self.playground(None, "sharpen", "max", 2, "clip", False)
         if self.loaded is not None:
