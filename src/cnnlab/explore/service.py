@@ -101,7 +101,7 @@ class Explorer:
     def warm_up(self) -> None:
         """Compute once before the server answers, so that lazy imports and library start-up never run in a request.
 
-        The first drawing or kernel then answers as fast as the others (the first one used to pay that start-up).
+        The first drawing or kernel request then does not pay for that start-up (not measured in benchmarks/).
         """
         self.playground(None, "sharpen", "max", 2, "clip", False)
         if self.loaded is not None:
