@@ -23,11 +23,6 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 MAX_CSV_BYTES = 512 * 2**20  # a labels file beyond this is not a labels file (10M rows of 50 characters)
 
 
-def is_csv_name(name: str) -> bool:
-    """Whether `data` names a CSV labels file."""
-    return name.lower().endswith(".csv")
-
-
 def _column(header: list[str], wanted: tuple[str, ...], fallback: int | None) -> int | None:
     lowered = [h.strip().lower() for h in header]
     for w in wanted:

@@ -65,13 +65,18 @@ def source_info(name: str) -> SourceInfo:
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
+def is_csv_name(name: str) -> bool:
+    """Whether `data` names a CSV labels file (by its suffix, in any case)."""
+    return name.lower().endswith(".csv")
+
+
 def is_folder_name(name: str) -> bool:
     """Whether `data` names a path (an image folder or a CSV labels file) rather than a registered source.
 
     Registered names win over folders of the same name.
     """
     return name not in _SOURCES and (
-        os.sep in name or "/" in name or name.startswith((".", "~")) or name.lower().endswith(".csv")
+        os.sep in name or "/" in name or name.startswith((".", "~")) or is_csv_name(name)
         or Path(name).is_dir()
     )  # fmt: skip
 
@@ -92,7 +97,7 @@ def load_dataset(
         raise OptionError("on_bad_image", f": expected one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
     if image_size is not None and image_size < 1:
         raise OptionError("image_size", f"must be at least 1, got {image_size}")
-    if is_folder_name(name) and name.lower().endswith(".csv"):
+    if is_folder_name(name) and is_csv_name(name):
         from cnnlab.data.csvlabels import load_csv_labels
 
         return load_csv_labels(name, image_size=image_size, on_bad_image=on_bad_image)
