@@ -77,16 +77,14 @@ def serve(app: FastAPI, sock: socket.socket) -> None:
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
-        if _computing():  # Python would wait for that thread at exit: do not
-            _hard_exit(130)
-        raise
+        server.stopped_by = server.stopped_by or 130
     finally:
         if server.watchdog is not None:
             server.watchdog.cancel()
+    # uvicorn raises the signal again under the handler it found at start, which usually ends run() with
+    # KeyboardInterrupt. A parent that ignores SIGINT (a script's `cnnlab explore &`, some test runners) leaves it
+    # ignored: the signal vanishes and run() returns. Either way, stop as the signal asked.
     if server.stopped_by is not None:
-        # uvicorn raises the signal again under the handler it found at start. A parent that ignores SIGINT (a
-        # script's `cnnlab explore &`, some test runners) leaves it ignored: the signal vanishes, run() returns, and
-        # Python would wait for every queued computation before exiting. Stop as the signal asked instead.
-        if _computing():
+        if _computing():  # Python would wait for that thread (a queued computation) at exit: do not
             _hard_exit(server.stopped_by)
         raise KeyboardInterrupt
