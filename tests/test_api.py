@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 import cnnlab
+from cnnlab.cli import main
 from cnnlab.errors import UsageError
 from tests.test_speed import tiny_dataset
 
@@ -83,13 +84,15 @@ def test_load_run_gives_the_same_predictions_evaluation_and_export(saved_run: cn
     assert path.is_file() and (tmp_path / "m.pt.json").is_file()
 
 
-def test_your_own_module_on_your_own_arrays(tmp_path: Path) -> None:
+def test_your_own_module_on_your_own_arrays(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     x, y = arrays()
     net = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 4))
     run = cnnlab.train(net, ((x, y), (x[:40], y[:40])), runs_dir=tmp_path, name="own", progress=False, **FAST)
     assert run.model is net and run.result.test_acc > 0.25 and run.classes == ("0", "1", "2", "3")
     with pytest.raises(UsageError, match="pass model=<a new Sequential>"):
         cnnlab.load_run(tmp_path / "own")
+    code = main(["evaluate", str(tmp_path / "own")])  # the command line says the same (was: unknown model)
+    assert code == 2 and "trained your own Sequential" in capsys.readouterr().err
     again = cnnlab.load_run(tmp_path / "own", model=nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 4)))
     assert [p.label for p in again.predict(x[:6])] == [p.label for p in run.predict(x[:6])]
 

@@ -136,13 +136,7 @@ def load_run(path: str | Path, device: str = "cpu", model: nn.Module | None = No
     from cnnlab.engine.inference import load_run as load_weights_of_run
 
     run = rundir.resolve_run(path)
-    if model is not None:
-        loaded = _load_into(run, model, device)
-    else:
-        own = RunRecord.read(run).model.own_module
-        if own is not None:
-            raise UsageError(f"{run}: trained your own {own}; pass model=<a new {own}> to load its weights into")
-        loaded = load_weights_of_run(run, device=device)
+    loaded = _load_into(run, model, device) if model is not None else load_weights_of_run(run, device=device)
     history = rundir.read_metrics(run) if (run / rundir.METRICS).is_file() else []
     results = run / rundir.RESULTS
     result = None

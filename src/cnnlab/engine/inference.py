@@ -93,6 +93,9 @@ def load_run(run: str | os.PathLike[str], device: str | torch.device = "cpu") ->
     given = Path(run)
     path = rundir.resolve_run(given)
     record = RunRecord.read(path)
+    own = record.model.own_module
+    if own is not None:  # no registry can rebuild the user's class: cnnlab.load_run(run, model=...) brings it
+        raise UsageError(f"{path}: trained your own {own}; pass model=<a new {own}> to load its weights into")
     model = build_run_model(record)
     if given.is_file() and given.suffix == ".ckpt":
         apply_state_dict(model, load_checkpoint(given).get("model"), str(given))
