@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import cnnlab
+from cnnlab.cli import main
 from tests.conftest import run_cli
 
 
@@ -102,16 +103,25 @@ def test_interrupted_run_resumes_from_the_cli(tmp_path: Path) -> None:
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, tmp_path: Path) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    args: list[str], needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In-process through cnnlab.cli.main, the console script's own entry point (the tests above run it as a
+    process): each case would otherwise pay a second's start-up of torch."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     args = [a.replace("{file}", str(blocker)) for a in args]
-    out = run_cli(*args, cwd=tmp_path)
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: "), out.stderr
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out = capsys.readouterr()
+    assert code == 2, out.err
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: "), out.err
     assert needle in lines[0]
-    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert "Traceback" not in out.err and out.out == ""
     assert not (tmp_path / "runs").exists(), "a refused run leaves nothing behind"
 
 

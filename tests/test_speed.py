@@ -199,16 +199,25 @@ def test_bench_throughput_json_fields(mode: str) -> None:
     assert out["machine"]["cores"] >= 1
 
 
-def test_bench_errors_are_one_line_usage_errors(tmp_path: Path) -> None:
+def test_bench_errors_are_one_line_usage_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cnnlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
     for args in (
         ("bench", "throughput", "--model", "no-such-net"),
         ("bench", "train", "--target", "1.5"),
         ("bench", "train", "--data", "cifar10", "--epochs", "1"),
         ("bench",),
     ):
-        r = run_cli(*args, cwd=tmp_path)
-        assert r.returncode == 2, (args, r.stderr)
-        assert r.stderr.startswith("cnnlab: error:") and r.stderr.count("\n") == 1, r.stderr
+        try:  # in-process, through the console script's entry point
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert err.startswith("cnnlab: error:") and err.count("\n") == 1, err
 
 
 def test_peer_loop_runs_torchvisions_dataset_class_on_the_files_cnnlab_finds(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from cnnlab.models.torchvision import (
     torchvision_names,
     weights_enum,
     weights_input_size,
+    without_batch_norm,
 )
 
 
@@ -109,7 +110,8 @@ def torchvision_rows(pattern: str = "*", progress: Callable[[int, int, str], Non
         rows.append(ZooRow(
             model=name, weights=weights.name, family=model_info(name).family, input_size=size,
             acc1=_number(metrics.get("acc@1")), acc5=_number(metrics.get("acc@5")),
-            params=sum(p.numel() for p in model.parameters()), gflops=count_macs(model, (3, size, size)) / 1e9,
+            params=sum(p.numel() for p in model.parameters()),
+            gflops=count_macs(without_batch_norm(model), (3, size, size)) / 1e9,  # counted after the parameters
             tv_params=meta.get("num_params"), tv_gflops=_number(meta.get("_ops")),
         ))  # fmt: skip
     return rows

@@ -216,6 +216,18 @@ def drop_aux_heads(model: nn.Module) -> None:
                 setattr(model, attr, None)
 
 
+def without_batch_norm(model: nn.Module) -> nn.Module:
+    """`model` with every BatchNorm replaced by Identity, in place: for meta-device shape and MAC probes only.
+
+    In eval mode batch norm keeps the shape, and FLOP counters do not count it; on the meta device it runs as a Python
+    decomposition that is about half of a forward pass's time (EfficientNet-V2-L's small-input plan: 10.6 s -> 5.6 s).
+    """
+    for path, module in list(model.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            set_module(model, path, nn.Identity())
+    return model
+
+
 def _trace(model: nn.Module, shape: tuple[int, int, int]) -> list[tuple[nn.Module, int, torch.Size]] | None:
     """(module, input width, output shape) of every conv/pool call of one forward pass; None if it fails."""
     calls: list[tuple[nn.Module, int, torch.Size]] = []
@@ -282,11 +294,14 @@ def plan_small_input(
     if image_size >= SMALL_INPUT_BELOW:
         return []
     shape = (in_channels, image_size, image_size)
-    committed = copy.deepcopy(model).to("meta")
-    side = smallest_map(committed, shape)
-    stem_path = first_conv(committed)[0]
-    trial, plan, pending = copy.deepcopy(committed), [], []
-    for path, module in _downsamplers(committed, (in_channels, reference, reference)):
+    # One copy, changed step by step: a failed step stays in it as `pending` until a later one makes it run again,
+    # so nothing is ever rolled back (copying a large model costs as much as a meta forward pass).
+    trial = copy.deepcopy(model).to("meta")
+    side = smallest_map(trial, shape)
+    stem_path = first_conv(trial)[0]
+    plan: list[tuple[str, str]] = []
+    pending: list[tuple[str, str]] = []
+    for path, module in _downsamplers(trial, (in_channels, reference, reference)):
         if side is not None and side >= SMALL_INPUT_MIN_SIDE:
             break
         if isinstance(module, nn.Conv2d) and _kernel_of(module) == _stride_of(module):
@@ -300,7 +315,6 @@ def plan_small_input(
         new_side = smallest_map(trial, shape)
         if new_side is not None:
             plan, pending, side = plan + pending, [], new_side
-            committed = copy.deepcopy(trial)
     return plan
 
 
@@ -530,7 +544,7 @@ def build_torchvision(
         )
     kwargs = builder_kwargs(name, image_size, use_weights)
     # Plan every change on the meta device first, so an impossible size fails in milliseconds, before any download.
-    plan = _plan(name, in_channels, image_size, use_weights, num_classes)
+    plan = _plan(name, image_size, use_weights)
     if weights is None and torch.get_default_device().type == "meta":
         model = build_meta(name, num_classes=num_classes, **kwargs)  # shapes only (summary, --details)
         changes = []
@@ -568,7 +582,7 @@ def _probe(name: str, in_channels: int, image_size: int, use_weights: bool, num_
     except (ValueError, AssertionError, RuntimeError):
         return None
     adapt_input_channels(probe, in_channels)
-    return probe
+    return without_batch_norm(probe)
 
 
 def _smallest_size(name: str, in_channels: int, start: int, use_weights: bool, probe: nn.Module | None) -> int | None:
@@ -581,22 +595,27 @@ def _smallest_size(name: str, in_channels: int, start: int, use_weights: bool, p
     return None
 
 
-def _plan(name: str, in_channels: int, image_size: int, use_weights: bool, num_classes: int) -> list[tuple[str, str]]:
-    """Plan the small-input changes on a meta probe; a UsageError naming the minimum size if none works."""
-    plan, refusal = _remembered_plan(name, in_channels, image_size, use_weights, num_classes)
+def _plan(name: str, image_size: int, use_weights: bool) -> list[tuple[str, str]]:
+    """Plan the small-input changes on a meta probe; a UsageError naming the minimum size if none works.
+
+    The plan is about the maps' height and width only, which neither the input channels (only the first conv's
+    weight changes) nor the number of classes (only the head's) affect: it is planned once for all of them.
+    """
+    plan, refusal = _remembered_plan(name, image_size, use_weights)
     if refusal is not None:
         raise UsageError(refusal)
     return list(plan)
 
 
+PLAN_CHANNELS, PLAN_CLASSES = 3, 10  # the probe's input channels and classes (any would give the same plan)
+
+
 @functools.lru_cache(maxsize=256)
-def _remembered_plan(
-    name: str, in_channels: int, image_size: int, use_weights: bool, num_classes: int
-) -> tuple[tuple[tuple[str, str], ...], str | None]:
+def _remembered_plan(name: str, image_size: int, use_weights: bool) -> tuple[tuple[tuple[str, str], ...], str | None]:
     """_plan_once's answer (or refusal), kept: planning runs up to ~15 meta forward passes (seconds for a large
     model), and a run plans twice (the memory check's meta build, then the real one)."""
     try:
-        return tuple(_plan_once(name, in_channels, image_size, use_weights, num_classes)), None
+        return tuple(_plan_once(name, PLAN_CHANNELS, image_size, use_weights, PLAN_CLASSES)), None
     except UsageError as e:
         return (), str(e)
 
