@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cnnlab.data.balance import balanced_order
 from cnnlab.data.types import ImageSet
 from cnnlab.errors import OptionError, UsageError
 
@@ -142,9 +143,10 @@ class BatchLoader:
     """Iterate over (images, labels) batches of an in-memory ImageSet, resident on `device`.
 
     Each epoch draws one permutation from `order_generator` (default: `generator`, which also drives the
-    augmentation). With `world_size` > 1 (data-parallel training) every process draws the same permutation, cuts it
-    into global batches of batch_size x world_size and takes every world_size-th sample of each: all processes take
-    the same number of steps, and each sample is used once per epoch across them. A last global batch smaller than
+    augmentation), or with `balanced` as many class-first draws as there are images. With `world_size` > 1
+    (data-parallel training) every process draws the same order, cuts it into global batches of
+    batch_size x world_size and takes every world_size-th sample of each: all processes take the same number of
+    steps, and each drawn sample is used once per epoch across them. A last global batch smaller than
     world_size (at most world_size - 1 samples) is left out of that epoch, since some process would get none.
     """
 
@@ -163,6 +165,7 @@ class BatchLoader:
         world_size: int = 1,
         order_generator: torch.Generator | None = None,
         channels_last: bool = False,
+        balanced: bool = False,
     ) -> None:
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
@@ -174,6 +177,7 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.order_generator = order_generator if order_generator is not None else generator
         self.channels_last = channels_last
+        self.balanced = balanced  # shuffle class-first (data.balance.balanced_order): as many draws as images
 
     def __len__(self) -> int:
         n, step = len(self.labels), self.batch_size * self.world_size
@@ -188,6 +192,8 @@ class BatchLoader:
     def epoch_order(self) -> torch.Tensor:
         """This epoch's sample order: a fresh permutation when shuffling (the same on every process)."""
         n = len(self.labels)
+        if self.shuffle and self.balanced:
+            return balanced_order(self.labels, n, self.order_generator)
         if self.shuffle:
             return torch.randperm(n, generator=self.order_generator, device=self.device)
         return torch.arange(n, device=self.device)

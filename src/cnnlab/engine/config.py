@@ -20,6 +20,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FREEZE_CHOICES = ("none", "features")
 NAN_POLICIES = ("stop", "skip")
 BAD_IMAGE_POLICIES = ("error", "skip")
+CLASS_WEIGHTS = ("none", "auto")
+SAMPLERS = ("shuffle", "balanced")
 LOGGERS = ("tensorboard", "mlflow")
 DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.05}
 # Seeds feed torch generators as seed + 7919 * rank + step: keep the sum inside a signed 64-bit integer.
@@ -128,6 +130,12 @@ class TrainConfig:
     label_smoothing: float = option(
         0.1, "fraction of the target mass spread over all classes", _G_OPT, unit="fraction", lo=0.0, hi=1.0
     )
+    class_weights: str = option(
+        "none", "auto: weight each image's loss by N / (K x its class's count), for imbalanced classes", _G_OPT,
+        choices=CLASS_WEIGHTS)  # fmt: skip
+    sampler: str = option(
+        "shuffle", "epoch order: shuffle (every image once), or balanced (each draw picks a class evenly, then one "
+        "of its images)", _G_OPT, choices=SAMPLERS)  # fmt: skip
     augment: tuple[str, ...] | None = option(
         None, "comma list of crop, flip, rotate, erase, or none (None: the dataset's default; digits: crop)", _G_OPT,
         text="list")  # fmt: skip

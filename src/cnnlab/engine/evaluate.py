@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.engine import distributed
 from cnnlab.engine.device import autocast
+from cnnlab.engine.loss import class_loss
 from cnnlab.engine.metrics import topk_correct
 
 
@@ -28,8 +28,12 @@ def evaluate_batches(
     label_smoothing: float = 0.0,
     dtype: torch.dtype = torch.float32,
     tta: bool = False,
+    weight: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 accuracy of `model` (put in eval mode) over the batches (`tta`: with mirrors)."""
+    """Mean loss (with class `weight`s if given), top-1 and top-5 accuracy of `model` (in eval mode) over the batches.
+
+    `tta`: the logits are averaged with those of the mirrored images.
+    """
     model.eval()
     loss_sum = correct1 = correct5 = None
     n = 0
@@ -37,7 +41,7 @@ def evaluate_batches(
         with autocast(x.device, dtype):
             logits = predict_logits(model, x, tta)
         logits = logits.float()
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="sum")
+        loss = class_loss(logits, y, label_smoothing, weight, reduction="sum")
         c1, c5 = topk_correct(logits, y, (1, 5))
         # Accumulate on the device: one host sync at the end, not one per batch.
         loss_sum = loss if loss_sum is None else loss_sum + loss

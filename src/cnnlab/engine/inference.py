@@ -22,7 +22,14 @@ from cnnlab.data.sources import Dataset, ImageSet, load_dataset
 from cnnlab.engine import rundir
 from cnnlab.engine.checkpoint import apply_state_dict, load_checkpoint, load_weights
 from cnnlab.engine.evaluate import predict_logits
-from cnnlab.engine.metrics import confusion_matrix, most_confused, per_class_report, topk_correct
+from cnnlab.engine.metrics import (
+    balanced_accuracy,
+    confusion_matrix,
+    macro_f1,
+    most_confused,
+    per_class_report,
+    topk_correct,
+)
 from cnnlab.engine.record import RunRecord
 from cnnlab.errors import CnnlabError, OptionError, UsageError
 from cnnlab.models.registry import create_model, model_info
@@ -136,6 +143,8 @@ class Evaluation:
     confused: list[dict[str, Any]]
     worst: list[dict[str, Any]]  # most confident mistakes: index, true, predicted, confidence
     images: torch.Tensor = field(repr=False)  # uint8 images of the worst mistakes, for the picture
+    balanced_accuracy: float = float("nan")  # mean recall over the classes present (imbalanced data's accuracy)
+    macro_f1: float = float("nan")  # mean F1 over the classes seen, each class counting the same
 
     def mistake_captions(self) -> list[str]:
         """One caption per worst mistake, for the picture: 'true 4 / pred 9 (97%)' on two lines."""
@@ -146,6 +155,7 @@ class Evaluation:
         return {
             "run": self.run, "data": self.data, "split": self.split, "n": self.n, "top1": self.top1,
             "top5": self.top5, "top1_error": 1 - self.top1, "top5_error": 1 - self.top5, "loss": self.loss,
+            "balanced_accuracy": self.balanced_accuracy, "macro_f1": self.macro_f1,
             "classes": list(self.classes), "confusion_matrix": self.confusion.tolist(), **self.report,
             "most_confused": self.confused, "worst": self.worst,
         }  # fmt: skip
@@ -205,7 +215,7 @@ def evaluate_run(
         run=str(loaded.path), data=name, split=split, n=n, top1=c1.item() / n, top5=c5.item() / n,
         loss=F.cross_entropy(logits, labels).item(), classes=loaded.classes, confusion=cm,
         report=per_class_report(cm, loaded.classes), confused=most_confused(cm, loaded.classes),
-        worst=mistakes, images=images.images[order],
+        worst=mistakes, images=images.images[order], balanced_accuracy=balanced_accuracy(cm), macro_f1=macro_f1(cm),
     )  # fmt: skip
 
 

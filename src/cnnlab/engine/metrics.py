@@ -57,6 +57,22 @@ def per_class_report(cm: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]
     return {"per_class": rows, "macro": avg(torch.full_like(tp, 1.0 / k)), "weighted": avg(weights)}
 
 
+def balanced_accuracy(cm: torch.Tensor) -> float:
+    """Mean recall over the classes that have true samples, from a (K, K) confusion matrix (as scikit-learn's)."""
+    support = cm.sum(1).double()
+    present = support > 0
+    return float((cm.diag().double()[present] / support[present]).mean()) if bool(present.any()) else float("nan")
+
+
+def macro_f1(cm: torch.Tensor) -> float:
+    """Unweighted mean F1 over the classes that occur as true or predicted labels (as scikit-learn's 'macro')."""
+    cm = cm.double()
+    tp, support, predicted = cm.diag(), cm.sum(1), cm.sum(0)
+    seen = (support > 0) | (predicted > 0)
+    f1 = torch.where(support + predicted > 0, 2 * tp / (support + predicted).clamp_min(1), torch.zeros_like(tp))
+    return float(f1[seen].mean()) if bool(seen.any()) else float("nan")
+
+
 def most_confused(cm: torch.Tensor, classes: Sequence[str], n: int = 5) -> list[dict[str, Any]]:
     """The n largest off-diagonal cells: (true class, predicted class, count), largest first."""
     off = cm.clone()

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import cnnlab
+from cnnlab.data.balance import imbalance_note, inverse_frequency
 from cnnlab.data.pipeline import BatchLoader, Normalization, channel_stats
 from cnnlab.data.sources import Dataset, stratified_split
 from cnnlab.engine import callbacks as cbs
@@ -56,6 +56,7 @@ from cnnlab.engine.device import (
 )
 from cnnlab.engine.evaluate import evaluate_batches, predict_logits
 from cnnlab.engine.loggers import check_installed, make_loggers
+from cnnlab.engine.loss import class_loss
 from cnnlab.engine.optim import build_optimizer, build_scheduler, classifier_modules, split_parameters  # noqa: F401
 from cnnlab.engine.record import DataRecord, ModelRecord, RunRecord, Runtime
 from cnnlab.engine.reporter import Reporter, TrainStart
@@ -135,6 +136,7 @@ class Trainer:
             distributed.barrier()
         self.augment = tuple(self.cfg.augment) if self.cfg.augment is not None else self.data.default_augment
         self._split()
+        self._balance()
         if self.module is None:  # the user's own module is already built: its memory is spent
             check_training_memory(self.cfg, self.data, self.device)
 
@@ -152,7 +154,7 @@ class Trainer:
         self.train_loader = BatchLoader(
             self.train_set, cfg.batch_size, self.norm, shuffle=True, augment=self.augment, generator=self.gen,
             device=self.device, rank=self.dist.rank, world_size=self.dist.world_size, order_generator=self.order_gen,
-            channels_last=cfg.channels_last,
+            channels_last=cfg.channels_last, balanced=cfg.sampler == "balanced",
         )  # fmt: skip
         self.batches_per_epoch = len(self.train_loader)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)  # optimizer steps
@@ -208,6 +210,23 @@ class Trainer:
             self.train_set, self.val_set = train.subset(rest), train.subset(held)
         else:
             self.train_set, self.val_set = train, None
+
+    def _balance(self) -> None:
+        """Say when the training classes are imbalanced; the class weights of the loss (None unless asked for)."""
+        cfg, labels, classes = self.cfg, self.train_set.labels, self.data.classes
+        note = imbalance_note(labels, classes)
+        if note and cfg.class_weights == "none" and cfg.sampler == "shuffle":
+            note += ("; class_weights='auto' or sampler='balanced' (--class-weights auto, --sampler balanced) "
+                     "counter it, and `cnnlab evaluate` reports balanced accuracy and macro-F1")  # fmt: skip
+        if note:
+            self.reporter.message(note)
+        if cfg.class_weights == "auto" and cfg.sampler == "balanced":
+            self.reporter.message(
+                "note: auto class weights with the balanced sampler correct for imbalance twice "
+                "(rare classes are both drawn more often and weighted more); one is usually enough"
+            )
+        auto = cfg.class_weights == "auto"
+        self.class_weight = inverse_frequency(labels, len(classes)).to(self.device) if auto else None  # (K,) or None
 
     def eval_loader(self, which: str) -> BatchLoader | None:
         """A loader over the validation or test split, without augmentation."""
@@ -523,7 +542,7 @@ class Trainer:
             with sync or self.train_model.no_sync():
                 with autocast(self.device, self.dtype):
                     logits = self.train_model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+                    loss = class_loss(logits.float(), y, self.cfg.label_smoothing, self.class_weight)
                 part = loss if len(group) == 1 else loss * (len(y) / total)
                 (self.scaler.scale(part) if self.scaler else part).backward()
             mean = part.detach() if mean is None else mean + part.detach()
@@ -592,7 +611,7 @@ class Trainer:
             row: dict[str, Any] = {"epoch": self.epoch + 1, **self.train_epoch()}
             if val_loader is not None:
                 val = evaluate_batches(self.eval_model, iter(val_loader), self.cfg.label_smoothing, self.dtype,
-                                       self.cfg.tta)  # fmt: skip
+                                       self.cfg.tta, self.class_weight)  # fmt: skip
                 row.update(val_loss=val["loss"], val_acc=val["acc"])
             self.epoch += 1
             row["seconds"] = time.perf_counter() - t0
@@ -618,7 +637,9 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
         test_loader = self.eval_loader("test")
         test = (
-            evaluate_batches(self.model, iter(test_loader), self.cfg.label_smoothing, self.dtype, self.cfg.tta)
+            evaluate_batches(
+                self.model, iter(test_loader), self.cfg.label_smoothing, self.dtype, self.cfg.tta, self.class_weight
+            )
             if test_loader
             else {"loss": float("nan"), "acc": float("nan"), "top5": float("nan")}
         )

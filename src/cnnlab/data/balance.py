@@ -1,0 +1,61 @@
+"""Imbalanced classes: the note on load, inverse-frequency loss weights, and the class-balanced epoch order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IMBALANCE_RATIO = 3.0  # the note appears when the largest class has more than this many times the smallest's images
+LISTED_CLASSES = 8  # classes named in the note (largest and smallest first), the rest counted
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images per class: int64 (num_classes,) from int64 labels (N,)."""
+    return torch.bincount(labels.cpu(), minlength=num_classes)
+
+
+def imbalance_note(labels: torch.Tensor, classes: Sequence[str]) -> str | None:
+    """A line giving the class counts when the largest class has more than 3x the images of the smallest, else None."""
+    counts = class_counts(labels, len(classes))
+    present = counts[counts > 0]
+    if len(present) < 2 or present.max() <= IMBALANCE_RATIO * present.min():
+        return None
+    ranked = sorted(zip(classes, counts.tolist(), strict=True), key=lambda item: -item[1])
+    parts = [f"{name} {n:,}" for name, n in ranked]
+    if len(parts) > LISTED_CLASSES:  # the largest and the two smallest, which are what the ratio is about
+        hidden = len(parts) - LISTED_CLASSES
+        parts = [*parts[: LISTED_CLASSES - 2], f"({hidden} more)", *parts[-2:]]
+    listed = ", ".join(parts)
+    ratio = int(present.max()) / int(present.min())
+    return f"imbalanced classes (training images per class: {listed}; the largest is {ratio:.1f}x the smallest)"
+
+
+def inverse_frequency(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Loss weights (num_classes,) float32: N / (K x count) for the K classes present, 0 for absent ones.
+
+    The mean weight over the training images is then exactly 1, so the loss keeps its usual scale (and learning
+    rate); every class contributes the same total weight. This is scikit-learn's class_weight='balanced'.
+    """
+    counts = class_counts(labels, num_classes).double()
+    present = counts > 0
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = counts.sum() / (int(present.sum()) * counts[present])
+    return weights.float()
+
+
+def balanced_order(labels: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`n` sample indices (N,) where each draw picks a class uniformly (among those present), then one of its images.
+
+    Draws are with replacement, so a rare class's images repeat within an epoch and a large class's are sampled.
+    Everything runs on `labels`' device with `generator`; the same generator state gives the same order everywhere
+    (data-parallel processes draw the same order and each takes its own share of every batch).
+    """
+    device = labels.device
+    by_class = torch.argsort(labels, stable=True)  # indices grouped by class, in label order
+    counts = torch.bincount(labels, minlength=int(labels.max()) + 1 if len(labels) else 1)
+    starts = torch.cumsum(counts, 0) - counts
+    present = (counts > 0).nonzero().flatten()
+    cls = present[torch.randint(len(present), (n,), generator=generator, device=device)]
+    offset = (torch.rand(n, generator=generator, device=device) * counts[cls]).long().clamp_max(counts[cls] - 1)
+    return by_class[starts[cls] + offset]
