@@ -284,20 +284,23 @@ def smallest_map(model: nn.Module, shape: tuple[int, int, int]) -> int | None:
 
 def plan_small_input(
     model: nn.Module, in_channels: int, image_size: int, reference: int, keep_weights: bool
-) -> list[tuple[str, str]]:
+) -> tuple[list[tuple[str, str]], bool | None]:
     """Decide which early downsamplers to remove for `image_size` inputs, trying each step on a meta copy.
 
     A step that breaks the forward pass on its own (a residual block's strided conv before its shortcut, or
     Inception's unpadded stem) is kept pending and committed together with the next step that makes the model
-    run again. Returns [(module path, action)], action 'identity' (drop a pool), 'stride1' or 'stem3x3'.
+    run again. Returns the plan [(module path, action)], action 'identity' (drop a pool), 'stride1' or 'stem3x3',
+    and whether the model runs with it (None when the size needs no plan and nothing was tried).
     """
     if image_size >= SMALL_INPUT_BELOW:
-        return []
+        return [], None
     shape = (in_channels, image_size, image_size)
     # One copy, changed step by step: a failed step stays in it as `pending` until a later one makes it run again,
     # so nothing is ever rolled back (copying a large model costs as much as a meta forward pass).
     trial = copy.deepcopy(model).to("meta")
     side = smallest_map(trial, shape)
+    if side is not None and side >= SMALL_INPUT_MIN_SIDE:
+        return [], True  # fits as it is: no need to trace its downsamplers (one meta forward pass saved)
     stem_path = first_conv(trial)[0]
     plan: list[tuple[str, str]] = []
     pending: list[tuple[str, str]] = []
@@ -315,7 +318,8 @@ def plan_small_input(
         new_side = smallest_map(trial, shape)
         if new_side is not None:
             plan, pending, side = plan + pending, [], new_side
-    return plan
+    # `side` is the committed plan's (pending steps are not in the plan), so it says whether the plan runs.
+    return plan, side is not None
 
 
 def _apply(model: nn.Module, plan: list[tuple[str, str]]) -> list[str]:
@@ -626,10 +630,13 @@ def _plan_once(
     """The plan, computed: meta probes of the model at this input."""
     probe = _probe(name, in_channels, image_size, use_weights, num_classes)
     plan: list[tuple[str, str]] = []
+    works: bool | None = False
     if probe is not None:
-        plan = plan_small_input(probe, in_channels, image_size, default_size(name), keep_weights=use_weights)
+        plan, works = plan_small_input(probe, in_channels, image_size, default_size(name), keep_weights=use_weights)
         _apply(probe, plan)
-    if probe is None or runs(probe, (in_channels, image_size, image_size)) is None:
+        if works is None:  # no plan was searched: try the size as it is
+            works = runs(probe, (in_channels, image_size, image_size)) is not None
+    if not works:
         smallest = _smallest_size(name, in_channels, image_size + 1, use_weights, probe)
         hint = f"; the next size up that works is {smallest}x{smallest}" if smallest else ""
         if name.startswith("vit_"):
