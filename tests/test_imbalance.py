@@ -53,10 +53,17 @@ def test_the_note_appears_past_3x_and_names_the_counts(counts: tuple[int, ...], 
 
 
 def test_the_note_lists_the_largest_and_smallest_of_many_classes() -> None:
-    counts = [400, *range(60, 10, -5)]  # 11 classes
+    counts = [400, *range(60, 10, -5), 0, 0]  # 11 classes with images, 2 without
     labels = torch.cat([torch.full((n,), k) for k, n in enumerate(counts)])
     note = imbalance_note(labels, [f"c{k}" for k in range(len(counts))])
-    assert note is not None and "c0 400" in note and "c10 15" in note and "(3 more)" in note
+    assert note is not None and "c0 400" in note and "c9 20, c10 15; the largest is 26.7x" in note
+    assert "(3 more)" in note and "c11 0" not in note
+    assert note.endswith("no training images for class(es) c11, c12: the model cannot learn to predict them")
+
+
+def test_a_class_without_training_images_is_named_even_when_the_rest_are_balanced() -> None:
+    note = imbalance_note(torch.tensor([0] * 5 + [1] * 5), ["a", "b", "c"])
+    assert note == "no training images for class(es) c: the model cannot learn to predict them"
 
 
 def test_inverse_frequency_weights_are_sklearn_balanced_and_average_one_per_image() -> None:
@@ -127,6 +134,11 @@ def test_training_with_class_weights_uses_the_training_splits_weights(monkeypatc
     cnnlab.train("cnn-compact", skewed_dataset(), runs_dir=None, val_split=0, **FAST)
     assert seen and all(w is None for w in seen), "off by default"
 
+    seen.clear()  # with class-first draws every class is seen as often: the weights average 1 over the classes
+    cnnlab.train("cnn-compact", skewed_dataset(), class_weights="auto", sampler="balanced", val_split=0,
+                 runs_dir=None, **FAST)  # fmt: skip
+    torch.testing.assert_close(seen[0].cpu(), expected / expected.mean())
+
 
 def test_cli_prints_the_counts_and_trains_balanced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = skewed_dataset((40, 4, 4))
@@ -173,3 +185,8 @@ def test_evaluate_reports_balanced_accuracy_and_macro_f1(tmp_path: Path) -> None
     assert ev.macro_f1 == pytest.approx(f1_score(truth, pred.numpy(), average="macro"))
     doc = ev.to_dict()
     assert doc["balanced_accuracy"] == ev.balanced_accuracy and doc["macro_f1"] == ev.macro_f1
+    assert ev.headline().endswith(f"balanced accuracy {ev.balanced_accuracy:.2%}, macro-F1 {ev.macro_f1:.3f}")
+
+    no_c = ImageSet(data.test.images[data.test.labels != 2], data.test.labels[data.test.labels != 2])
+    ev = run.evaluate((no_c.images[:, 0].numpy(), no_c.labels.numpy()))
+    assert ev.headline().endswith("(over the classes with test images; 1 have none)")

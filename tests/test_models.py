@@ -124,6 +124,24 @@ def test_list_models_wildcards() -> None:
         assert family_member in list_models()
 
 
+def test_a_failed_lazy_registration_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cnnlab.models import registry
+
+    calls: list[int] = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ModuleNotFoundError("no module named 'somezoo'")
+        register_model("flaky-net", family="test", description="", default_image_size=8)(lambda **kw: None)
+
+    monkeypatch.setattr(registry, "_PENDING", [flaky])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    with pytest.raises(ModuleNotFoundError, match="somezoo"):
+        model_info("flaky-net")
+    assert model_info("flaky-net").family == "test" and len(calls) == 2  # the real error first, then the model
+
+
 def test_duplicate_registration_raises() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_model("lenet5", family="x", description="x", default_image_size=32)(lambda **_: None)

@@ -91,9 +91,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _print_evaluation(ev: Any, files: dict[str, Path]) -> None:
     from cnnlab.reporting import print_table
 
-    print(f"{ev.data} {ev.split} split, {ev.n:,} images: top-1 {ev.top1:.2%} (error {1 - ev.top1:.2%}), "
-          f"top-5 {ev.top5:.2%} (error {1 - ev.top5:.2%}), loss {ev.loss:.4f}; "
-          f"balanced accuracy {ev.balanced_accuracy:.2%}, macro-F1 {ev.macro_f1:.3f}")  # fmt: skip
+    print(ev.headline())
     rows = [[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
             for r in ev.report["per_class"]]  # fmt: skip
     for avg in ("macro", "weighted"):

@@ -16,19 +16,25 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def imbalance_note(labels: torch.Tensor, classes: Sequence[str]) -> str | None:
-    """A line giving the class counts when the largest class has more than 3x the images of the smallest, else None."""
+    """A line on the training classes when one has no images, or the largest has over 3x the smallest's; else None."""
     counts = class_counts(labels, len(classes))
+    empty = [name for name, n in zip(classes, counts.tolist(), strict=True) if n == 0]
     present = counts[counts > 0]
-    if len(present) < 2 or present.max() <= IMBALANCE_RATIO * present.min():
-        return None
-    ranked = sorted(zip(classes, counts.tolist(), strict=True), key=lambda item: -item[1])
-    parts = [f"{name} {n:,}" for name, n in ranked]
-    if len(parts) > LISTED_CLASSES:  # the largest and the two smallest, which are what the ratio is about
-        hidden = len(parts) - LISTED_CLASSES
-        parts = [*parts[: LISTED_CLASSES - 2], f"({hidden} more)", *parts[-2:]]
-    listed = ", ".join(parts)
-    ratio = int(present.max()) / int(present.min())
-    return f"imbalanced classes (training images per class: {listed}; the largest is {ratio:.1f}x the smallest)"
+    lines = []
+    if len(present) >= 2 and present.max() > IMBALANCE_RATIO * present.min():
+        ranked = sorted(((name, n) for name, n in zip(classes, counts.tolist(), strict=True) if n), key=lambda t: -t[1])
+        parts = [f"{name} {n:,}" for name, n in ranked]
+        if len(parts) > LISTED_CLASSES:  # the largest and the two smallest, which are what the ratio is about
+            hidden = len(parts) - LISTED_CLASSES
+            parts = [*parts[: LISTED_CLASSES - 2], f"({hidden} more)", *parts[-2:]]
+        ratio = int(present.max()) / int(present.min())
+        lines.append(f"imbalanced classes (training images per class: {', '.join(parts)}; the largest is "
+                     f"{ratio:.1f}x the smallest)")  # fmt: skip
+    if empty:
+        shown = ", ".join(empty[:LISTED_CLASSES]) + (f" and {len(empty) - LISTED_CLASSES} more"
+                                                     if len(empty) > LISTED_CLASSES else "")  # fmt: skip
+        lines.append(f"no training images for class(es) {shown}: the model cannot learn to predict them")
+    return "; ".join(lines) or None
 
 
 def inverse_frequency(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

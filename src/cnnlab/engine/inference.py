@@ -146,6 +146,17 @@ class Evaluation:
     balanced_accuracy: float = float("nan")  # mean recall over the classes present (imbalanced data's accuracy)
     macro_f1: float = float("nan")  # mean F1 over the classes seen, each class counting the same
 
+    def headline(self) -> str:
+        """The first line `cnnlab evaluate` prints: accuracies, loss, balanced accuracy and macro-F1."""
+        absent = int((self.confusion.sum(1) == 0).sum())
+        # Balanced accuracy and macro-F1 leave out classes without test images (as scikit-learn does); the per-class
+        # table's macro average counts them as 0, so the two disagree exactly then: say which is which.
+        left_out = f" (over the classes with test images; {absent} have none)" if absent else ""
+        return (f"{self.data} {self.split} split, {self.n:,} images: top-1 {self.top1:.2%} "
+                f"(error {1 - self.top1:.2%}), top-5 {self.top5:.2%} (error {1 - self.top5:.2%}), "
+                f"loss {self.loss:.4f}; "
+                f"balanced accuracy {self.balanced_accuracy:.2%}, macro-F1 {self.macro_f1:.3f}{left_out}")  # fmt: skip
+
     def mistake_captions(self) -> list[str]:
         """One caption per worst mistake, for the picture: 'true 4 / pred 9 (97%)' on two lines."""
         return [f"true {w['true']}\npred {w['predicted']} ({w['confidence']:.0%})" for w in self.worst]

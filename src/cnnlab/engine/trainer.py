@@ -225,8 +225,14 @@ class Trainer:
                 "note: auto class weights with the balanced sampler correct for imbalance twice "
                 "(rare classes are both drawn more often and weighted more); one is usually enough"
             )
-        auto = cfg.class_weights == "auto"
-        self.class_weight = inverse_frequency(labels, len(classes)).to(self.device) if auto else None  # (K,) or None
+        self.class_weight = None  # (K,) or None
+        if cfg.class_weights == "auto":
+            weight = inverse_frequency(labels, len(classes))
+            if cfg.sampler == "balanced":
+                # Classes are drawn evenly, so the images the loss sees weigh the mean over classes (~12 for a
+                # 200/5/2 split): scaled back to a mean of 1, as under shuffling, so the learning rate still fits.
+                weight = weight / weight[weight > 0].mean()
+            self.class_weight = weight.to(self.device)
 
     def eval_loader(self, which: str) -> BatchLoader | None:
         """A loader over the validation or test split, without augmentation."""

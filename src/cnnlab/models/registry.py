@@ -48,7 +48,12 @@ def _load_pending() -> None:
     # Under the lock, a second thread asking for a model waits for the import instead of finding the name missing.
     with _LOADING:
         while _PENDING:
-            _PENDING.pop(0)()
+            load = _PENDING.pop(0)  # taken first: what it registers calls back here, and must not run it again
+            try:
+                load()
+            except BaseException:
+                _PENDING.insert(0, load)  # a failed or interrupted load is tried again, and fails with its own error
+                raise
 
 
 def register_model(
