@@ -49,15 +49,23 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     )
 
 
-def main_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
-    """Run `cnnlab ARGS` in-process (argparse's SystemExit included): the exit code and the stderr lines."""
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `cnnlab ARGS` in-process through the console script's entry point (argparse's SystemExit included):
+    the exit code, stdout and stderr."""
     from cnnlab.cli import main
 
     try:
         code = main(args)
     except SystemExit as e:
         code = e.code
-    return code, capsys.readouterr().err.strip().splitlines()
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def main_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """Run `cnnlab ARGS` in-process: the exit code and the stderr lines."""
+    code, _, err = run_main(args, capsys)
+    return code, err.strip().splitlines()
 
 
 @pytest.fixture
@@ -87,12 +95,17 @@ def write_pickle_payload(path: Path, marker: Path, wrap: object = None) -> Path:
     return path
 
 
+def _thread_share() -> int:
+    """This worker's share of (at most 2) cores between pytest-xdist's workers (`-n 2`: 1 thread each)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, os.cpu_count() or 1) // workers)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
     # Tests on a 2-core CI machine: keep torch from oversubscribing when pytest runs subprocesses too, and share
-    # the cores between pytest-xdist's workers (`-n 2` in pyproject.toml: each of 2 workers gets 1 thread).
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // workers))
+    # the cores between pytest-xdist's workers.
+    torch.set_num_threads(_thread_share())
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -109,8 +122,7 @@ def _few_threads_in_subprocesses() -> None:
     torch starts one OpenMP thread per core; a 2-thread subprocess beside another busy worker on 2 cores spins
     in its barriers: the default `cnnlab train` took 4 min 3 s that way and 54 s with one thread (2-core AMD EPYC).
     """
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    os.environ["OMP_NUM_THREADS"] = str(max(1, min(2, os.cpu_count() or 1) // workers))
+    os.environ["OMP_NUM_THREADS"] = str(_thread_share())
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 import cnnlab
-from cnnlab.cli import main
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 
 
 def test_version_and_help() -> None:
@@ -112,16 +111,12 @@ def test_bad_input_is_one_line_and_exit_2(
     blocker.write_text("not a directory")
     args = [a.replace("{file}", str(blocker)) for a in args]
     monkeypatch.chdir(tmp_path)
-    try:
-        code = main(args)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    out = capsys.readouterr()
-    assert code == 2, out.err
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: "), out.err
+    code, stdout, stderr = run_main(args, capsys)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnlab: error: "), stderr
     assert needle in lines[0]
-    assert "Traceback" not in out.err and out.out == ""
+    assert "Traceback" not in stderr and stdout == ""
     assert not (tmp_path / "runs").exists(), "a refused run leaves nothing behind"
 
 

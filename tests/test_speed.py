@@ -19,7 +19,7 @@ from cnnlab.engine.reporter import Reporter
 from cnnlab.engine.trainer import TrainConfig, _Trainer, fit, predict_logits
 from cnnlab.errors import UsageError
 from cnnlab.models.registry import create_model
-from tests.conftest import run_cli, write_idx
+from tests.conftest import run_cli, run_main, write_idx
 
 
 def tiny_dataset(n_train: int = 96, n_test: int = 32, side: int = 28) -> Dataset:
@@ -202,8 +202,6 @@ def test_bench_throughput_json_fields(mode: str) -> None:
 def test_bench_errors_are_one_line_usage_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from cnnlab.cli import main
-
     monkeypatch.chdir(tmp_path)
     for args in (
         ("bench", "throughput", "--model", "no-such-net"),
@@ -211,11 +209,7 @@ def test_bench_errors_are_one_line_usage_errors(
         ("bench", "train", "--data", "cifar10", "--epochs", "1"),
         ("bench",),
     ):
-        try:  # in-process, through the console script's entry point
-            code = main(list(args))
-        except SystemExit as e:
-            code = e.code
-        err = capsys.readouterr().err
+        code, _, err = run_main(list(args), capsys)
         assert code == 2, (args, err)
         assert err.startswith("cnnlab: error:") and err.count("\n") == 1, err
 

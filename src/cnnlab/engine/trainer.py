@@ -220,15 +220,14 @@ class Trainer:
                      "counter it, and `cnnlab evaluate` reports balanced accuracy and macro-F1")  # fmt: skip
         if note:
             self.reporter.message(note)
-        if cfg.class_weights == "auto" and cfg.sampler == "balanced":
-            self.reporter.message(
-                "note: auto class weights with the balanced sampler correct for imbalance twice "
-                "(rare classes are both drawn more often and weighted more); one is usually enough"
-            )
         self.class_weight = None  # (K,) or None
         if cfg.class_weights == "auto":
             weight = inverse_frequency(labels, len(classes))
             if cfg.sampler == "balanced":
+                self.reporter.message(
+                    "note: auto class weights with the balanced sampler correct for imbalance twice "
+                    "(rare classes are both drawn more often and weighted more); one is usually enough"
+                )
                 # Classes are drawn evenly, so the images the loss sees weigh the mean over classes (~12 for a
                 # 200/5/2 split): scaled back to a mean of 1, as under shuffling, so the learning rate still fits.
                 weight = weight / weight[weight > 0].mean()
