@@ -69,11 +69,11 @@ def test_every_image_mode_loads_as_rgb_of_the_requested_size(tmp_path: Path) -> 
     ds = load_image_folder(tmp_path / "data", image_size=16)
     n = len(files) + 1
     assert len(ds.train) + len(ds.test) == n and ds.classes == ("modes", "other")
-    images = torch.cat([ds.train.images, ds.test.images])
+    images = torch.cat([ds.train.final(), ds.test.final()])
     assert images.shape[1:] == (3, 16, 16) and images.dtype == torch.uint8
     # A 16-bit white image is white at 8 bits (scaled by 255/65535, not clipped).
     single = load_image_folder(_only(tmp_path / "g16", files["I;16"]), image_size=8)
-    everything = torch.cat([single.train.images, single.test.images])
+    everything = torch.cat([single.train.final(), single.test.final()])
     assert int(everything[torch.cat([single.train.labels, single.test.labels]) == 0].min()) == 255
 
 
@@ -103,27 +103,33 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     exif[0x0112] = 6
     save(Image.fromarray(arr), tmp_path / "a" / "rot.jpg", exif=exif, quality=95)
     save(Image.new("L", (8, 8)), tmp_path / "b" / "x.png")
-    ds = load_dataset(str(tmp_path / "a" / ".."), image_size=20)
-    img = torch.cat([ds.train.images, ds.test.images])[torch.cat([ds.train.labels, ds.test.labels]) == 0][0, 0]
+    ds = load_dataset(str(tmp_path / "a" / ".."), image_size=20, resize="squash")
+    img = torch.cat([ds.train.final(), ds.test.final()])[torch.cat([ds.train.labels, ds.test.labels]) == 0][0, 0]
     assert img[:8].float().mean() > 200 and img[-8:].float().mean() < 50, "white on top after orientation"
 
 
-def test_shorter_side_resized_then_centre_cropped(tmp_path: Path) -> None:
-    arr = np.zeros((20, 60), dtype=np.uint8)  # 60 wide, 20 high: three 20x20 blocks, the middle one white
-    arr[:, 20:40] = 255
+def test_evaluation_takes_the_centre_of_the_shorter_side_and_the_cache_keeps_the_whole_photo(tmp_path: Path) -> None:
+    arr = np.zeros((60, 180), dtype=np.uint8)  # 180 wide, 60 high: three 60x60 blocks, the middle one white
+    arr[:, 60:120] = 255
     save(Image.fromarray(arr), tmp_path / "a" / "wide.png")
     save(Image.new("L", (8, 8)), tmp_path / "b" / "x.png")
-    ds = load_image_folder(tmp_path, image_size=10)
-    img = torch.cat([ds.train.images, ds.test.images])[torch.cat([ds.train.labels, ds.test.labels]) == 0][0, 0]
-    assert img.shape == (10, 10) and int(img[:, 1:-1].min()) >= 250, "the centre square is the white block"
+    ds = load_image_folder(tmp_path, image_size=30)
+    every = torch.cat([ds.train.labels, ds.test.labels]) == 0
+    img = torch.cat([ds.train.final(), ds.test.final()])[every][0, 0]
+    assert img.shape == (30, 30) and int(img.min()) >= 250, "the centre of the shorter side is the white block"
+    stored = torch.cat([ds.train.stored(torch.arange(len(ds.train))), ds.test.stored(torch.arange(len(ds.test)))])
+    boxes = torch.cat([ds.train.boxes, ds.test.boxes])[every][0].tolist()
+    assert boxes == [13, 40] and stored.shape[2:] == (40, 40), "the whole photo, 3:1, on a canvas of 4/3 x 30"
+    canvas = stored[every][0, 0]
+    assert int(canvas[:13, :12].max()) < 30 and int(canvas[:13, 15:25].min()) > 225 and int(canvas[13:].max()) == 0
 
 
 def test_flat_folder_gets_a_fixed_stratified_test_split_and_class_names_in_config(tmp_path: Path) -> None:
     two_classes(tmp_path / "pets", n=10)
-    a, b = load_image_folder(tmp_path / "pets"), load_image_folder(tmp_path / "pets", cache=False)
+    a, b = load_image_folder(tmp_path / "pets"), load_image_folder(tmp_path / "pets", data_cache="none")
     assert torch.bincount(a.test.labels).tolist() == [2, 2] and len(a.train) == 16
-    assert torch.equal(a.test.images, b.test.images) and a.classes == ("a", "b") and a.val is None
-    assert a.name == "pets" and a.image_size == 64 and a.default_augment == ("crop", "flip")
+    assert torch.equal(a.test.final(), b.test.final()) and a.classes == ("a", "b") and a.val is None
+    assert a.name == "pets" and a.image_size == 64 and a.default_augment == ("flip",)
 
 
 def test_train_val_test_layout_is_honoured(tmp_path: Path) -> None:
@@ -231,13 +237,13 @@ def test_decode_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path: Path
     first = load_image_folder(root, image_size=8)
     second = load_image_folder(root, image_size=8)
     assert any("read from the cache" in n for n in second.notes)
-    assert torch.equal(first.train.images, second.train.images)
+    assert torch.equal(first.train.final(), second.train.final())
     save(Image.new("RGB", (40, 30), (255, 255, 255)), root / "a" / "0.png")  # same name, new content
     os.utime(root / "a" / "0.png", ns=(1, 1))  # and a different mtime even on coarse-clock filesystems
     third = load_image_folder(root, image_size=8)
     assert not any("read from the cache" in n for n in third.notes)
-    assert not torch.equal(torch.cat([first.train.images, first.test.images]),
-                           torch.cat([third.train.images, third.test.images]))  # fmt: skip
+    assert not torch.equal(torch.cat([first.train.final(), first.test.final()]),
+                           torch.cat([third.train.final(), third.test.final()]))  # fmt: skip
 
 
 def test_unwritable_cache_still_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,8 +275,8 @@ def test_heic_photos_load_with_the_extra_and_name_it_without(tmp_path: Path, mon
     photo = rgb(7, (40, 30))
     photo.save(root / "a" / "phone.HEIC", quality=95)  # what an iPhone writes; the suffix's case varies
     (root / "a" / "phone.HEIC").rename(root / "a" / "renamed.jpg")  # found by its bytes, not its name
-    ds = load_image_folder(root, image_size=8, cache=False)
+    ds = load_image_folder(root, image_size=8, data_cache="none")
     assert len(ds.train) + len(ds.test) == 7
     monkeypatch.setitem(__import__("sys").modules, "pillow_heif", None)  # as without the extra
     with pytest.raises(CnnlabError, match=r"renamed.jpg: a HEIC/HEIF photo; reading it needs the heic extra: pip ins"):
-        load_image_folder(root, image_size=8, cache=False)
+        load_image_folder(root, image_size=8, data_cache="none")

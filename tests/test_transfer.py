@@ -67,8 +67,12 @@ def test_frozen_features_stay_fixed_and_only_the_new_head_learns(weights_file: P
 
 
 def test_unfreeze_after_fine_tunes_the_backbone_at_a_lower_lr(weights_file: Path, tmp_path: Path) -> None:
-    _, trained, _run = _fit(tmp_path, weights_file, make_folder(tmp_path / "data"), freeze="features",
-                            unfreeze_after=1, epochs=2)  # fmt: skip
+    _, _, run = _fit(tmp_path, weights_file, make_folder(tmp_path / "data"), freeze="features",
+                     unfreeze_after=1, epochs=2)  # fmt: skip
+    from cnnlab.engine.checkpoint import load_checkpoint
+
+    # The weights after the unfrozen epoch (best.safetensors may hold the frozen epoch, if it validated better).
+    trained = load_checkpoint(run / "last.ckpt")["model"]
     pretrained = torch.load(weights_file, weights_only=True)
     assert not torch.equal(trained["layer4.1.conv2.weight"], pretrained["layer4.1.conv2.weight"])
     assert not torch.equal(trained["layer1.0.bn1.running_mean"], pretrained["layer1.0.bn1.running_mean"])

@@ -235,9 +235,10 @@ class Run:
         if self.dir is None and path is None:
             raise UsageError("path: this run has no directory (runs_dir=None); say where to write the file")
         if self._dataset is not None:
-            images = (self._dataset.test if len(self._dataset.test) else self._dataset.train).images[:32]
+            some = self._dataset.test if len(self._dataset.test) else self._dataset.train
         else:
-            images = eval_data(self._loaded, None, None, "test")[0].images[:32]
+            some = eval_data(self._loaded, None, None, "test")[0]
+        images = some.final(torch.arange(min(32, len(some))))
         return export_run(self._loaded, format, images, path).path
 
     def plot(self) -> Picture:
@@ -385,7 +386,6 @@ def to_images(x: Any, loaded: LoadedRun) -> tuple[torch.Tensor, list[str], bool]
     """What predict() accepts -> (uint8 (N, C, S, S) as training saw them, a name per image, whether one was given)."""
     from PIL import Image
 
-    from cnnlab.data.folders import fit_image
     from cnnlab.engine.inference import expand_inputs, load_files_for_run
 
     single = not isinstance(x, list | tuple)
@@ -409,8 +409,7 @@ def to_images(x: Any, loaded: LoadedRun) -> tuple[torch.Tensor, list[str], bool]
             t = _as_uint8_nchw(t.unsqueeze(0) if one else t, "x")
             single = single and one
             batch = [Image.fromarray(im.permute(1, 2, 0).squeeze(2).numpy()) for im in t]
-        arrays = [fit_image(im, loaded.image_size, loaded.channels)[0] for im in batch]
-        out.append(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous())
+        out.append(torch.stack([loaded.model_input(im) for im in batch]))
         names += [f"<image {i}>" if len(batch) == 1 else f"<image {i}.{j}>" for j in range(len(batch))]
     return torch.cat(out), names, single
 

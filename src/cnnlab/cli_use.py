@@ -211,7 +211,9 @@ def _run_image(loaded: Any, spec: str, invert: bool) -> tuple[Any, str]:
         data, _ = eval_data(loaded, None, None, "test")
         if not 0 <= index < len(data):
             raise UsageError(f"{spec}: the test split has {len(data)} images (0..{len(data) - 1})")
-        image = data.images[index]
+        import torch
+
+        image = data.final(torch.tensor([index]))[0]
         return (255 - image if invert else image), f"test{index}"
     from cnnlab.engine.inference import load_files_for_run
 
@@ -334,7 +336,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     loaded = load_run(args.run)
     data, _ = eval_data(loaded, None, None, "test")
-    result = export_run(loaded, args.format, data.images[: args.check_images], args.output)
+    import torch
+
+    check = data.final(torch.arange(min(args.check_images, len(data))))
+    result = export_run(loaded, args.format, check, args.output)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -80,8 +80,9 @@ def _sorted_classes(labels: set[str]) -> tuple[str, ...]:
 
 
 def load_csv_labels(
-    path: str | os.PathLike[str], image_size: int | None = None, on_bad_image: str = "error", cache: bool = True
-) -> Dataset:
+    path: str | os.PathLike[str], image_size: int | None = None, on_bad_image: str = "error",
+    data_cache: str = "auto", resize: str = "crop",
+) -> Dataset:  # fmt: skip
     """Images listed in a CSV with their labels (and optional split), decoded and cached like an image folder."""
     csv_path = Path(path).expanduser()
     rows, used = read_rows(csv_path)
@@ -108,7 +109,7 @@ def load_csv_labels(
     size = image_size or DEFAULT_FOLDER_SIZE
     counts = ", ".join(f"{len(v):,} {k}" for k, v in splits.items())
     return load_listed(
-        root, splits, classes, size, on_bad_image, cache, name=csv_path.stem,
+        root, splits, classes, size, on_bad_image, name=csv_path.stem, data_cache=data_cache, resize=resize,
         description=f"labels file {csv_path.resolve()}",
         extra={"csv": str(csv_path.resolve())},
         notes=[f"data: labels file {csv_path.resolve()}: {len(classes)} classes, {counts} images, {size}x{size} "

@@ -1,9 +1,11 @@
-"""Image folders: one sub-folder per class (like torchvision's ImageFolder), decoded once into uint8 tensors.
+"""Image folders: one sub-folder per class (like torchvision's ImageFolder), decoded once into a cache file.
 
 Layouts: `root/<class>/*` (a fixed, stratified 20% becomes the test split), or `root/train/<class>/*` with
-`root/test/` and/or `root/val/` beside it. Every image is decoded in parallel threads (Pillow releases the GIL),
-oriented by EXIF, resized so its shorter side is `image_size`, centre-cropped to a square, and cached in the
-per-user cache keyed by the files' names, sizes and modification times, so later runs skip decoding.
+`root/test/` and/or `root/val/` beside it. Every image is decoded by every core (threads: Pillow releases the GIL),
+oriented by EXIF, and stored whole, aspect kept, on a canvas 4/3 of the training side (data.resize cuts the model's
+input from it per batch). The decode cache (data.store) lives in the per-user cache, keyed by the files' names,
+sizes and modification times, so later runs skip decoding; its images are kept in memory when they fit comfortably,
+and read from the file per batch otherwise (`data_cache`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import contextlib
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,20 +23,34 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save
 
-from cnnlab.data.cache import CACHE_VERSION, remove_superseded
-from cnnlab.data.images import open_image
-from cnnlab.data.locate import cache_root
+from cnnlab.data.cache import CACHE_VERSION, decode_dir, remove_superseded
+from cnnlab.data.images import enable_heif, is_heif, open_image
+from cnnlab.data.resize import RESIZE_POLICIES, canvas_side, fit
+from cnnlab.data.store import (
+    HEADER_MAX,
+    DecodeProgress,
+    DiskImages,
+    SplitLayout,
+    data_start,
+    decode_chunks,
+    header,
+    header_bytes,
+    image_channels,
+    layout,
+    pwrite_all,
+    to_canvas,
+)
 from cnnlab.data.types import Dataset, ImageSet, stratified_split
 from cnnlab.errors import CnnlabError, OptionError, UsageError
-from cnnlab.fileio import atomic_write_bytes
-from cnnlab.memory import check_fits
+from cnnlab.memory import available_bytes, check_fits, gib
 
 DEFAULT_FOLDER_SIZE = 64  # square side when --image-size is not given (224 is used with pretrained weights)
 FOLDER_TEST_FRACTION = 0.2  # flat layout: held-out test images per class
 FOLDER_SPLIT_SEED = 0  # fixed, so the test split never changes between runs
 SPLIT_NAMES = ("train", "val", "test")
+DATA_CACHE_MODES = ("auto", "memory", "disk", "none")
+AUTO_MEMORY_FRACTION = 0.25  # auto: decoded images up to this share of the free memory stay in memory
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
@@ -45,16 +62,22 @@ class BadImage:
     reason: str
 
 
-def decode(path: Path, size: int, channels: int | None = None) -> tuple[np.ndarray, bool]:
-    """One image file -> (uint8 (H=size, W=size, C) pixels, whether it is grayscale); errors name the file.
+def model_input(img: Image.Image, size: int, channels: int, resize: str | None) -> torch.Tensor:
+    """One decoded image -> the model's uint8 (C, size, size), as evaluation saw training's images.
 
-    `channels` forces 1 (grayscale) or 3 (RGB); by default the file's own mode decides.
+    Photos of a run with a `resize` policy go through the canvas and the policy's evaluation cut, exactly as the
+    decode cache and data.resize do; runs without one (built-in datasets, and folder runs recorded before the
+    policies existed) take the shorter side and its centre square (`fit_image`).
     """
-    img = open_image(path, draft=(size, size))
+    if resize is None:
+        arr, _ = fit_image(img, size, channels)
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     try:
-        return fit_image(img, size, channels)
-    except CnnlabError as e:
-        raise type(e)(f"{path}: {e}") from None
+        canvas, h, w = to_canvas(img, canvas_side(size), channels)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rows = torch.from_numpy(canvas).permute(2, 0, 1)[None].contiguous()  # (1, C, S, S)
+    return fit(rows, torch.tensor([[h, w]]), size, resize, train=False)[0]
 
 
 def fit_image(img: Image.Image, size: int, channels: int | None = None) -> tuple[np.ndarray, bool]:
@@ -135,7 +158,7 @@ def scan(root: Path) -> tuple[dict[str, list[tuple[Path, int]]], tuple[str, ...]
 
 def cache_key(root: Path, splits: dict[str, list[tuple[Path, int]]], size: int) -> str:
     """A digest of everything the decoded tensors depend on: file names, sizes, mtimes, labels, the size."""
-    h = hashlib.sha256(f"{CACHE_VERSION}|{root.resolve()}|{size}".encode())
+    h = hashlib.sha256(f"{CACHE_VERSION}|{root.resolve()}|{size}|{canvas_side(size)}".encode())
     for split, items in splits.items():
         for path, label in items:
             st = path.stat()
@@ -143,114 +166,243 @@ def cache_key(root: Path, splits: dict[str, list[tuple[Path, int]]], size: int) 
     return h.hexdigest()[:32]
 
 
-def _decode_all(items: list[tuple[Path, int]], size: int) -> tuple[list, list[BadImage]]:
-    """Decode files in parallel threads; returns [(pixels, gray, label) or None] in order, and the bad files."""
-
-    def one(item: tuple[Path, int]) -> tuple[np.ndarray, bool, int] | BadImage:
-        path, label = item
-        try:
-            arr, gray = decode(path, size)
-        except CnnlabError as e:
-            return BadImage(str(path), str(e).removeprefix(f"{path}: "))
-        return arr, gray, label
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(one, items, chunksize=64))
-    bad = [r for r in results if isinstance(r, BadImage)]
-    return [r if not isinstance(r, BadImage) else None for r in results], bad
-
-
-def _decode_folder(root: Path, splits: dict, size: int) -> tuple[dict[str, ImageSet], list[BadImage], int]:
-    """Decode every split; all splits share one channel count (1 if every image is grayscale, else 3)."""
-    decoded, bad = {}, []
-    for split, items in splits.items():
-        decoded[split], b = _decode_all(items, size)
-        bad += b
-    good = [r for rs in decoded.values() for r in rs if r is not None]
-    channels = 1 if good and all(g for _, g, _ in good) else 3
-    sets = {}
-    for split, rs in decoded.items():
-        kept = [r for r in rs if r is not None]
-        pixels = [a if a.shape[2] == channels else np.repeat(a, 3, axis=2) for a, _, _ in kept]  # gray -> RGB
-        images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous() if pixels else None
-        if images is None:
-            images = torch.empty((0, channels, size, size), dtype=torch.uint8)
-        sets[split] = ImageSet(images, torch.tensor([lab for _, _, lab in kept], dtype=torch.int64))
-    return sets, bad, channels
-
-
-def _read_cache(path: Path) -> tuple[dict[str, ImageSet], list[BadImage]] | None:
+def _mode(path: Path) -> str | None:
+    """An image file's mode from its header (no pixels decoded); None if it cannot be opened."""
     try:
-        with safe_open(str(path), framework="pt") as f:  # one open: the tensors and the header's metadata
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
-            bad = [BadImage(**b) for b in json.loads(f.metadata()["bad"])]
-        sets = {
-            s: ImageSet(tensors[f"{s}_images"], tensors[f"{s}_labels"]) for s in SPLIT_NAMES if f"{s}_images" in tensors
+        if is_heif(path):
+            enable_heif(path)
+        with Image.open(path) as img:
+            return img.mode
+    except Exception:  # unreadable files are named by the decoding pass, with the reason
+        return None
+
+
+@dataclass
+class Decoding:
+    """The decoded splits as stored tensors: canvases (in memory or a file), labels, boxes, which images decoded."""
+
+    images: dict[str, torch.Tensor | DiskImages]
+    labels: dict[str, torch.Tensor]
+    boxes: dict[str, torch.Tensor]
+    ok: dict[str, torch.Tensor]
+    bad: list[BadImage]
+    channels: int
+
+
+def _decode(
+    splits: dict[str, list[tuple[Path, int]]], side: int, channels: int, fd: int | None,
+    where: dict[str, SplitLayout] | None, start: int = 0,
+) -> tuple[dict, dict, dict, list[BadImage]]:  # fmt: skip
+    """Decode every split's files onto canvases: into the cache file's rows (fd) or into tensors in memory."""
+    progress = DecodeProgress(sum(len(v) for v in splits.values()), f"decoding at {side}x{side}")
+    images, boxes, ok, bad = {}, {}, {}, []
+    try:
+        for s, items in splits.items():
+            files = [p for p, _ in items]
+            box, good = np.zeros((len(files), 2), np.int16), np.zeros(len(files), np.uint8)
+            mem = None if fd is not None else torch.zeros((len(files), side, side, channels), dtype=torch.uint8)
+            for chunk in decode_chunks(files, side, channels, lambda p: open_image(p, draft=(side, side)), progress):
+                end = chunk.start + len(chunk.errors)
+                if fd is not None and where is not None:
+                    row = channels * side * side
+                    pwrite_all(fd, chunk.images, start + where[s].images + chunk.start * row)
+                elif mem is not None:
+                    mem[chunk.start : end] = torch.from_numpy(chunk.images)
+                box[chunk.start : end] = chunk.boxes
+                for i, err in enumerate(chunk.errors):
+                    if err is None:
+                        good[chunk.start + i] = 1
+                    else:
+                        bad.append(BadImage(str(files[chunk.start + i]), err))
+            boxes[s], ok[s] = torch.from_numpy(box), torch.from_numpy(good)
+            if mem is not None:
+                images[s] = mem.permute(0, 3, 1, 2)  # (N, C, S, S) view of channels-last rows, as the file holds
+    finally:
+        progress.close()
+    return images, boxes, ok, bad
+
+
+def _bad_meta(bad: list[BadImage], room: int) -> str:
+    """The bad files as JSON for the header, as many as fit in `room` bytes (the count is kept apart)."""
+    listed, used = [], 0
+    for b in bad:
+        item = {"path": b.path[:1000], "reason": b.reason[:300]}
+        used += len(json.dumps(item)) + 2
+        if used > room:
+            break
+        listed.append(item)
+    return json.dumps(listed)
+
+
+def _write_file(path: Path, splits: dict, side: int, channels: int, meta: dict[str, str]) -> list[BadImage]:
+    """Decode into a new cache file (a temporary name, renamed when complete); the bad files."""
+    counts = {s: len(items) for s, items in splits.items()}
+    row = channels * side * side
+    where, total = layout(counts, row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(".*.tmp"):  # left by a run killed while decoding, a day or more ago
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 86400:
+                old.unlink()
+    tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp"
+    hsize = header_bytes(sum(counts.values()))
+    start = 8 + hsize
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+    try:
+        os.ftruncate(fd, start + total)
+        _, boxes, ok, bad = _decode(splits, side, channels, fd, where, start)
+        for s, lay in where.items():
+            labels = np.array([lab for _, lab in splits[s]], dtype=np.int64)
+            for offset, arr in ((lay.labels, labels), (lay.boxes, boxes[s].numpy()), (lay.ok, ok[s].numpy())):
+                pwrite_all(fd, arr.tobytes(), start + offset)
+        meta = {**meta, "bad": "[]", "bad_count": str(len(bad)), "channels": str(channels), "canvas": str(side)}
+        room = hsize - len(header(where, (channels, side, side), row, meta, HEADER_MAX)[8:].rstrip(b" ")) - 64
+        meta["bad"] = _bad_meta(bad, room // 2)  # JSON-in-JSON escapes each quote: half the room is safe
+        pwrite_all(fd, header(where, (channels, side, side), row, meta, hsize), 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    return bad
+
+
+def _open_file(path: Path) -> Decoding | None:
+    """The decoded splits of a cache file, images left on disk; None if it is damaged or of another format."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("version") != str(CACHE_VERSION):
+                return None
+            splits = [s for s in SPLIT_NAMES if f"{s}_images" in f.keys()]  # noqa: SIM118 (not a Mapping)
+            labels = {s: f.get_tensor(f"{s}_labels") for s in splits}
+            boxes = {s: f.get_tensor(f"{s}_boxes") for s in splits}
+            ok = {s: f.get_tensor(f"{s}_ok") for s in splits}
+            bad = [BadImage(**b) for b in json.loads(meta["bad"])]
+            channels, side = int(meta["channels"]), int(meta["canvas"])
+        counts = {s: len(labels[s]) for s in splits}
+        where, total = layout(counts, channels * side * side)
+        start = data_start(path)
+        if path.stat().st_size != start + total:
+            return None
+        images: dict[str, torch.Tensor | DiskImages] = {
+            s: DiskImages(path, start + where[s].images, (channels, side, side), torch.arange(counts[s]))
+            for s in splits
         }
-    except Exception:  # a damaged or foreign cache file is simply decoded again (and rewritten)
+        missing = int(meta.get("bad_count", len(bad))) - len(bad)
+        if missing > 0:
+            bad.append(BadImage("...", f"and {missing:,} more bad file(s), not listed in the cache"))
+    except Exception:  # a damaged, truncated or foreign file is simply decoded again (and replaced)
         return None
     with contextlib.suppress(OSError):
         os.utime(path)  # "last used", as `cnnlab cache` lists it
-    return sets, bad
+    return Decoding(images, labels, boxes, ok, bad, channels)
 
 
-def _write_cache(path: Path, sets: dict[str, ImageSet], bad: list[BadImage], source: str, size: int) -> str | None:
-    """Write the decoded splits; then delete this source's older versions at this size (they can never be read)."""
-    tensors = {}
-    for s, data in sets.items():
-        tensors[f"{s}_images"], tensors[f"{s}_labels"] = data.images.contiguous(), data.labels.contiguous()
-    meta = {"bad": json.dumps([b.__dict__ for b in bad]), "source": source, "size": str(size),
-            "version": str(CACHE_VERSION), "images": str(sum(len(v) for v in sets.values()))}  # fmt: skip
+def _choose_mode(data_cache: str, need: int) -> tuple[str, str]:
+    """memory or disk for `need` bytes of canvases under `data_cache`, and why (for the run's log)."""
+    if data_cache in ("memory", "disk"):
+        return data_cache, f"data_cache={data_cache}"
+    free = available_bytes("cpu")
+    if need <= AUTO_MEMORY_FRACTION * free:
+        return "memory", f"at most {AUTO_MEMORY_FRACTION:.0%} of the {gib(free)} of memory available"
+    return "disk", (f"more than {AUTO_MEMORY_FRACTION:.0%} of the {gib(free)} of memory available; "
+                    "data_cache='memory' (--data-cache memory) would keep it in memory")  # fmt: skip
+
+
+def _decoding(root: Path, splits: dict, size: int, data_cache: str, description: str,
+              notes: list[str]) -> tuple[Decoding, str, str]:  # fmt: skip
+    """The decoded splits (from the cache file, or decoded now), where their images live, and why."""
+    side = canvas_side(size)
+    n = sum(len(v) for v in splits.values())
+    cache_file = decode_dir() / f"{cache_key(root, splits, size)}.safetensors"
+    if data_cache != "none" and cache_file.is_file():
+        opened = _open_file(cache_file)
+        if opened is not None:
+            need = n * opened.channels * side * side
+            mode, why = _choose_mode(data_cache, need)
+            notes.append(f"decoded images read from the cache {cache_file}")
+            return opened, mode, why + f" ({gib(need)} decoded)"
+    channels = image_channels([p for items in splits.values() for p, _ in items], _mode)
+    need = n * channels * side * side
+    mode, why = ("memory", "data_cache=none: decoded into memory, no cache file") if data_cache == "none" else (
+        _choose_mode(data_cache, need))  # fmt: skip
+    if data_cache != "none":
+        free = shutil.disk_usage(_existing_parent(cache_file)).free
+        if need + 2**28 > free:  # a margin of 256 MiB: the disk is not ours alone
+            if mode == "disk":
+                raise UsageError(
+                    f"{cache_file.parent}: the decode cache needs {gib(need)} and the disk has "
+                    f"{gib(free)} free; set $CNNLAB_CACHE to a larger disk, or lower {{image_size}}",
+                    options=True,
+                )
+            notes.append(f"the decode cache needs {gib(need)} and {cache_file.parent} has {gib(free)} free: decoded "
+                         "into memory, without a cache file")  # fmt: skip
+            data_cache, mode, why = "none", "memory", "too little disk for the decode cache"
+    if mode == "memory" or data_cache == "none":
+        check_fits(f"decoding {n:,} images onto {side}x{side} canvases", need + 64 * 2**20,
+                   hint="lower {image_size}, or {data_cache=disk} to read them from a cache file")  # fmt: skip
+    why += f" ({gib(need)} decoded)"
+    if data_cache == "none":
+        images, boxes, ok, bad = _decode(splits, side, channels, None, None)
+        labels = {s: torch.tensor([lab for _, lab in items], dtype=torch.int64) for s, items in splits.items()}
+        return Decoding(images, labels, boxes, ok, bad, channels), "memory", why
+    meta = {"source": description, "size": str(size), "version": str(CACHE_VERSION), "images": str(n)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, save(tensors, metadata=meta))
+        _write_file(cache_file, splits, side, channels, meta)
     except OSError as e:
-        return f"could not write the decode cache {path} ({e.strerror or e}); the next run decodes again"
+        problem = f"could not write the decode cache {cache_file} ({e.strerror or e})"
+        if mode == "disk":
+            raise UsageError(f"{problem}; set $CNNLAB_CACHE to a writable folder with room") from None
+        notes.append(f"{problem}: decoded into memory; the next run decodes again")
+        return _decoding(root, splits, size, "none", description, notes)
     try:
-        removed = remove_superseded(path)
+        removed = remove_superseded(cache_file)
+        if removed:
+            notes.append(f"removed {removed} outdated decode cache file(s) of this data")
     except OSError as e:  # an old cache we may not delete (another user's, read-only): left where it is
-        return f"could not delete an outdated decode cache ({e.strerror or e})"
-    return f"removed {removed} outdated decode cache file(s) of this data" if removed else None
+        notes.append(f"could not delete an outdated decode cache ({e.strerror or e})")
+    opened = _open_file(cache_file)
+    if opened is None:
+        raise CnnlabError(f"{cache_file}: the decode cache just written cannot be read back")
+    return opened, mode, why
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def load_image_folder(
-    path: str | os.PathLike[str], image_size: int | None = None, on_bad_image: str = "error", cache: bool = True
-) -> Dataset:
-    """Load an image folder as a Dataset of uint8 tensors, decoding once and caching the result."""
+    path: str | os.PathLike[str], image_size: int | None = None, on_bad_image: str = "error",
+    data_cache: str = "auto", resize: str = "crop",
+) -> Dataset:  # fmt: skip
+    """Load an image folder as a Dataset, decoding once into the decode cache (kept in memory or read from disk)."""
     root = Path(path).expanduser()
     splits, classes, notes = scan(root)
     size = image_size or DEFAULT_FOLDER_SIZE
     name = root.resolve().name or "folder"
     return load_listed(
-        root, splits, classes, size, on_bad_image, cache, name=name, description=f"image folder {root.resolve()}",
-        extra={"folder": str(root.resolve())},
+        root, splits, classes, size, on_bad_image, name=name, description=f"image folder {root.resolve()}",
+        extra={"folder": str(root.resolve())}, data_cache=data_cache, resize=resize,
         notes=[f"data: image folder {root.resolve()}: {len(classes)} classes, {size}x{size}", *notes],
     )  # fmt: skip
 
 
 def load_listed(
     root: Path, splits: dict[str, list[tuple[Path, int]]], classes: tuple[str, ...], size: int, on_bad_image: str,
-    cache: bool, *, name: str, description: str, extra: dict, notes: list[str],
+    *, name: str, description: str, extra: dict, notes: list[str], data_cache: str = "auto", resize: str = "crop",
 ) -> Dataset:  # fmt: skip
     """Decode listed files {split: [(file, class index)]} (cached under a key of root and files) into a Dataset."""
-    key = cache_key(root, splits, size)
-    cache_file = cache_root() / "folders" / f"{key}.safetensors"
-    cached = _read_cache(cache_file) if cache and cache_file.is_file() else None
-    if cached is not None:
-        sets, bad = cached
-        notes.append(f"decoded images read from the cache {cache_file}")
-    else:
-        n = sum(len(items) for items in splits.values())
-        # Decoding holds each image, the stacked split, its (N, C, H, W) copy and the splits cut from it: measured
-        # 4.1x the decoded size (40 images at 4096 px: 6.6 GB resident for 1.6 GB of pixels).
-        check_fits(
-            f"decoding {n:,} images at {size}x{size}", 5 * n * 3 * size * size,
-            hint="lower {image_size}" if size > DEFAULT_FOLDER_SIZE else "",
-        )  # fmt: skip
-        sets, bad, _ = _decode_folder(root, splits, size)
-        if cache:
-            problem = _write_cache(cache_file, sets, bad, description, size)
-            notes += [problem] if problem else []
+    if data_cache not in DATA_CACHE_MODES:
+        raise OptionError("data_cache", f": expected one of {', '.join(DATA_CACHE_MODES)}, got {data_cache!r}")
+    if resize not in RESIZE_POLICIES:
+        raise OptionError("resize", f": expected one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
+    dec, mode, why = _decoding(root, splits, size, data_cache, description, notes)
+    bad = dec.bad
     if bad and on_bad_image == "error":
         more = f" ({len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
         raise CnnlabError(f"{bad[0].path}: {bad[0].reason}{more}; {{on_bad_image=skip}} leaves bad files out",
@@ -258,12 +410,25 @@ def load_listed(
     if bad:
         listed = "; ".join(f"{b.path}: {b.reason}" for b in bad[:5])
         notes.append(f"skipped {len(bad)} bad image(s) (on_bad_image=skip): {listed}{' ...' if len(bad) > 5 else ''}")
+    sets = {}
+    for s, images in dec.images.items():
+        keep = dec.ok[s].nonzero().flatten()
+        every = len(keep) == len(dec.ok[s])
+        if mode == "memory" and isinstance(images, DiskImages):
+            images = images[keep]  # one read of the rows that decoded (consecutive rows in large reads)
+        elif not every:
+            images = images.subset(keep) if isinstance(images, DiskImages) else images[keep]
+        labels, boxes = dec.labels[s][keep], dec.boxes[s][keep].to(torch.int64)
+        sets[s] = ImageSet(images, labels, boxes, size, resize)
     for s, data in sets.items():
         counts = torch.bincount(data.labels, minlength=len(classes))
         if s == "train" and bool((counts == 0).any()):
             empty = [classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
             raise CnnlabError(f"{description}: class(es) {', '.join(empty)} have no usable images after skipping "
                               "bad files")  # fmt: skip
+    where = "kept in memory" if mode == "memory" else "read from the disk cache per batch"
+    notes.append(f"images {where}: {why}")
+    notes.append(f"resize={resize}: {RESIZE_POLICIES[resize]}")
     train = sets["train"]
     if "test" in sets:
         test = sets["test"]
@@ -274,8 +439,10 @@ def load_listed(
         rest, held = stratified_split(train.labels, FOLDER_TEST_FRACTION, FOLDER_SPLIT_SEED)
         train, test = train.subset(rest), train.subset(held)
         notes.append(f"no test split given: a fixed {FOLDER_TEST_FRACTION:.0%} of each class is the test split")
+    # The random resized crop already moves and scales the image; the translation crop is for squash and pad.
+    augment = ("flip",) if resize == "crop" else ("crop", "flip")
     return Dataset(
-        name=name, train=train, test=test, classes=classes, default_augment=("crop", "flip"),
-        description=description, val=sets.get("val"), extra={**extra, "skipped": [b.__dict__ for b in bad]},
-        notes=notes,
+        name=name, train=train, test=test, classes=classes, default_augment=augment,
+        description=description, val=sets.get("val"),
+        extra={**extra, "skipped": [b.__dict__ for b in bad], "data_cache": mode}, notes=notes,
     )  # fmt: skip

@@ -8,11 +8,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from cnnlab.data.balance import balanced_order
+from cnnlab.data.resize import fit
 from cnnlab.data.types import ImageSet
 from cnnlab.errors import OptionError, UsageError
 
@@ -52,19 +54,38 @@ class Normalization:
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std
 
+    def apply_to_bytes_(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) floats of 0..255 values -> standardised floats, in place: x / (255 std) - mean / std."""
+        std = torch.tensor(self.std, dtype=torch.float64)
+        scale = (1.0 / (255.0 * std)).to(x.device, x.dtype).view(1, -1, 1, 1)
+        shift = (torch.tensor(self.mean, dtype=torch.float64) / std).to(x.device, x.dtype).view(1, -1, 1, 1)
+        return x.mul_(scale).sub_(shift)
 
-def channel_stats(images: torch.Tensor, chunk_bytes: int = 2**24) -> Normalization:
+
+def channel_stats(images: torch.Tensor | ImageSet, chunk_bytes: int = 2**24) -> Normalization:
     """Mean and std per channel of uint8 images (N, C, H, W) over all pixels, exactly, without copying the set.
 
     A float64 copy of a training split would be 8x its size (a 3.6 GB folder would need 29 GB). A histogram of the
-    256 pixel values per channel, filled in chunks of at most `chunk_bytes`, gives the same sums exactly.
+    256 pixel values per channel, filled in chunks of at most `chunk_bytes`, gives the same sums exactly. For an
+    ImageSet of photos, the pixels are those of the model's input as evaluation sees it (canvases cut per `resize`).
     """
-    n, c = images.shape[:2]
+    if isinstance(images, ImageSet):
+        data = images
+        n, c, per_image = len(data), data.channels, data.channels * data.side**2
+
+        def block_at(i: int, j: int) -> torch.Tensor:
+            return data.final(torch.arange(i, j))
+    else:
+        n, c = images.shape[:2]
+        per_image = max(1, images[:1].numel())
+
+        def block_at(i: int, j: int) -> torch.Tensor:
+            return images[i:j]
+
     hist = torch.zeros(c, 256, dtype=torch.float64)
-    per_image = max(1, images[:1].numel())
-    step = max(1, chunk_bytes // per_image)
+    step = max(1, chunk_bytes // max(1, per_image))
     for i in range(0, n, step):
-        block = images[i : i + step]  # (b, C, H, W) uint8
+        block = block_at(i, min(n, i + step))  # (b, C, H, W) uint8
         for ch in range(c):
             hist[ch] += torch.bincount(block[:, ch].reshape(-1).to(torch.int64).cpu(), minlength=256).double()
     values = torch.arange(256, dtype=torch.float64) / 255.0
@@ -88,9 +109,11 @@ def random_crop(x: torch.Tensor, pad: int, g: torch.Generator | None) -> torch.T
 
 
 def random_flip(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    """Mirror a random half of the batch left-right."""
-    flip = torch.rand(x.shape[0], generator=g, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    """Mirror a random half of the batch left-right, in place (per image: 4x faster than a masked copy on CPU)."""
+    flip = (torch.rand(x.shape[0], generator=g, device=x.device) < 0.5).nonzero().flatten().tolist()
+    for i in flip:
+        x[i] = x[i].flip(-1)
+    return x
 
 
 def random_rotate(x: torch.Tensor, g: torch.Generator | None, degrees: float = 10.0) -> torch.Tensor:
@@ -125,7 +148,10 @@ def random_erase(x: torch.Tensor, g: torch.Generator | None, p: float = 0.5) -> 
 
 
 def augment_batch(x: torch.Tensor, ops: Sequence[str], g: torch.Generator | None = None) -> torch.Tensor:
-    """Apply the named augmentations to a float batch in [0, 1] (except `erase`, applied after normalisation)."""
+    """Apply the named augmentations to a float batch (except `erase`, applied after normalisation).
+
+    Every one is independent of the pixels' scale (black is 0), so the batch may hold [0, 1] or 0..255 values.
+    """
     side = min(x.shape[2], x.shape[3])
     for op in ops:
         if op == "crop":
@@ -170,8 +196,11 @@ class BatchLoader:
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
         self.device = torch.device(device)
-        self.images = data.images.to(self.device)  # uint8 (N, C, H, W): 4x less memory than float
+        # uint8 (N, C, H, W) (4x less memory than float) on the device, or a DiskImages read per batch
+        self.images = data.images if data.on_disk else data.images.to(self.device)
         self.labels = data.labels.to(self.device)
+        self.boxes = data.boxes.to(self.device) if data.boxes is not None else None  # canvases: (N, 2) image boxes
+        self.side, self.resize = data.side, data.resize
         self.batch_size, self.norm, self.shuffle = batch_size, norm, shuffle
         self.augment, self.generator, self.drop_last = tuple(augment), generator, drop_last
         self.rank, self.world_size = rank, world_size
@@ -201,16 +230,59 @@ class BatchLoader:
     def batches(self, order: torch.Tensor, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This process's batches of `order` from batch index `start` on (a resumed epoch continues mid-way)."""
         step = self.batch_size * self.world_size
-        for i in range(start, len(self)):
-            idx = order[i * step : (i + 1) * step][self.rank :: self.world_size]
-            yield self.prepare(self.images[idx]), self.labels[idx]
+        indices = (order[i * step : (i + 1) * step][self.rank :: self.world_size] for i in range(start, len(self)))
+        if not isinstance(self.images, torch.Tensor):
+            yield from self._from_disk(indices)
+            return
+        for idx in indices:
+            if self.boxes is None:
+                yield self.prepare(self.images[idx]), self.labels[idx]
+            else:  # cut straight out of the resident canvases, as float (no gathered copy of them)
+                yield self.prepare(self._fit(self.images, idx, idx)), self.labels[idx]
+
+    def _from_disk(self, indices: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches whose rows are read from the cache file, the next batch's read overlapping this one's use.
+
+        Only the read runs ahead (no random draw): a checkpoint taken between batches resumes exactly.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Two row buffers, reused: one is read into while the other's rows are cut (before that batch is yielded).
+        buffers = [self.images.buffer_for(self.batch_size) for _ in range(2)]
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = None
+            for n, idx in enumerate(indices):
+                ahead = reader.submit(self.images.read, idx.cpu(), buffers[n % 2])
+                if pending is not None:
+                    yield self._finish(*pending)
+                pending = (ahead, idx)
+            if pending is not None:
+                yield self._finish(*pending)
+
+    def _finish(self, rows: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stored = rows.result().to(self.device, non_blocking=True)
+        if self.boxes is None:
+            return self.prepare(stored), self.labels[idx]
+        return self.prepare(self._fit(stored, idx, None)), self.labels[idx]
+
+    def _fit(self, source: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Canvases -> float32 (B, C, side, side) of 0..255 values under the resize policy (random crops if training).
+
+        `rows` picks the batch's canvases out of `source` (None: source holds just them, in batch order).
+        """
+        return fit(source, self.boxes[idx], self.side, self.resize, train=self.shuffle, g=self.generator,
+                   index=rows, dtype=torch.float32)  # fmt: skip
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> augmented, normalised float32 (B, C, H, W) (NHWC in memory with channels_last)."""
-        x = images.float().div_(255.0)
+        """uint8 (B, C, H, W) (or float of 0..255 values, which it may change) -> augmented, normalised float32.
+
+        The augmentations before normalisation do not depend on the scale (black is 0 either way), so /255 is
+        folded into the normalisation: one multiply-add in place, no copies of the batch.
+        """
+        x = images.float() if images.dtype == torch.uint8 else images
         if self.augment:
             x = augment_batch(x, self.augment, self.generator)
-        x = self.norm.apply(x)
+        x = self.norm.apply_to_bytes_(x)
         if "erase" in self.augment:
             x = random_erase(x, self.generator)
         if self.channels_last:

@@ -88,10 +88,13 @@ def load_dataset(
     download: bool = True,
     image_size: int | None = None,
     on_bad_image: str = "error",
+    data_cache: str = "auto",
+    resize: str | None = None,
 ) -> Dataset:
-    """Load a registered dataset, or an image folder given by path, into memory as uint8 tensors.
+    """Load a registered dataset, or an image folder or CSV given by path, as uint8 tensors.
 
-    `image_size` resizes every image to that square side (image folders: the side they are decoded at).
+    `image_size` resizes every image to that square side (image folders and CSVs: the side the model sees).
+    `data_cache` and `resize` (default crop) apply to image folders and CSVs, whose photos have any shape.
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise OptionError("on_bad_image", f": expected one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
@@ -100,11 +103,13 @@ def load_dataset(
     if is_folder_name(name) and is_csv_name(name):
         from cnnlab.data.csvlabels import load_csv_labels
 
-        return load_csv_labels(name, image_size=image_size, on_bad_image=on_bad_image)
+        return load_csv_labels(name, image_size, on_bad_image, data_cache, resize or "crop")
     if is_folder_name(name):
         from cnnlab.data.folders import load_image_folder
 
-        return load_image_folder(name, image_size=image_size, on_bad_image=on_bad_image)
+        return load_image_folder(name, image_size, on_bad_image, data_cache, resize or "crop")
+    if resize is not None:
+        raise OptionError("resize", f"applies to image folders and CSVs; {name}'s images are already square")
     ds = source_info(name).loader(data_dir=data_dir, download=download)
     if image_size is not None and image_size != ds.image_size:
         native = ds.image_size

@@ -1,6 +1,6 @@
 """The data's types: a set of images in memory, a named dataset with its splits, and the stratified split.
 
-Nothing else of cnnlab.data is imported here, so sources, folders and the pipeline can all build on it.
+Only cnnlab.data.resize (a leaf) is imported here, so sources, folders and the pipeline can all build on it.
 """
 
 from __future__ import annotations
@@ -12,28 +12,74 @@ import torch
 
 @dataclass
 class ImageSet:
-    """Images as uint8 (N, C, H, W) and labels as int64 (N,), held in memory."""
+    """Images as uint8 (N, C, H, W) and labels as int64 (N,), in memory or (`DiskImages`) in a decode cache file.
 
-    images: torch.Tensor
+    Photo sources (image folders, CSVs) store canvases: `boxes` (N, 2) gives the (h, w) each image fills at its
+    canvas's top-left, `size` the model's side and `resize` the policy that cuts the model's input from the canvas
+    (data.resize). Built-in datasets hold the model's input itself (boxes None).
+    """
+
+    images: torch.Tensor  # or a DiskImages: indexing it reads the rows from the cache file
     labels: torch.Tensor
+    boxes: torch.Tensor | None = None
+    size: int | None = None
+    resize: str = "crop"
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
+        if self.boxes is not None and self.boxes.shape != (self.images.shape[0], 2):
+            raise ValueError(f"{self.images.shape[0]} images but boxes of shape {tuple(self.boxes.shape)}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __repr__(self) -> str:
         # The dataclass default would print every pixel of the tensors.
-        c, h, w = self.images.shape[1:]
-        return f"ImageSet({len(self):,} images of {c}x{h}x{w})"
+        where = " on disk" if self.on_disk else ""
+        return f"ImageSet({len(self):,} images of {self.channels}x{self.side}x{self.side}{where})"
+
+    @property
+    def channels(self) -> int:
+        """Number of image channels C."""
+        return self.images.shape[1]
+
+    @property
+    def side(self) -> int:
+        """The side of the images the model sees."""
+        return self.size if self.size is not None else self.images.shape[2]
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the images stay in a cache file (read per batch) rather than in memory."""
+        return not isinstance(self.images, torch.Tensor)
+
+    def resident_bytes(self) -> int:
+        """Bytes of image pixels held in memory (0 for a set read from disk)."""
+        return 0 if self.on_disk else self.images.numel()
 
     def subset(self, index: torch.Tensor) -> ImageSet:
-        """The images at `index` (a 1-D index tensor), in that order."""
-        return ImageSet(self.images[index], self.labels[index])
+        """The images at `index` (a 1-D index tensor), in that order (still on disk for a set on disk)."""
+        images = self.images.subset(index) if self.on_disk else self.images[index]  # type: ignore[attr-defined]
+        boxes = self.boxes[index.to(self.boxes.device)] if self.boxes is not None else None
+        return ImageSet(images, self.labels[index.to(self.labels.device)], boxes, self.size, self.resize)
+
+    def stored(self, index: torch.Tensor) -> torch.Tensor:
+        """The stored uint8 rows at `index` (canvases for photo sources), read from disk if they live there."""
+        return self.images[index]
+
+    def final(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's uint8 input (B, C, side, side) at `index` (default: all), as evaluation sees it."""
+        if index is None:
+            index = torch.arange(len(self))
+        rows = self.stored(index)
+        if self.boxes is None:
+            return rows
+        from cnnlab.data.resize import fit
+
+        return fit(rows, self.boxes[index.to(self.boxes.device)].to(rows.device), self.side, self.resize, train=False)
 
 
 @dataclass
@@ -58,12 +104,12 @@ class Dataset:
     @property
     def channels(self) -> int:
         """Number of image channels C."""
-        return self.train.images.shape[1]
+        return self.train.channels
 
     @property
     def image_size(self) -> int:
-        """Side of the (square) images."""
-        return self.train.images.shape[2]
+        """Side of the (square) images the model sees."""
+        return self.train.side
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,8 @@ FREEZE_CHOICES = ("none", "features")
 NAN_POLICIES = ("stop", "skip")
 BAD_IMAGE_POLICIES = ("error", "skip")
 CLASS_WEIGHTS = ("none", "auto")
+RESIZE_CHOICES = ("crop", "squash", "pad")  # data.resize.RESIZE_POLICIES (this module does not import torch)
+DATA_CACHE_CHOICES = ("auto", "memory", "disk", "none")  # data.folders.DATA_CACHE_MODES
 SAMPLERS = ("shuffle", "balanced")
 LOGGERS = ("tensorboard", "mlflow")
 DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.05}
@@ -76,6 +78,14 @@ class TrainConfig:
     on_bad_image: str = option(
         "error", "image folders: stop at a corrupt/non-image file naming it, or skip and list it", _G_WHAT,
         choices=BAD_IMAGE_POLICIES)  # fmt: skip
+    resize: str | None = option(
+        None, "photos of any shape (image folders, CSVs): crop = train on random resized crops, evaluate on the "
+        "centre (default); squash = whole image, aspect ignored; pad = whole image, black borders", _G_WHAT,
+        choices=RESIZE_CHOICES)  # fmt: skip
+    data_cache: str = option(
+        "auto", "image folders and CSVs are decoded once to a cache file; auto keeps it in memory when it takes at "
+        "most 1/4 of the free memory, else reads it per batch (disk); none: no file, in memory", _G_WHAT,
+        choices=DATA_CACHE_CHOICES)  # fmt: skip
     pretrained: bool = option(
         False, "start from torchvision's pretrained weights (downloaded to torch's hub cache if online)", _G_WHAT
     )

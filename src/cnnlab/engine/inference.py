@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.data.folders import decode, list_images
+from cnnlab.data.folders import list_images, model_input
 from cnnlab.data.images import open_image
 from cnnlab.data.pipeline import Normalization
-from cnnlab.data.sources import Dataset, ImageSet, load_dataset
+from cnnlab.data.sources import Dataset, ImageSet, is_folder_name, load_dataset
 from cnnlab.engine import rundir
 from cnnlab.engine.checkpoint import apply_state_dict, load_checkpoint, load_weights
 from cnnlab.engine.evaluate import predict_logits
@@ -76,6 +76,20 @@ class LoadedRun:
         """Whether the run evaluates with test-time augmentation (the mean of each image's and its mirror's logits)."""
         return self.record.tta
 
+    @property
+    def resize(self) -> str | None:
+        """How training cut photos to the model's square (data.resize); None: the run's images were square already.
+
+        Runs on image folders recorded before the policies existed have none: their photos were cut as
+        `data.folders.fit_image` does (shorter side, then the centre square), and still are.
+        """
+        train = self.record.train
+        return train.resize if train is not None else None
+
+    def model_input(self, img: Any) -> torch.Tensor:
+        """One decoded Pillow image -> uint8 (C, S, S) exactly as evaluation fed training's images to the model."""
+        return model_input(img, self.image_size, self.channels, self.resize)
+
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> normalised float32 on the model's device."""
         device = next(self.model.parameters()).device
@@ -116,9 +130,14 @@ def load_run(run: str | os.PathLike[str], device: str | torch.device = "cpu") ->
 
 
 @torch.no_grad()
-def logits_of(loaded: LoadedRun, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Raw model outputs (N, K) in float32 on the CPU for uint8 images (N, C, H, W)."""
-    out = [predict_logits(loaded.model, loaded.prepare(images[i : i + batch_size]), loaded.tta).float().cpu()
+def logits_of(loaded: LoadedRun, images: torch.Tensor | ImageSet, batch_size: int = 256) -> torch.Tensor:
+    """Raw model outputs (N, K) in float32 on the CPU for uint8 images (N, C, H, W) or an ImageSet (read per batch)."""
+
+    def batch(i: int) -> torch.Tensor:
+        end = min(len(images), i + batch_size)
+        return images.final(torch.arange(i, end)) if isinstance(images, ImageSet) else images[i:end]
+
+    out = [predict_logits(loaded.model, loaded.prepare(batch(i)), loaded.tta).float().cpu()
            for i in range(0, len(images), batch_size)]  # fmt: skip
     return torch.cat(out) if out else torch.empty(0, len(loaded.classes))
 
@@ -180,6 +199,7 @@ def eval_data(loaded: LoadedRun, data: str | None, data_dir: str | None, split: 
     ds: Dataset = load_dataset(
         name, data_dir if data else (data_dir or own_dir), download=bool(train and train.download),
         image_size=loaded.image_size, on_bad_image=train.on_bad_image if train and not data else "error",
+        resize=loaded.resize if is_folder_name(name) else None,
     )  # fmt: skip
     if tuple(ds.classes) != loaded.classes:
         raise OptionError("data", f"{name}: its classes ({_short(ds.classes)}) differ from the run's "
@@ -191,7 +211,10 @@ def eval_data(loaded: LoadedRun, data: str | None, data_dir: str | None, split: 
     if not parts[split]:
         raise OptionError("split", f"{split}: {name} has no separate validation split (it is held out of train)")
     chosen = parts[split]
-    return ImageSet(torch.cat([s.images for s in chosen]), torch.cat([s.labels for s in chosen])), ds.name
+    if len(chosen) == 1:
+        return chosen[0], ds.name
+    # "all": the model's inputs of every split in one set (read into memory; a rare request)
+    return ImageSet(torch.cat([s.final() for s in chosen]), torch.cat([s.labels for s in chosen])), ds.name
 
 
 def _short(names: Sequence[str]) -> str:
@@ -210,7 +233,7 @@ def evaluate_run(
         images, name = eval_data(loaded, data, data_dir, split)
     if len(images) == 0:
         raise UsageError(f"{name}: the {split} split is empty")
-    logits = logits_of(loaded, images.images)
+    logits = logits_of(loaded, images)
     labels = images.labels
     k = len(loaded.classes)
     probs = logits.softmax(1)
@@ -226,7 +249,7 @@ def evaluate_run(
         run=str(loaded.path), data=name, split=split, n=n, top1=c1.item() / n, top5=c5.item() / n,
         loss=F.cross_entropy(logits, labels).item(), classes=loaded.classes, confusion=cm,
         report=per_class_report(cm, loaded.classes), confused=most_confused(cm, loaded.classes),
-        worst=mistakes, images=images.images[order], balanced_accuracy=balanced_accuracy(cm), macro_f1=macro_f1(cm),
+        worst=mistakes, images=images.final(order), balanced_accuracy=balanced_accuracy(cm), macro_f1=macro_f1(cm),
     )  # fmt: skip
 
 
@@ -284,11 +307,16 @@ def _topk(probs: torch.Tensor, files: Sequence[Path], classes: Sequence[str], k:
 
 def load_files_for_run(loaded: LoadedRun, files: Sequence[Path], invert: bool = False) -> torch.Tensor:
     """Decode image files exactly as training decoded its images: uint8 (N, C, S, S)."""
-    import numpy as np
-
-    arrays = [decode(f, loaded.image_size, channels=loaded.channels)[0] for f in files]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    x = torch.stack([_input_of_file(loaded, f) for f in files])
     return 255 - x if invert else x
+
+
+def _input_of_file(loaded: LoadedRun, path: Path) -> torch.Tensor:
+    img = open_image(path, draft=(loaded.image_size * 2, loaded.image_size * 2))
+    try:
+        return loaded.model_input(img)
+    except CnnlabError as e:
+        raise type(e)(f"{path}: {e}") from None
 
 
 def predict_files(

@@ -28,7 +28,11 @@ def load_training_data(cfg: TrainConfig) -> Dataset:
     size = cfg.image_size
     if size is None and is_folder_name(cfg.data) and (cfg.pretrained or cfg.weights or cfg.weights_name):
         size = 224  # the resolution ImageNet weights were trained and evaluated at
-    return load_dataset(cfg.data, cfg.data_dir, download=cfg.download, image_size=size, on_bad_image=cfg.on_bad_image)
+    if cfg.resize is None and is_folder_name(cfg.data):
+        # Recorded in config.json: predict and evaluate cut photos as training did (runs without it predate it).
+        cfg.resize = "crop"
+    return load_dataset(cfg.data, cfg.data_dir, download=cfg.download, image_size=size, on_bad_image=cfg.on_bad_image,
+                        data_cache=cfg.data_cache, resize=cfg.resize)  # fmt: skip
 
 
 def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
@@ -83,12 +87,13 @@ def check_training_memory(cfg: TrainConfig, data: Dataset, device: torch.device)
         return
     on_device = 0
     if device.type != "cpu":  # the whole dataset is moved to the device as uint8
-        on_device = sum(s.images.numel() for s in (data.train, data.val, data.test) if s is not None)
+        on_device = sum(s.resident_bytes() for s in (data.train, data.val, data.test) if s is not None)
     states = {"sgd": 1, "adam": 2, "adamw": 2}.get(cfg.optimizer, 2)
     check_fits(
         f"training {cfg.model} on {shape[1]}x{shape[2]} images at batch {cfg.batch_size}",
         est.training(cfg.batch_size, states) + on_device, str(device),
-        hint="lower {batch_size} or {image_size}, or use a smaller model",
+        hint="lower {batch_size} or {image_size}, or use a smaller model"
+        + (", or {data_cache=disk} to read the images per batch instead of holding them there" if on_device else ""),
     )  # fmt: skip
     budget = int(available_bytes(str(device)) * HEADROOM) - on_device
     cfg.eval_batch_size = est.eval_batch_that_fits(budget, cfg.eval_batch_size)

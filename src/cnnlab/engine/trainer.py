@@ -193,7 +193,7 @@ class Trainer:
         else:
             # From the images the model trains on, never from validation or test images; a pass over the training
             # split that pretrained weights (which bring their own) skip.
-            self.norm = channel_stats(self.train_set.images)
+            self.norm = channel_stats(self.train_set)
         return model
 
     def _split(self) -> None:

@@ -17,7 +17,6 @@ from matplotlib import colormaps
 from PIL import Image
 from torch import nn
 
-from cnnlab.data.folders import fit_image
 from cnnlab.data.images import decode_image, sample_image_path
 from cnnlab.data.sources import ImageSet
 from cnnlab.engine.inference import LoadedRun, eval_data, evaluate_run
@@ -158,15 +157,14 @@ class Explorer:
             data = self.test_split()
             if not 0 <= test_index < len(data):
                 raise UsageError(f"test_index: the test split has {len(data)} images (0..{len(data) - 1})")
-            return data.images[test_index]
+            return data.final(torch.tensor([test_index]))[0]
         if image is None:
             raise UsageError("give an image or a test_index")
         img = decode_data_url(image)
         if center and run.channels == 1:
             pixels = center_digit(np.asarray(img.convert("L")), run.image_size)
             return torch.from_numpy(pixels)[None]
-        arr, _ = fit_image(img, run.image_size, run.channels)
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        return run.model_input(img)
 
     def predict(self, image: str | None, test_index: int | None, center: bool, top_k: int = 5) -> dict[str, Any]:
         """Top-k classes and the activation maps of every shown layer for one image."""
