@@ -1,0 +1,242 @@
+"""Photos of any number and shape: the decode cache on disk, the resize policies, and the automatic choice of path."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import cnnlab.data.folders as folders
+from cnnlab.data import BatchLoader, Normalization
+from cnnlab.data.folders import DATA_CACHE_MODES, load_image_folder, model_input
+from cnnlab.data.images import open_image
+from cnnlab.data.pipeline import channel_stats
+from cnnlab.data.resize import CROP_RATIO, CROP_SCALE, EVAL_CROP, RESIZE_POLICIES, canvas_side, fit, plan
+from cnnlab.data.store import DiskImages
+from cnnlab.errors import CnnlabError, UsageError
+
+NORM = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def photos(root: Path, n: int = 12, seed: int = 0) -> Path:
+    """Two classes of RGB JPEGs/PNGs of varied shapes (landscape, portrait, square, panorama)."""
+    rng = np.random.default_rng(seed)
+    shapes = [(48, 36), (36, 48), (40, 40), (90, 30), (30, 70), (64, 48)]
+    for i in range(n):
+        w, h = shapes[i % len(shapes)]
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        d = root / "ab"[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(d / f"{i}.{'png' if i % 3 else 'jpg'}")
+    return root
+
+
+def epoch(ds_set: object, seed: int, **kw: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of batches of a loader seeded with `seed`."""
+    loader = BatchLoader(ds_set, 5, NORM, generator=torch.Generator().manual_seed(seed), **kw)  # type: ignore[arg-type]
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+@pytest.mark.parametrize("resize", list(RESIZE_POLICIES))
+def test_streaming_and_in_memory_give_the_same_batches_for_the_same_seed(resize: str, tmp_path: Path) -> None:
+    root = photos(tmp_path / "data")
+    mem = load_image_folder(root, image_size=16, data_cache="memory", resize=resize)
+    disk = load_image_folder(root, image_size=16, data_cache="disk", resize=resize)
+    assert not mem.train.on_disk and disk.train.on_disk and disk.extra["data_cache"] == "disk"
+    assert any("read from the disk cache per batch: data_cache=disk" in n for n in disk.notes)
+    for kw in ({"shuffle": True, "augment": ("flip", "erase")}, {"shuffle": False}):
+        a, b = epoch(mem.train, 3, **kw), epoch(disk.train, 3, **kw)
+        assert len(a) == len(b) == math.ceil(len(mem.train) / 5)
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert xa.shape == (len(ya), 3, 16, 16) and torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(mem.test.final(), disk.test.final())
+    assert channel_stats(mem.train) == channel_stats(disk.train) == channel_stats(mem.train.final())
+
+
+def test_training_batches_are_random_crops_and_evaluation_is_fixed(tmp_path: Path) -> None:
+    ds = load_image_folder(photos(tmp_path / "data"), image_size=16)
+    a, b = epoch(ds.train, 1, shuffle=True), epoch(ds.train, 2, shuffle=True)
+    assert not torch.equal(a[0][0], b[0][0]), "another seed, other crops"
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(epoch(ds.test, 1), epoch(ds.test, 2), strict=True))
+
+
+@pytest.mark.parametrize("policy", list(RESIZE_POLICIES))
+def test_every_policy_cuts_inside_the_image_and_fills_the_square_as_documented(policy: str) -> None:
+    boxes = torch.tensor([[30, 40], [40, 30], [40, 40], [13, 40], [40, 5]] * 40)
+    size = 30
+    g = torch.Generator().manual_seed(0)
+    for train in (True, False):
+        p = plan(boxes, size, policy, train, g)
+        y0, x0, h, w, oy, ox, oh, ow = p.T
+        assert (y0 >= 0).all() and (x0 >= 0).all() and (h >= 1).all() and (w >= 1).all()
+        assert (y0 + h <= boxes[:, 0]).all() and (x0 + w <= boxes[:, 1]).all(), "never outside the image"
+        assert (oy >= 0).all() and (ox >= 0).all() and (oy + oh <= size).all() and (ox + ow <= size).all()
+        if policy == "pad":  # the whole image, aspect kept, centred
+            assert (h == boxes[:, 0]).all() and (w == boxes[:, 1]).all()
+            assert (torch.maximum(oh, ow) == size).all()
+            assert ((oh / ow - boxes[:, 0] / boxes[:, 1]).abs() <= 0.2 * boxes[:, 0] / boxes[:, 1] + 0.05).all()
+        elif policy == "squash":
+            assert (h == boxes[:, 0]).all() and (w == boxes[:, 1]).all() and (oh == size).all() and (ow == size).all()
+        elif not train:  # crop, evaluation: the centre of the shorter side
+            short = torch.minimum(boxes[:, 0], boxes[:, 1]).double()
+            assert (h == w).all() and (h == (short * EVAL_CROP).round().clamp_min(1)).all()
+            assert ((y0 - (boxes[:, 0] - h) // 2).abs() <= 1).all() and ((x0 - (boxes[:, 1] - w) // 2).abs() <= 1).all()
+        else:  # crop, training: torchvision's random resized crop
+            fits = (boxes[:, 0] >= 13) & (boxes[:, 1] >= 13)  # shapes where a candidate usually fits
+            area = (h * w).double() / (boxes[:, 0] * boxes[:, 1]).double()
+            ratio = w.double() / h.double()
+            assert (area[fits] >= CROP_SCALE[0] * 0.8).all() and (area <= 1.0).all()
+            assert (ratio[fits] >= CROP_RATIO[0] * 0.85).all() and (ratio[fits] <= CROP_RATIO[1] / 0.85).all()
+            assert len({tuple(r) for r in p.tolist()}) > 100, "random per image"
+
+
+def test_pad_keeps_every_pixel_with_black_borders_and_crop_evaluates_the_centre() -> None:
+    canvas = torch.zeros(1, 1, 40, 40, dtype=torch.uint8)
+    canvas[0, 0, :20, :40] = 200  # a 40 wide x 20 high image at the top-left of its canvas
+    canvas[0, 0, :20, 15:25] = 255  # with a bright centre
+    box = torch.tensor([[20, 40]])
+    padded = fit(canvas, box, 20, "pad", train=False)[0, 0]
+    assert padded[:5].max() == 0 and padded[-5:].max() == 0 and padded[6:14].min() >= 195, "letterbox"
+    squashed = fit(canvas, box, 20, "squash", train=False)[0, 0]
+    assert squashed.min() >= 195, "the whole image, stretched"
+    centre = fit(canvas, box, 20, "crop", train=False)[0, 0]
+    assert centre[:, 8:12].min() == 255 and centre.min() >= 195, "the centre 87.5% of the shorter side"
+
+
+def test_the_cache_is_a_safetensors_file_with_boxes_and_the_bad_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))  # this test's cache alone
+    root = photos(tmp_path / "data")
+    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    ds = load_image_folder(root, image_size=24, on_bad_image="skip", data_cache="disk")
+    assert len(ds.train) + len(ds.test) == 12
+    (cache,) = folders.decode_dir().glob("*.safetensors")
+    with safe_open(str(cache), framework="pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor("train_images").shape == (13, canvas_side(24), canvas_side(24), 3)
+        assert f.get_tensor("train_boxes").max() == canvas_side(24) and int(f.get_tensor("train_ok").sum()) == 12
+    assert meta["bad_count"] == "1" and "broken.jpg" in json.loads(meta["bad"])[0]["path"]
+    assert meta["canvas"] == str(canvas_side(24)) and meta["size"] == "24"
+    with pytest.raises(CnnlabError, match=r"broken\.jpg"):  # read from the cache: the same verdict
+        load_image_folder(root, image_size=24)
+
+
+def test_disk_reads_match_the_file_in_any_order_with_repeats(tmp_path: Path) -> None:
+    ds = load_image_folder(photos(tmp_path / "data", n=20), image_size=16, data_cache="disk")
+    mem = load_image_folder(tmp_path / "data", image_size=16, data_cache="memory")
+    idx = torch.tensor([5, 4, 3, 3, 0, 1, 2, 15, 7, 7, 6])
+    assert isinstance(ds.train.images, DiskImages)
+    assert torch.equal(ds.train.stored(idx), mem.train.stored(idx))
+    assert torch.equal(ds.train.images.read(idx, ds.train.images.buffer_for(32)), mem.train.stored(idx))
+    sub = ds.train.subset(torch.tensor([3, 1]))
+    assert sub.on_disk and torch.equal(sub.stored(torch.tensor([1, 0])), mem.train.stored(torch.tensor([1, 3])))
+
+
+def test_each_process_reads_only_its_shard_of_every_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cnnlab.data.store as store
+
+    ds = load_image_folder(photos(tmp_path / "data", n=24), image_size=16, data_cache="disk", resize="squash")
+
+    def loader(batch: int, **kw: object) -> BatchLoader:
+        gens = {"generator": torch.Generator().manual_seed(0), "order_generator": torch.Generator().manual_seed(9)}
+        return BatchLoader(ds.train, batch, NORM, shuffle=True, **gens, **kw)  # type: ignore[arg-type]
+
+    single = [x for x, _ in loader(10)]
+    read: list[int] = []
+    original = store.read_into
+    monkeypatch.setattr(store, "read_into", lambda fd, out, offset: (read.append(len(out)), original(fd, out, offset)))
+    for rank in range(2):
+        read.clear()
+        shard = list(loader(5, rank=rank, world_size=2))
+        assert sum(read) == sum(len(y) for _, y in shard) * ds.train.images.row_bytes, "only its own images are read"
+        assert len(shard) in (len(single), len(single) - 1)
+        for (x, _), whole in zip(shard, single, strict=False):
+            assert torch.equal(x, whole[rank::2]), "every global batch is cut rank::world_size"
+
+
+def test_auto_keeps_small_sets_in_memory_and_streams_large_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = photos(tmp_path / "data")
+    small = load_image_folder(root, image_size=16)
+    assert small.extra["data_cache"] == "memory" and not small.train.on_disk
+    assert any("kept in memory: at most 25% of the" in n for n in small.notes)
+    monkeypatch.setattr(folders, "available_bytes", lambda device="cpu": 10_000)  # as if memory were nearly full
+    big = load_image_folder(root, image_size=16)
+    assert big.extra["data_cache"] == "disk" and big.train.on_disk
+    assert any("more than 25% of the" in n and "--data-cache memory" in n for n in big.notes)
+
+
+def test_a_set_larger_than_memory_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cnnlab.memory as memory
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))  # this test's cache alone
+    root = photos(tmp_path / "data")
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)
+    monkeypatch.setattr(folders, "available_bytes", lambda device="cpu": 1000)
+    with pytest.raises(CnnlabError, match=r"decoding 12 images onto 21x21 canvases needs .* available") as e:
+        load_image_folder(root, image_size=16, data_cache="memory")
+    assert "\n" not in str(e.value) and not (tmp_path / "cache").exists(), "refused before writing anything"
+    assert load_image_folder(root, image_size=16, data_cache="disk").train.on_disk, "streaming still works"
+
+
+def test_too_little_disk_for_the_cache_is_one_line_naming_both_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(UsageError, match=r"the decode cache needs .* and the disk has .* free") as e:
+        load_image_folder(photos(tmp_path / "data"), image_size=16, data_cache="disk")
+    assert "\n" not in str(e.value)
+    ds = load_image_folder(tmp_path / "data", image_size=16)  # auto: decoded into memory instead, and said so
+    assert not ds.train.on_disk and any("decoded into memory, without a cache file" in n for n in ds.notes)
+
+
+def test_options_are_checked(tmp_path: Path) -> None:
+    root = photos(tmp_path / "data")
+    with pytest.raises(UsageError, match="data_cache"):
+        load_image_folder(root, data_cache="ram")
+    with pytest.raises(UsageError, match="resize"):
+        load_image_folder(root, resize="stretch")
+    assert set(DATA_CACHE_MODES) == {"auto", "memory", "disk", "none"}
+
+
+def test_predict_sees_a_file_exactly_as_evaluation_saw_it(tmp_path: Path) -> None:
+    root = photos(tmp_path / "data", n=6)
+    for resize in RESIZE_POLICIES:
+        ds = load_image_folder(root, image_size=20, resize=resize, data_cache="none")
+        files = sorted(p for p in (root / "a").iterdir())
+        # The "a" images in decoding order are the train+test rows of label 0 in file order (flat folder: test
+        # is a held-out part); compare each file with its row by content.
+        rows = torch.cat([ds.train.final(), ds.test.final()])
+        for f in files:
+            x = model_input(open_image(f, draft=(40, 40)), 20, 3, resize)
+            assert any(torch.equal(x, r) for r in rows), f"{f.name} under {resize}"
+    legacy = model_input(open_image(files[0]), 20, 3, None)
+    assert legacy.shape == (3, 20, 20), "runs without a policy (built-in data, older runs) keep the centre square"
+
+
+def test_train_cli_records_the_policy_and_the_path_taken(tmp_path: Path) -> None:
+    from cnnlab.engine.trainer import TrainConfig
+    from cnnlab.engine.trainer import fit as train
+
+    root = photos(tmp_path / "data", n=16)
+    cfg = TrainConfig(model="cnn-compact", data=str(root), image_size=16, epochs=1, batch_size=4, data_cache="disk",
+                      resize="pad", val_split=0.25, patience=0)  # fmt: skip
+    run = train(cfg, runs_dir=tmp_path / "runs").run_dir
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["resize"] == "pad" and config["train"]["data_cache"] == "disk"
+    assert config["data"]["data_cache"] == "disk"
+    default = train(TrainConfig(model="cnn-compact", data=str(root), image_size=16, epochs=1, batch_size=4),
+                    runs_dir=tmp_path / "runs").run_dir  # fmt: skip
+    assert json.loads((default / "config.json").read_text())["train"]["resize"] == "crop", "recorded for predict"
