@@ -122,7 +122,8 @@ t = time.perf_counter()
 ds = load_dataset({folder!r}, image_size={size}, data_cache={mode!r})
 load = time.perf_counter() - t
 norm = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-loader = BatchLoader(ds.train, {batch}, norm, shuffle=True, augment=("flip",), generator=torch.Generator().manual_seed(0))
+g = torch.Generator().manual_seed(0)
+loader = BatchLoader(ds.train, {batch}, norm, shuffle=True, augment=("flip",), generator=g)
 times = []
 for epoch in range(2):
     t, n = time.perf_counter(), 0
@@ -178,6 +179,7 @@ def main() -> None:
     gib = 2**30
     ours_rate, their_rate = ours["images"] / ours["epochs"][1], theirs["images"] / theirs["epochs"][1]
     their_epoch_all = args.images / their_rate  # one ImageFolder epoch over every image, at its measured rate
+    where = "read from the cache file per batch" if ours["mode"] == "disk" else "in memory"
     body = f"""
 {args.images:,} generated JPEGs of 320x240 (10 classes), `--image-size {SIZE}`, crop policy (random resized crops),
 {ours["images"]:,} training images per epoch, batch {BATCH}, normalised float32 batches, no model.
@@ -189,7 +191,7 @@ Machine: {machine_line()}
 | | seconds | images/s | peak RSS of the process tree |
 | --- | --- | --- | --- |
 | cnnlab first pass (decode every image, write the cache: {cache_bytes / gib:.1f} GiB) | {first["seconds"]:.1f} | {args.images / first["seconds"]:,.0f} | {first["peak_rss"] / gib:.2f} GiB |
-| cnnlab epoch after the first (images {ours["mode"] == "disk" and "read from the cache file per batch" or "in memory"}) | {ours["epochs"][1]:.1f} | {ours_rate:,.0f} | {ours["peak_rss"] / gib:.2f} GiB |
+| cnnlab epoch after the first (images {where}) | {ours["epochs"][1]:.1f} | {ours_rate:,.0f} | {ours["peak_rss"] / gib:.2f} GiB |
 | torchvision ImageFolder + DataLoader, {args.workers} workers, second epoch | {theirs["epochs"][1]:.1f} | {their_rate:,.0f} | {theirs["peak_rss"] / gib:.2f} GiB |
 
 - Later epochs: cnnlab / torchvision = **{ours_rate / their_rate:.2f}x** the images per second.

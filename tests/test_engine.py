@@ -116,8 +116,14 @@ class StopAfter(Reporter):
             raise KeyboardInterrupt
 
 
-def test_resume_is_bit_exact(small_digits: Dataset, tmp_path: Path) -> None:
-    cfg = quick(epochs=4, augment=("crop", "rotate", "erase"))
+@pytest.mark.parametrize(
+    "options",
+    [{"augment": ("crop", "rotate", "erase")},
+     {"augment": ("trivial", "jitter", "flip"), "mixup": 0.2, "cutmix": 1.0}],  # torchvision's draws, seeded by ours
+    ids=["batched", "torchvision-v2"],
+)  # fmt: skip
+def test_resume_is_bit_exact(options: dict[str, Any], small_digits: Dataset, tmp_path: Path) -> None:
+    cfg = quick(epochs=4, **options)
     straight = fit(cfg, runs_dir=tmp_path / "a", dataset=small_digits)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, runs_dir=tmp_path / "b", dataset=small_digits, reporter=StopAfter(2))

@@ -171,7 +171,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def add_visualize_parser(sub: argparse._SubParsersAction) -> None:
-    """Options of `cnnlab visualize {filters,activations,gradcam,curves}`."""
+    """Options of `cnnlab visualize {filters,activations,gradcam,curves,batch}`."""
     p = sub.add_parser(
         "visualize",
         description="Write PNG pictures of what a trained run learned; prints their paths. IMAGE is an image file, "
@@ -183,6 +183,7 @@ def add_visualize_parser(sub: argparse._SubParsersAction) -> None:
         "activations": "the activation maps of each conv stage (or --layer) for one image",
         "gradcam": "a Grad-CAM heat map over the image for the predicted (or --class) label",
         "curves": "loss and accuracy per epoch from metrics.csv",
+        "batch": "a training batch as the model saw it: the resize cut, the augmentations, MixUp/CutMix",
     }
     for what, text in specs.items():
         q = vs.add_parser(what, help=text, description=text)
@@ -194,6 +195,9 @@ def add_visualize_parser(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--layer", action="append", default=None, help="layer name (see `cnnlab summary`)")
         if what == "gradcam":
             q.add_argument("--class", dest="target", default=None, help="class name or index (default: predicted)")
+        if what == "batch":
+            q.add_argument("--count", type=int, default=32, help="images in the batch (default 32)")
+            q.add_argument("--seed", type=int, default=0, help="draw another batch with another seed (default 0)")
         q.add_argument("--out", default=None, help="folder for the PNG files (default: the run directory)")
         _device_option(q)
         q.set_defaults(func=cmd_visualize)
@@ -238,10 +242,21 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         return EXIT_OK
     loaded = _load(args)
     out = _out_dir(args, loaded.path)
-    paths = {"filters": _filters, "activations": _activations, "gradcam": _gradcam}[args.what](args, loaded, out)
+    show = {"filters": _filters, "activations": _activations, "gradcam": _gradcam, "batch": _batch}[args.what]
+    paths = show(args, loaded, out)
     for path in paths:
         print(path)
     return EXIT_OK
+
+
+def _batch(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
+    from cnnlab.inspect.visualize import plot_training_batch
+
+    if not 1 <= args.count <= 256:
+        raise UsageError(f"--count: {args.count}: give 1 to 256 images")
+    if args.seed < 0:
+        raise UsageError(f"--seed: {args.seed}: must be 0 or more")
+    return [plot_training_batch(loaded, out / "batch.png", args.count, args.seed)]
 
 
 def _filters(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:

@@ -441,8 +441,11 @@ def load_listed(
         notes.append(f"no test split given: a fixed {FOLDER_TEST_FRACTION:.0%} of each class is the test split")
     # The random resized crop already moves and scales the image; the translation crop is for squash and pad.
     augment = ("flip",) if resize == "crop" else ("crop", "flip")
+    why = ("left-right mirrors, as resize=crop already crops and scales each photo at random" if resize == "crop"
+           else "shifts of up to ~7% of the side and left-right mirrors")  # fmt: skip
+    why += "; for digits or text, which a mirror changes: --augment none"
     return Dataset(
-        name=name, train=train, test=test, classes=classes, default_augment=augment,
+        name=name, train=train, test=test, classes=classes, default_augment=augment, augment_note=why,
         description=description, val=sets.get("val"),
         extra={**extra, "skipped": [b.__dict__ for b in bad], "data_cache": mode}, notes=notes,
     )  # fmt: skip

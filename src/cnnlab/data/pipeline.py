@@ -19,11 +19,42 @@ from cnnlab.data.types import ImageSet
 from cnnlab.errors import OptionError, UsageError
 
 AUGMENTATIONS: dict[str, str] = {
+    "trivial": "TrivialAugmentWide: one of 14 operations (colour, contrast, shear, ...) at a random strength per image",
+    "jitter": "colour jitter: brightness, contrast and saturation each scaled by 0.6-1.4, per image",
     "crop": "random translation: pad by ~7% of the side with black, crop back to size",
     "flip": "horizontal flip with probability 0.5 (off by default for digits)",
     "rotate": "random rotation of up to +-10 degrees with scaling 0.9-1.1",
     "erase": "random erasing (cutout) of one rectangle, 2-20% of the area, with probability 0.5",
 }
+# Applied first, to the uint8 images, one image at a time through torchvision's v2 transforms (their drawn
+# parameters differ per image); then the batched float operations above, then normalisation, then `erase`.
+BYTE_AUGMENTATIONS = ("trivial", "jitter")
+
+
+def _byte_transform(name: str) -> Any:
+    from torchvision.transforms import v2
+
+    if name == "trivial":
+        return v2.TrivialAugmentWide()
+    return v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
+
+
+def augment_bytes(x: torch.Tensor, ops: Sequence[str], g: torch.Generator | None = None) -> torch.Tensor:
+    """torchvision v2's per-image augmentations on uint8 (B, C, H, W): each image draws its own parameters.
+
+    torchvision draws them from torch's global CPU generator; it is forked and seeded from `g` for each batch, so
+    that the batches depend on the run's seed alone (and resume exactly), and nothing else's random state moves.
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device if g is not None else "cpu").item())
+    transforms = [_byte_transform(op) for op in ops]
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        out = []
+        for image in x:
+            for t in transforms:
+                image = t(image)
+            out.append(image)
+    return torch.stack(out) if out else x
 
 
 def parse_augment(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -147,6 +178,36 @@ def random_erase(x: torch.Tensor, g: torch.Generator | None, p: float = 0.5) -> 
     return x.masked_fill(mask, 0.0)
 
 
+class BatchMixer:
+    """MixUp and/or CutMix through torchvision's v2 transforms: (x, labels) -> (mixed x, label probabilities (B, K)).
+
+    torchvision mixes each batch with itself rolled by one and draws from torch's global CPU generator; that is
+    forked and seeded from the run's generator per batch, so runs repeat and resume exactly.
+    """
+
+    def __init__(self, mixup: float, cutmix: float, classes: int) -> None:
+        from torchvision.transforms import v2
+
+        ways = ([v2.MixUp(alpha=mixup, num_classes=classes)] if mixup > 0 else []) + (
+            [v2.CutMix(alpha=cutmix, num_classes=classes)] if cutmix > 0 else [])  # fmt: skip
+        self.mix = ways[0] if len(ways) == 1 else v2.RandomChoice(ways)  # each batch one of the two, as timm does
+
+    def __call__(
+        self, x: torch.Tensor, labels: torch.Tensor, g: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Mixed images (B, C, H, W) and their label probabilities (B, K)."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device if g is not None else "cpu").item())
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            mixed, target = self.mix(x, labels)
+        return mixed, target
+
+
+def batch_mixer(mixup: float, cutmix: float, classes: int) -> BatchMixer | None:
+    """The run's MixUp/CutMix, or None when both are off."""
+    return BatchMixer(mixup, cutmix, classes) if mixup > 0 or cutmix > 0 else None
+
+
 def augment_batch(x: torch.Tensor, ops: Sequence[str], g: torch.Generator | None = None) -> torch.Tensor:
     """Apply the named augmentations to a float batch (except `erase`, applied after normalisation).
 
@@ -160,7 +221,7 @@ def augment_batch(x: torch.Tensor, ops: Sequence[str], g: torch.Generator | None
             x = random_flip(x, g)
         elif op == "rotate":
             x = random_rotate(x, g)
-        elif op != "erase":
+        elif op != "erase" and op not in BYTE_AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {op!r}")
     return x
 
@@ -201,6 +262,7 @@ class BatchLoader:
         self.labels = data.labels.to(self.device)
         self.boxes = data.boxes.to(self.device) if data.boxes is not None else None  # canvases: (N, 2) image boxes
         self.side, self.resize = data.side, data.resize
+        self.byte_ops = tuple(op for op in augment if op in BYTE_AUGMENTATIONS)
         self.batch_size, self.norm, self.shuffle = batch_size, norm, shuffle
         self.augment, self.generator, self.drop_last = tuple(augment), generator, drop_last
         self.rank, self.world_size = rank, world_size
@@ -270,8 +332,9 @@ class BatchLoader:
 
         `rows` picks the batch's canvases out of `source` (None: source holds just them, in batch order).
         """
+        dtype = torch.uint8 if self.byte_ops else torch.float32  # torchvision's per-image ops take uint8
         return fit(source, self.boxes[idx], self.side, self.resize, train=self.shuffle, g=self.generator,
-                   index=rows, dtype=torch.float32)  # fmt: skip
+                   index=rows, dtype=dtype)  # fmt: skip
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) (or float of 0..255 values, which it may change) -> augmented, normalised float32.
@@ -279,6 +342,8 @@ class BatchLoader:
         The augmentations before normalisation do not depend on the scale (black is 0 either way), so /255 is
         folded into the normalisation: one multiply-add in place, no copies of the batch.
         """
+        if self.byte_ops:
+            images = augment_bytes(images, self.byte_ops, self.generator)
         x = images.float() if images.dtype == torch.uint8 else images
         if self.augment:
             x = augment_batch(x, self.augment, self.generator)

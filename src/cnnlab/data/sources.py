@@ -22,6 +22,10 @@ from cnnlab.errors import CnnlabError, OptionError, unknown_name
 from cnnlab.memory import check_fits
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
+AUGMENT_NOTES = {
+    ("crop",): "shifts of up to ~7% of the side, never mirrored: a mirrored 2 is not a 2",
+    ("crop", "flip"): "shifts of up to ~7% of the side and left-right mirrors, the usual recipe for this data",
+}
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,8 @@ def mnist_mini(data_dir: str | Path | None = None, download: bool = True) -> Dat
         train=full.subset(train_idx),
         test=full.subset(test_idx),
         classes=DIGIT_CLASSES,
-        default_augment=("crop",),  # digits: small shifts only; a flipped 2 is not a 2
+        default_augment=("crop",),
+        augment_note=AUGMENT_NOTES[("crop",)],
         description=_SOURCES["mnist-mini"].description,
     )
 
@@ -283,6 +288,7 @@ def _file_dataset(spec: FileSpec, data_dir: str | Path | None, download: bool) -
     folder = next(iter(files.values())).parent
     return Dataset(
         name=spec.name, train=train, test=test, classes=classes, default_augment=spec.default_augment,
+        augment_note=AUGMENT_NOTES[spec.default_augment],
         description=_SOURCES[spec.name].description,
         extra={"files": str(folder)},
         notes=[f"data: {spec.name} from {folder} ({root.origin.strip('{}')})"],

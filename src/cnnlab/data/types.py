@@ -91,6 +91,7 @@ class Dataset:
     test: ImageSet
     classes: tuple[str, ...]
     default_augment: tuple[str, ...] = ("crop",)
+    augment_note: str = ""  # why default_augment suits this data (printed when a run uses it)
     description: str = ""
     extra: dict[str, object] = field(default_factory=dict)  # recorded in config.json: files used, skipped images
     val: ImageSet | None = None  # a validation split given by the source (an image folder's val/); else held out

@@ -25,7 +25,7 @@ from torch import nn
 
 import cnnlab
 from cnnlab.data.balance import imbalance_note, inverse_frequency
-from cnnlab.data.pipeline import BatchLoader, Normalization, channel_stats
+from cnnlab.data.pipeline import BatchLoader, Normalization, batch_mixer, channel_stats
 from cnnlab.data.sources import Dataset, stratified_split
 from cnnlab.engine import callbacks as cbs
 from cnnlab.engine import distributed, planner, rundir
@@ -135,6 +135,13 @@ class Trainer:
         if self.dist.is_main:
             distributed.barrier()
         self.augment = tuple(self.cfg.augment) if self.cfg.augment is not None else self.data.default_augment
+        self.augment_note = None  # said as training starts (after every check: an error stays one line)
+        if self.cfg.augment is None:
+            note = self.data.augment_note or "none"
+            self.augment_note = (
+                f"augment: {','.join(self.augment) or 'none'}, the default for this data: {note}. Others: --augment "
+                "trivial,jitter,crop,flip,rotate,erase or none; --mixup, --cutmix"
+            )
         self._split()
         self._balance()
         if self.module is None:  # the user's own module is already built: its memory is spent
@@ -156,6 +163,7 @@ class Trainer:
             device=self.device, rank=self.dist.rank, world_size=self.dist.world_size, order_generator=self.order_gen,
             channels_last=cfg.channels_last, balanced=cfg.sampler == "balanced",
         )  # fmt: skip
+        self.mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(self.data.classes))
         self.batches_per_epoch = len(self.train_loader)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)  # optimizer steps
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -545,9 +553,12 @@ class Trainer:
             # DDP averages gradients over processes at every backward; only the group's last one needs to.
             sync = contextlib.nullcontext() if last or not hasattr(self.train_model, "no_sync") else None
             with sync or self.train_model.no_sync():
+                target = y if self.mixer is None else None
+                if self.mixer is not None:
+                    x, target = self.mixer(x, y, self.gen)  # y stays the first image's label, for train accuracy
                 with autocast(self.device, self.dtype):
                     logits = self.train_model(x)
-                    loss = class_loss(logits.float(), y, self.cfg.label_smoothing, self.class_weight)
+                    loss = class_loss(logits.float(), target, self.cfg.label_smoothing, self.class_weight)
                 part = loss if len(group) == 1 else loss * (len(y) / total)
                 (self.scaler.scale(part) if self.scaler else part).backward()
             mean = part.detach() if mean is None else mean + part.detach()
@@ -779,6 +790,8 @@ def _fit(cfg: TrainConfig, runs_dir: str | Path | None, run_name: str | None, re
             f"data-parallel: {t.dist.world_size} processes ({'nccl' if t.device.type == 'cuda' else 'gloo'}), "
             f"{cfg.batch_size} images each per step, global batch {cfg.batch_size * t.dist.world_size}"
         )
+    if t.augment_note and run is None:  # a fresh run (a resume said it when it started)
+        t.reporter.message(t.augment_note)
     t.reporter.train_start(TrainStart(t.record(), t.run, t.steps_per_epoch, t.total_steps, t.epoch))
     try:
         with _graceful_stop(t):

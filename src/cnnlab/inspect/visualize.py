@@ -206,3 +206,41 @@ def _show_image(ax: Any, image: torch.Tensor) -> None:
         ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=255)
     else:
         ax.imshow(image[:3].permute(1, 2, 0).numpy())
+
+
+def training_batch(loaded: Any, count: int = 32, seed: int = 0) -> tuple[torch.Tensor, list[str], str]:
+    """A batch drawn as the run's training draws them: uint8 images (B, C, S, S) as the model saw them (normalisation
+    undone), a caption per image (its label, or the two labels MixUp/CutMix blended, with their weights), a title."""
+    from cnnlab.data.pipeline import BatchLoader, batch_mixer
+    from cnnlab.engine.setup import load_training_data
+    from cnnlab.errors import UsageError
+
+    cfg = loaded.record.train
+    if cfg is None:
+        raise UsageError(f"{loaded.path}: the run was trained on data given in Python; it cannot be loaded again")
+    data = load_training_data(cfg)
+    augment = tuple(cfg.augment) if cfg.augment is not None else data.default_augment
+    g = torch.Generator().manual_seed(seed)
+    loader = BatchLoader(data.train, count, loaded.norm, shuffle=True, augment=augment, generator=g)
+    x, y = next(iter(loader))
+    classes = loaded.classes
+    mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(classes))
+    captions = [classes[int(i)] for i in y]
+    if mixer is not None:
+        x, target = mixer(x, y, g)
+        top = target.topk(min(2, target.shape[1]), dim=1)
+        captions = [" / ".join(f"{classes[int(k)]} {v:.0%}" for v, k in zip(vals, idx, strict=True) if v > 0.005)
+                    for vals, idx in zip(top.values.tolist(), top.indices.tolist(), strict=True)]  # fmt: skip
+    mean = torch.tensor(loaded.norm.mean).view(1, -1, 1, 1)
+    std = torch.tensor(loaded.norm.std).view(1, -1, 1, 1)
+    images = (x.float() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+    mixing = [f"mixup {cfg.mixup:g}"] * (cfg.mixup > 0) + [f"cutmix {cfg.cutmix:g}"] * (cfg.cutmix > 0)
+    title = (f"{data.name}: a training batch, augment {','.join(augment) or 'none'}"
+             + (f", resize {cfg.resize}" if cfg.resize else "") + "".join(f", {m}" for m in mixing))  # fmt: skip
+    return images, captions, title
+
+
+def plot_training_batch(loaded: Any, path: str | os.PathLike[str], count: int = 32, seed: int = 0) -> Path:
+    """Draw `training_batch` as a grid of captioned images at PATH."""
+    images, captions, title = training_batch(loaded, count, seed)
+    return plot_image_grid(images, captions, path, title=title)
