@@ -293,48 +293,51 @@ class BatchLoader:
         """This process's batches of `order` from batch index `start` on (a resumed epoch continues mid-way)."""
         step = self.batch_size * self.world_size
         indices = (order[i * step : (i + 1) * step][self.rank :: self.world_size] for i in range(start, len(self)))
-        if not isinstance(self.images, torch.Tensor):
-            yield from self._from_disk(indices)
-            return
-        for idx in indices:
-            if self.boxes is None:
+        if self.boxes is None:  # images already at the model's size: one index into the resident tensor
+            for idx in indices:
                 yield self.prepare(self.images[idx]), self.labels[idx]
-            else:  # cut straight out of the resident canvases, as float (no gathered copy of them)
-                yield self.prepare(self._fit(self.images, idx, idx)), self.labels[idx]
+            return
+        yield from self._photo_batches(indices)
 
-    def _from_disk(self, indices: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches whose rows are read from the cache file, the next batch's read overlapping this one's use.
+    def _photo_batches(self, indices: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches cut from canvases, a helper thread preparing the next batch while this one is cut.
 
-        Only the read runs ahead (no random draw): a checkpoint taken between batches resumes exactly.
+        The helper reads the next batch's rows (from the cache file, into one of two reused buffers) and, on the
+        CPU, allocates and touches its output: the page faults of a fresh 150 MB batch cost as much as cutting it
+        (86 against 142 ms per 256 images at 224 px here), and so run on the other core. It draws nothing random:
+        a checkpoint taken between batches resumes exactly.
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        # Two row buffers, reused: one is read into while the other's rows are cut (before that batch is yielded).
-        buffers = [self.images.buffer_for(self.batch_size) for _ in range(2)]
-        with ThreadPoolExecutor(max_workers=1) as reader:
+        on_disk = not isinstance(self.images, torch.Tensor)
+        buffers = [self.images.buffer_for(self.batch_size) for _ in range(2)] if on_disk else []
+        dtype = torch.uint8 if self.byte_ops else torch.float32  # torchvision's per-image ops take uint8
+        channels = self.images.shape[1]
+
+        def ahead(n: int, idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            rows = self.images.read(idx.cpu(), buffers[n % 2]) if on_disk else None
+            out = None
+            if self.device.type == "cpu":  # channels last, as data.resize.apply writes it
+                out = torch.zeros((len(idx), self.side, self.side, channels), dtype=dtype).permute(0, 3, 1, 2)
+            return rows, out
+
+        with ThreadPoolExecutor(max_workers=1) as helper:
             pending = None
             for n, idx in enumerate(indices):
-                ahead = reader.submit(self.images.read, idx.cpu(), buffers[n % 2])
+                nxt = (helper.submit(ahead, n, idx), idx)
                 if pending is not None:
-                    yield self._finish(*pending)
-                pending = (ahead, idx)
+                    yield self._cut(*pending, dtype)
+                pending = nxt
             if pending is not None:
-                yield self._finish(*pending)
+                yield self._cut(*pending, dtype)
 
-    def _finish(self, rows: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stored = rows.result().to(self.device, non_blocking=True)
-        if self.boxes is None:
-            return self.prepare(stored), self.labels[idx]
-        return self.prepare(self._fit(stored, idx, None)), self.labels[idx]
-
-    def _fit(self, source: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """Canvases -> float32 (B, C, side, side) of 0..255 values under the resize policy (random crops if training).
-
-        `rows` picks the batch's canvases out of `source` (None: source holds just them, in batch order).
-        """
-        dtype = torch.uint8 if self.byte_ops else torch.float32  # torchvision's per-image ops take uint8
-        return fit(source, self.boxes[idx], self.side, self.resize, train=self.shuffle, g=self.generator,
-                   index=rows, dtype=dtype)  # fmt: skip
+    def _cut(self, job: Any, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch: canvases cut under the resize policy (random crops if training), augmented, normalised."""
+        rows, out = job.result()
+        source, pick = (rows.to(self.device, non_blocking=True), None) if rows is not None else (self.images, idx)
+        x = fit(source, self.boxes[idx], self.side, self.resize, train=self.shuffle, g=self.generator,
+                index=pick, dtype=dtype, out=out)  # fmt: skip
+        return self.prepare(x), self.labels[idx]
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) (or float of 0..255 values, which it may change) -> augmented, normalised float32.

@@ -91,7 +91,7 @@ def _random_crop_sides(h: torch.Tensor, w: torch.Tensor, g: torch.Generator | No
 
 def apply(
     source: torch.Tensor, plans: torch.Tensor, size: int, index: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.uint8,
+    dtype: torch.dtype = torch.uint8, out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Cut and resize per `plans`: canvases (N, C, S, S) -> (B, C, size, size) of `dtype` (channels-last memory),
     0 where not covered.
@@ -100,13 +100,15 @@ def apply(
     memory without first gathering its canvases. One antialiased bilinear resize per image (Pillow-like uint8 fast
     path on CPU; float elsewhere), since each image has its own rectangle: 2-4x faster on CPU than converting the
     canvases to float for one batched grid_sample. A float `dtype` holds the same 0..255 values (the copy converts).
+    `out`, if given, is a zero-filled (B, C, size, size) tensor of `dtype` to write into.
     """
     b, c = len(plans), source.shape[1]
     covered = bool((plans[:, 4:] == torch.tensor([0, 0, size, size], device=plans.device)).all())
     # Every output pixel written (crop, squash): no zero-filling pass over the batch first. Channels last, as the
     # canvases and the resized crops are: the copy into it is 3x faster than into (B, C, H, W) rows.
-    new = torch.empty if covered else torch.zeros
-    out = new((b, size, size, c), dtype=dtype, device=source.device).permute(0, 3, 1, 2)
+    if out is None:
+        new = torch.empty if covered else torch.zeros
+        out = new((b, size, size, c), dtype=dtype, device=source.device).permute(0, 3, 1, 2)
     on_cpu = source.device.type == "cpu"
     rows = index.tolist() if index is not None else range(b)
     for i, (j, (y0, x0, h, w, oy, ox, oh, ow)) in enumerate(zip(rows, plans.tolist(), strict=True)):
@@ -121,7 +123,7 @@ def apply(
 
 def fit(
     source: torch.Tensor, boxes: torch.Tensor, size: int, policy: str, train: bool, g: torch.Generator | None = None,
-    index: torch.Tensor | None = None, dtype: torch.dtype = torch.uint8,
+    index: torch.Tensor | None = None, dtype: torch.dtype = torch.uint8, out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Canvases with their boxes (B, 2) -> the model's input (B, C, size, size) under `policy` (see `apply`)."""
-    return apply(source, plan(boxes, size, policy, train, g), size, index, dtype)
+    return apply(source, plan(boxes, size, policy, train, g), size, index, dtype, out)
