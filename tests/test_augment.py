@@ -92,10 +92,10 @@ def test_the_default_augmentation_is_printed_with_its_reason(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     code, _, err = run_main(["train", "--epochs", "1", "--max-steps", "2", "--runs-dir", str(tmp_path)], capsys)
-    assert code == 0 and "augment: crop, the default for this data" in err and "a mirrored 2 is not a 2" in err
+    assert code == 0 and "augment: crop, this data's default" in err and "a mirrored 2 is not a 2" in err
     code, _, err = run_main(["train", "--epochs", "1", "--max-steps", "2", "--augment", "flip", "--runs-dir",
                              str(tmp_path)], capsys)  # fmt: skip
-    assert code == 0 and "the default for this data" not in err
+    assert code == 0 and "this data's default" not in err
 
 
 def test_visualize_batch_draws_what_the_model_saw(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -49,7 +49,9 @@ def test_streaming_and_in_memory_give_the_same_batches_for_the_same_seed(resize:
     mem = load_image_folder(root, image_size=16, data_cache="memory", resize=resize)
     disk = load_image_folder(root, image_size=16, data_cache="disk", resize=resize)
     assert not mem.train.on_disk and disk.train.on_disk and disk.extra["data_cache"] == "disk"
-    assert any("read from the disk cache per batch: data_cache=disk" in n for n in disk.notes)
+    assert any(
+        "read from the disk cache per batch: as asked (data_cache='disk', --data-cache disk)" in n for n in disk.notes
+    )
     for kw in ({"shuffle": True, "augment": ("flip", "erase")}, {"shuffle": False}):
         a, b = epoch(mem.train, 3, **kw), epoch(disk.train, 3, **kw)
         assert len(a) == len(b) == math.ceil(len(mem.train) / 5)
@@ -179,9 +181,10 @@ def test_a_set_larger_than_memory_is_refused_before_decoding(tmp_path: Path, mon
 
     monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))  # this test's cache alone
     root = photos(tmp_path / "data")
-    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)
-    monkeypatch.setattr(folders, "available_bytes", lambda device="cpu": 1000)
-    with pytest.raises(CnnlabError, match=r"decoding 12 images onto 21x21 canvases needs .* available") as e:
+    # Enough to decode (a few chunks at a time), not to hold the decoded set in memory.
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 10 * 2**20)
+    monkeypatch.setattr(folders, "available_bytes", lambda device="cpu": 10 * 2**20)
+    with pytest.raises(CnnlabError, match=r"decoding .* needs .* available") as e:
         load_image_folder(root, image_size=16, data_cache="memory")
     assert "\n" not in str(e.value) and not (tmp_path / "cache").exists(), "refused before writing anything"
     assert load_image_folder(root, image_size=16, data_cache="disk").train.on_disk, "streaming still works"
@@ -211,19 +214,85 @@ def test_options_are_checked(tmp_path: Path) -> None:
     assert set(DATA_CACHE_MODES) == {"auto", "memory", "disk", "none"}
 
 
-def test_predict_sees_a_file_exactly_as_evaluation_saw_it(tmp_path: Path) -> None:
-    root = photos(tmp_path / "data", n=6)
-    for resize in RESIZE_POLICIES:
-        ds = load_image_folder(root, image_size=20, resize=resize, data_cache="none")
-        files = sorted(p for p in (root / "a").iterdir())
-        # The "a" images in decoding order are the train+test rows of label 0 in file order (flat folder: test
-        # is a held-out part); compare each file with its row by content.
-        rows = torch.cat([ds.train.final(), ds.test.final()])
-        for f in files:
-            x = model_input(open_image(f, draft=(40, 40)), 20, 3, resize)
-            assert any(torch.equal(x, r) for r in rows), f"{f.name} under {resize}"
-    legacy = model_input(open_image(files[0]), 20, 3, None)
+@pytest.mark.parametrize("resize", list(RESIZE_POLICIES))
+def test_predict_sees_a_file_exactly_as_evaluation_saw_it(resize: str, tmp_path: Path) -> None:
+    from cnnlab.engine.inference import eval_data, load_files_for_run, load_run
+    from cnnlab.engine.trainer import TrainConfig
+    from cnnlab.engine.trainer import fit as train
+
+    root = photos(tmp_path / "data", n=10)
+    big = np.random.default_rng(5).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(big).save(root / "a" / "big.jpg")  # large enough for JPEG's reduced-scale decoding to apply
+    cfg = TrainConfig(model="cnn-compact", data=str(root), image_size=20, resize=resize, epochs=1, max_steps=1,
+                      val_split=0, patience=0)  # fmt: skip
+    loaded = load_run(train(cfg, runs_dir=tmp_path / "runs").run_dir)
+    rows = torch.cat([s.final() for s in (eval_data(loaded, None, None, "all")[0],)])
+    for f in sorted((root / "a").iterdir()):
+        x = load_files_for_run(loaded, [f])[0]
+        assert any(torch.equal(x, r) for r in rows), f"{f.name} under {resize}"
+    legacy = model_input(open_image(root / "a" / "big.jpg"), 20, 3, None)
     assert legacy.shape == (3, 20, 20), "runs without a policy (built-in data, older runs) keep the centre square"
+
+
+def test_a_cache_replaced_by_another_run_stays_readable(tmp_path: Path) -> None:
+    root = photos(tmp_path / "data")
+    ds = load_image_folder(root, image_size=16, data_cache="disk")
+    before = ds.test.final()
+    (cache,) = [p for p in folders.decode_dir().glob("*.safetensors") if str(root.resolve()) in _source(p)]
+    cache.unlink()  # what a newer decode of the changed folder, or `cnnlab cache --clear`, does meanwhile
+    assert torch.equal(ds.test.final(), before), "the open file is still read"
+
+
+def _source(path: Path) -> str:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()["source"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["label", "negative label", "box", "zero box", "canvas", "ok", "bad_count", "channels"],
+)
+def test_a_tampered_cache_is_decoded_again(damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import struct
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    root = photos(tmp_path / "data")
+    first = load_image_folder(root, image_size=16, data_cache="disk")
+    (cache,) = folders.decode_dir().glob("*.safetensors")
+    raw = bytearray(cache.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    head = json.loads(raw[8 : 8 + n])
+    start = 8 + n
+    lab, box, ok = (head[f"train_{t}"]["data_offsets"][0] + start for t in ("labels", "boxes", "ok"))
+    meta = head["__metadata__"]
+    if damage == "label":
+        raw[lab : lab + 8] = struct.pack("<q", 7)
+    elif damage == "negative label":
+        raw[lab : lab + 8] = struct.pack("<q", -1)
+    elif damage == "box":
+        raw[box : box + 4] = struct.pack("<hh", 30000, 30000)
+    elif damage == "zero box":
+        raw[box : box + 4] = struct.pack("<hh", 0, 0)
+    elif damage == "ok":
+        raw[ok] = 7
+    else:
+        meta.update({"canvas": "-21"} if damage == "canvas" else {"bad_count": "-5"} if damage == "bad_count"
+                    else {"channels": "2"})  # fmt: skip
+        text = json.dumps(head).encode()
+        raw[8 : 8 + n] = text + b" " * (n - len(text))
+    cache.write_bytes(bytes(raw))
+    again = load_image_folder(root, image_size=16, data_cache="disk")
+    assert not any("read from the cache" in note for note in again.notes), "not trusted: decoded again"
+    assert torch.equal(again.test.final(), first.test.final()) and torch.equal(again.train.labels, first.train.labels)
+
+
+def test_decoding_memory_is_checked_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cnnlab.memory as memory
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 10**6)
+    with pytest.raises(CnnlabError, match=r"decoding at 2667x2667 needs .* available"):
+        load_image_folder(photos(tmp_path / "data"), image_size=2000, data_cache="disk")
 
 
 def test_train_cli_records_the_policy_and_the_path_taken(tmp_path: Path) -> None:
@@ -240,3 +309,16 @@ def test_train_cli_records_the_policy_and_the_path_taken(tmp_path: Path) -> None
     default = train(TrainConfig(model="cnn-compact", data=str(root), image_size=16, epochs=1, batch_size=4),
                     runs_dir=tmp_path / "runs").run_dir  # fmt: skip
     assert json.loads((default / "config.json").read_text())["train"]["resize"] == "crop", "recorded for predict"
+
+
+def test_a_loaded_dataset_records_its_policy_and_refuses_another(tmp_path: Path) -> None:
+    import cnnlab
+
+    root = photos(tmp_path / "data", n=16)
+    ds = cnnlab.load_dataset(str(root), image_size=16, resize="pad", data_cache="disk")
+    run = cnnlab.train(data=ds, model="cnn-compact", epochs=1, max_steps=1, runs_dir=tmp_path / "runs", name="pad")
+    assert json.loads((run.dir / "config.json").read_text())["train"]["resize"] == "pad", "evaluate/predict cut as pad"
+    with pytest.raises(UsageError, match=r"resize.*loaded with resize='pad'"):
+        cnnlab.train(data=ds, resize="crop", epochs=1, runs_dir=None)
+    with pytest.raises(UsageError, match=r"image_size.*loaded at 16 px"):
+        cnnlab.train(data=ds, image_size=32, epochs=1, runs_dir=None)

@@ -45,12 +45,16 @@ class ConsoleReporter(Reporter):
 
     def train_start(self, info: TrainStart) -> None:
         m, d, rt = info.record.model, info.record.data, info.record.runtime or Runtime("?", "?", "?", 0)
-        self.epochs = info.record.train.epochs if info.record.train else 0
+        train = info.record.train
+        self.epochs = train.epochs if train else 0
+        mixing = (
+            "".join(f", {k} {v:g}" for k, v in (("mixup", train.mixup), ("cutmix", train.cutmix)) if v) if train else ""
+        )
+        steps = f"{info.steps_per_epoch} step{'s' if info.steps_per_epoch != 1 else ''}/epoch"
         self.console.print(
             f"training {m.name} ({m.params:,} params) on {d.name}: {d.train_size:,} train / "
             f"{d.val_size:,} val / {d.test_size:,} test images of {d.channels}x{d.image_size}x"
-            f"{d.image_size}, augment {','.join(d.augment) or 'none'}; {rt.device} {rt.precision}, "
-            f"{info.steps_per_epoch} steps/epoch"
+            f"{d.image_size}, augment {','.join(d.augment) or 'none'}{mixing}; {rt.device} {rt.precision}, {steps}"
         )
         if info.run_dir:
             self.console.print(f"run directory: {info.run_dir}")

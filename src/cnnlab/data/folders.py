@@ -24,16 +24,18 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from cnnlab.data.cache import CACHE_VERSION, decode_dir, remove_superseded
+from cnnlab.data.cache import CACHE_VERSION, decode_dir, human_bytes, remove_superseded
 from cnnlab.data.images import enable_heif, is_heif, open_image
 from cnnlab.data.resize import RESIZE_POLICIES, canvas_side, fit
 from cnnlab.data.store import (
     HEADER_MAX,
     DecodeProgress,
     DiskImages,
+    OpenFile,
     SplitLayout,
     data_start,
     decode_chunks,
+    decoding_bytes,
     header,
     header_bytes,
     image_channels,
@@ -269,31 +271,44 @@ def _write_file(path: Path, splits: dict, side: int, channels: int, meta: dict[s
     return bad
 
 
-def _open_file(path: Path) -> Decoding | None:
-    """The decoded splits of a cache file, images left on disk; None if it is damaged or of another format."""
+def _open_file(path: Path, splits: dict[str, list[tuple[Path, int]]], size: int) -> Decoding | None:
+    """The decoded splits of a cache file, images left on disk; None if it is damaged, of another format, or does
+    not hold exactly what `splits` lists (the cache may sit on a shared disk: every number in it is checked)."""
     try:
+        handle = OpenFile(path)  # first: what is checked below is the file this run then reads
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("version") != str(CACHE_VERSION):
+            if meta.get("version") != str(CACHE_VERSION) or sorted(f.keys()) != sorted(
+                    f"{s}_{t}" for s in splits for t in ("images", "labels", "boxes", "ok")):  # fmt: skip
                 return None
-            splits = [s for s in SPLIT_NAMES if f"{s}_images" in f.keys()]  # noqa: SIM118 (not a Mapping)
             labels = {s: f.get_tensor(f"{s}_labels") for s in splits}
             boxes = {s: f.get_tensor(f"{s}_boxes") for s in splits}
             ok = {s: f.get_tensor(f"{s}_ok") for s in splits}
             bad = [BadImage(**b) for b in json.loads(meta["bad"])]
             channels, side = int(meta["channels"]), int(meta["canvas"])
+        if channels not in (1, 3) or side != canvas_side(size) or meta.get("size") != str(size):
+            return None
+        for s, items in splits.items():
+            expected = torch.tensor([lab for _, lab in items], dtype=torch.int64)
+            if not torch.equal(labels[s], expected) or ok[s].shape != (len(items),) or bool((ok[s] > 1).any()):
+                return None
+            good = boxes[s][ok[s] == 1]
+            if boxes[s].shape != (len(items), 2) or bool(((good < 1) | (good > side)).any()):
+                return None
         counts = {s: len(labels[s]) for s in splits}
         where, total = layout(counts, channels * side * side)
-        start = data_start(path)
-        if path.stat().st_size != start + total:
+        start = data_start(handle.fd())
+        if os.fstat(handle.fd()).st_size != start + total:
             return None
         images: dict[str, torch.Tensor | DiskImages] = {
-            s: DiskImages(path, start + where[s].images, (channels, side, side), torch.arange(counts[s]))
+            s: DiskImages(handle, start + where[s].images, (channels, side, side), torch.arange(counts[s]))
             for s in splits
         }
-        missing = int(meta.get("bad_count", len(bad))) - len(bad)
-        if missing > 0:
-            bad.append(BadImage("...", f"and {missing:,} more bad file(s), not listed in the cache"))
+        bad_count = int(meta["bad_count"])
+        if sum(int((o == 0).sum()) for o in ok.values()) != bad_count or len(bad) > bad_count:
+            return None
+        if bad_count > len(bad):
+            bad.append(BadImage("...", f"and {bad_count - len(bad):,} more bad file(s), not listed in the cache"))
     except Exception:  # a damaged, truncated or foreign file is simply decoded again (and replaced)
         return None
     with contextlib.suppress(OSError):
@@ -304,7 +319,7 @@ def _open_file(path: Path) -> Decoding | None:
 def _choose_mode(data_cache: str, need: int) -> tuple[str, str]:
     """memory or disk for `need` bytes of canvases under `data_cache`, and why (for the run's log)."""
     if data_cache in ("memory", "disk"):
-        return data_cache, f"data_cache={data_cache}"
+        return data_cache, f"as asked (data_cache='{data_cache}', --data-cache {data_cache})"
     free = available_bytes("cpu")
     if need <= AUTO_MEMORY_FRACTION * free:
         return "memory", f"at most {AUTO_MEMORY_FRACTION:.0%} of the {gib(free)} of memory available"
@@ -319,32 +334,35 @@ def _decoding(root: Path, splits: dict, size: int, data_cache: str, description:
     n = sum(len(v) for v in splits.values())
     cache_file = decode_dir() / f"{cache_key(root, splits, size)}.safetensors"
     if data_cache != "none" and cache_file.is_file():
-        opened = _open_file(cache_file)
+        opened = _open_file(cache_file, splits, size)
         if opened is not None:
             need = n * opened.channels * side * side
             mode, why = _choose_mode(data_cache, need)
             notes.append(f"decoded images read from the cache {cache_file}")
-            return opened, mode, why + f" ({gib(need)} decoded)"
+            return opened, mode, why + f" ({human_bytes(need)} decoded)"
     channels = image_channels([p for items in splits.values() for p, _ in items], _mode)
     need = n * channels * side * side
-    mode, why = ("memory", "data_cache=none: decoded into memory, no cache file") if data_cache == "none" else (
-        _choose_mode(data_cache, need))  # fmt: skip
+    if data_cache == "none":
+        mode, why = "memory", "data_cache='none' (--data-cache none): decoded into memory, no cache file"
+    else:
+        mode, why = _choose_mode(data_cache, need)
     if data_cache != "none":
         free = shutil.disk_usage(_existing_parent(cache_file)).free
         if need + 2**28 > free:  # a margin of 256 MiB: the disk is not ours alone
             if mode == "disk":
                 raise UsageError(
-                    f"{cache_file.parent}: the decode cache needs {gib(need)} and the disk has "
+                    f"{cache_file.parent}: the decode cache needs {human_bytes(need)} and the disk has "
                     f"{gib(free)} free; set $CNNLAB_CACHE to a larger disk, or lower {{image_size}}",
                     options=True,
                 )
-            notes.append(f"the decode cache needs {gib(need)} and {cache_file.parent} has {gib(free)} free: decoded "
-                         "into memory, without a cache file")  # fmt: skip
+            notes.append(f"the decode cache needs {human_bytes(need)} and {cache_file.parent} has {gib(free)} free: "
+                         "decoded into memory, without a cache file")  # fmt: skip
             data_cache, mode, why = "none", "memory", "too little disk for the decode cache"
+    check_fits(f"decoding at {side}x{side}", decoding_bytes(side, channels), hint="lower {image_size}")
     if mode == "memory" or data_cache == "none":
         check_fits(f"decoding {n:,} images onto {side}x{side} canvases", need + 64 * 2**20,
                    hint="lower {image_size}, or {data_cache=disk} to read them from a cache file")  # fmt: skip
-    why += f" ({gib(need)} decoded)"
+    why += f" ({human_bytes(need)} decoded)"
     if data_cache == "none":
         images, boxes, ok, bad = _decode(splits, side, channels, None, None)
         labels = {s: torch.tensor([lab for _, lab in items], dtype=torch.int64) for s, items in splits.items()}
@@ -364,9 +382,10 @@ def _decoding(root: Path, splits: dict, size: int, data_cache: str, description:
             notes.append(f"removed {removed} outdated decode cache file(s) of this data")
     except OSError as e:  # an old cache we may not delete (another user's, read-only): left where it is
         notes.append(f"could not delete an outdated decode cache ({e.strerror or e})")
-    opened = _open_file(cache_file)
+    opened = _open_file(cache_file, splits, size)
     if opened is None:
         raise CnnlabError(f"{cache_file}: the decode cache just written cannot be read back")
+    notes.append(f"decoded {n:,} images into the cache {cache_file}")
     return opened, mode, why
 
 
@@ -441,9 +460,9 @@ def load_listed(
         notes.append(f"no test split given: a fixed {FOLDER_TEST_FRACTION:.0%} of each class is the test split")
     # The random resized crop already moves and scales the image; the translation crop is for squash and pad.
     augment = ("flip",) if resize == "crop" else ("crop", "flip")
-    why = ("left-right mirrors, as resize=crop already crops and scales each photo at random" if resize == "crop"
+    why = ("left-right mirrors (resize=crop already crops each photo at random)" if resize == "crop"
            else "shifts of up to ~7% of the side and left-right mirrors")  # fmt: skip
-    why += "; for digits or text, which a mirror changes: --augment none"
+    why += "; for digits or text: --augment none"
     return Dataset(
         name=name, train=train, test=test, classes=classes, default_augment=augment, augment_note=why,
         description=description, val=sets.get("val"),

@@ -23,8 +23,8 @@ from cnnlab.memory import check_fits
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 AUGMENT_NOTES = {
-    ("crop",): "shifts of up to ~7% of the side, never mirrored: a mirrored 2 is not a 2",
-    ("crop", "flip"): "shifts of up to ~7% of the side and left-right mirrors, the usual recipe for this data",
+    ("crop",): "shifts of up to ~7% of the side, never mirrored (a mirrored 2 is not a 2); --augment picks others",
+    ("crop", "flip"): "shifts of up to ~7% of the side and left-right mirrors; --augment picks others",
 }
 
 

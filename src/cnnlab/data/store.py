@@ -32,7 +32,8 @@ from PIL import Image
 from cnnlab.data.resize import fit_box
 
 HEADER_MIN, HEADER_PER_IMAGE, HEADER_MAX = 1 << 14, 64, 16 << 20  # bytes kept for the JSON header (written last)
-CHUNK = 32  # images per decoding task: small enough that tasks in flight stay a few tens of MB
+CHUNK = 32  # images per decoding task at most: tasks in flight stay a few tens of MB (fewer for huge canvases)
+CHUNK_BYTES = 16 << 20  # canvases per task up to this many bytes
 MAX_READ = 64 << 20  # bytes per positional read when consecutive rows are read together
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -107,8 +108,10 @@ def decode_chunks(
     """Decode `files` onto canvases in every core's thread (Pillow releases the GIL), yielding chunks in order."""
     from cnnlab.errors import CnnlabError
 
+    chunk = chunk_size(side, channels)
+
     def task(start: int) -> Decoded:
-        part = files[start : start + CHUNK]
+        part = files[start : start + chunk]
         images = np.zeros((len(part), side, side, channels), dtype=np.uint8)
         boxes = np.zeros((len(part), 2), dtype=np.int16)
         errors: list[str | None] = []
@@ -126,13 +129,13 @@ def decode_chunks(
             errors.append(None)
         return Decoded(start, images, boxes, errors)
 
-    workers = max(1, min(32, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    threads = workers()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: list[Future[Decoded]] = []
-        starts = iter(range(0, len(files), CHUNK))
+        starts = iter(range(0, len(files), chunk))
         for s in starts:  # a bounded window of tasks in flight: memory does not grow with the number of images
             pending.append(pool.submit(task, s))
-            if len(pending) >= 2 * workers:
+            if len(pending) >= 2 * threads:
                 break
         while pending:
             done = pending.pop(0).result()
@@ -144,10 +147,26 @@ def decode_chunks(
             yield done
 
 
+def workers() -> int:
+    """Decoding threads: every core (Pillow releases the GIL), at most 32."""
+    return max(1, min(32, os.cpu_count() or 1))
+
+
+def chunk_size(side: int, channels: int) -> int:
+    """Images per decoding task: CHUNK, fewer when the canvases are large."""
+    return max(1, min(CHUNK, CHUNK_BYTES // (side * side * channels)))
+
+
+def decoding_bytes(side: int, channels: int) -> int:
+    """Memory the decoding pass holds at most: the tasks in flight, and per thread a decoded photo (up to twice the
+    canvas per side, from JPEG's draft) in RGBA float while it is converted."""
+    in_flight = 2 * workers() * chunk_size(side, channels) * side * side * channels
+    return in_flight + workers() * (2 * side) ** 2 * 4 * 4
+
+
 def image_channels(files: list[Path], open_header: Callable[[Path], str | None]) -> int:
     """1 if every readable file is grayscale (by its header's mode, no pixels decoded), else 3."""
-    workers = max(1, min(32, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers()) as pool:
         modes = set(pool.map(open_header, files, chunksize=256))
     modes.discard(None)
     return 1 if modes and modes <= GRAY_MODES else 3
@@ -185,10 +204,9 @@ def header_bytes(images: int) -> int:
     return min(HEADER_MAX, HEADER_MIN + HEADER_PER_IMAGE * images)
 
 
-def data_start(path: Path) -> int:
-    """Where a safetensors file's data section starts (after its 8-byte length and its header)."""
-    with path.open("rb") as f:
-        return 8 + struct.unpack("<Q", f.read(8))[0]
+def data_start(fd: int) -> int:
+    """Where an open safetensors file's data section starts (after its 8-byte length and its header)."""
+    return 8 + struct.unpack("<Q", os.pread(fd, 8, 0))[0]
 
 
 def header(
@@ -231,6 +249,35 @@ def _pread_copy(fd: int, out: memoryview, offset: int) -> int:
     return len(data)
 
 
+class OpenFile:
+    """One descriptor of a cache file, shared by every split and subset read from it, opened when the cache is.
+
+    Held open, the file stays readable even if another run replaces it meanwhile (a newer decode of a changed
+    folder, `cnnlab cache --clear`): on POSIX a deleted file lives on while a descriptor refers to it. After a fork,
+    the child opens the path again.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._pid = -1
+        self.fd()
+
+    def fd(self) -> int:
+        """This process's descriptor."""
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0)), os.getpid()
+        return self._fd
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_pid": -1}  # a descriptor means nothing in another process
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown: os may be gone
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+
+
 class DiskImages:
     """uint8 images (N, C, S, S) that stay in a cache file: indexing reads those rows (a tensor-like for ImageSet).
 
@@ -240,20 +287,16 @@ class DiskImages:
 
     dtype = torch.uint8
 
-    def __init__(self, path: Path, start: int, shape: tuple[int, int, int], rows: torch.Tensor) -> None:
-        self.path, self.start, self.row_shape, self.rows = Path(path), start, shape, rows
+    def __init__(self, file: OpenFile, start: int, shape: tuple[int, int, int], rows: torch.Tensor) -> None:
+        self.file, self.start, self.row_shape, self.rows = file, start, shape, rows
+        self.path = file.path
         self.row_bytes = int(np.prod(shape))
-        self._fd: int | None = None
-        self._pid = -1
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __repr__(self) -> str:
         return f"DiskImages({len(self):,} x {self.row_shape} in {self.path})"
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fd": None, "_pid": -1}  # a descriptor means nothing in another process
 
     @property
     def shape(self) -> torch.Size:
@@ -268,15 +311,9 @@ class DiskImages:
         """Elements, as a tensor's (none of them in memory)."""
         return len(self.rows) * self.row_bytes
 
-    def fd(self) -> int:
-        """This process's descriptor of the file (reopened after a fork)."""
-        if self._fd is None or self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0)), os.getpid()
-        return self._fd
-
     def subset(self, index: torch.Tensor) -> DiskImages:
         """The images at `index`, still on disk."""
-        return DiskImages(self.path, self.start, self.row_shape, self.rows[index.cpu()])
+        return DiskImages(self.file, self.start, self.row_shape, self.rows[index.cpu()])
 
     def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
         """Read the images at `index` (1-D indices or a slice) into a uint8 tensor (B, C, S, S), in that order."""
@@ -294,14 +331,20 @@ class DiskImages:
             return out.permute(0, 3, 1, 2)
         flat = memoryview(out.numpy()).cast("B")
         order = np.argsort(wanted, kind="stable")  # file order: the disk (and its read-ahead) prefers it
-        fd, rb, i = self.fd(), self.row_bytes, 0
+        fd, rb, i = self.file.fd(), self.row_bytes, 0
         while i < len(order):
             j = i + 1  # rows consecutive in the file and in `order` positions are read with one call
             while (j < len(order) and wanted[order[j]] == wanted[order[j - 1]] + 1 and order[j] == order[j - 1] + 1
                    and (j - i) * rb < MAX_READ):  # fmt: skip
                 j += 1
             pos = int(order[i])
-            read_into(fd, flat[pos * rb : (pos + j - i) * rb], self.start + int(wanted[order[i]]) * rb)
+            try:
+                read_into(fd, flat[pos * rb : (pos + j - i) * rb], self.start + int(wanted[order[i]]) * rb)
+            except OSError as e:
+                from cnnlab.errors import CnnlabError
+
+                raise CnnlabError(f"{self.path}: reading the decode cache failed ({e}); `cnnlab cache --clear` "
+                                  "removes it, and the next run decodes again") from None  # fmt: skip
             i = j
         return out.permute(0, 3, 1, 2)
 
@@ -311,13 +354,3 @@ class DiskImages:
         if buffer is not None and buffer.is_contiguous() and buffer.shape[1:] == (s, s, c) and len(buffer) >= n:
             return buffer[:n]
         return torch.empty((n, s, s, c), dtype=torch.uint8)
-
-    def close(self) -> None:
-        """Close the descriptor (reopened on the next read)."""
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = None
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown: os may be gone
-            self.close()

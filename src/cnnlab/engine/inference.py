@@ -18,6 +18,7 @@ from torch import nn
 from cnnlab.data.folders import list_images, model_input
 from cnnlab.data.images import open_image
 from cnnlab.data.pipeline import Normalization
+from cnnlab.data.resize import canvas_side
 from cnnlab.data.sources import Dataset, ImageSet, is_folder_name, load_dataset
 from cnnlab.engine import rundir
 from cnnlab.engine.checkpoint import apply_state_dict, load_checkpoint, load_weights
@@ -312,7 +313,10 @@ def load_files_for_run(loaded: LoadedRun, files: Sequence[Path], invert: bool = 
 
 
 def _input_of_file(loaded: LoadedRun, path: Path) -> torch.Tensor:
-    img = open_image(path, draft=(loaded.image_size * 2, loaded.image_size * 2))
+    # JPEG's draft (a reduced-scale decode) exactly as the decode cache (or, for runs without a policy, the old
+    # centre-square decoding) used it: another scale gives other pixels.
+    side = canvas_side(loaded.image_size) if loaded.resize is not None else loaded.image_size
+    img = open_image(path, draft=(side, side))
     try:
         return loaded.model_input(img)
     except CnnlabError as e:

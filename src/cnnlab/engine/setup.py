@@ -23,14 +23,26 @@ from cnnlab.models.registry import create_model
 AUTO = "auto"  # resume="auto": continue the named run if it exists unfinished, else start it
 
 
-def load_training_data(cfg: TrainConfig) -> Dataset:
-    """The dataset `cfg` names, at the size training uses (image folders: 224 px for pretrained weights)."""
+def load_training_data(cfg: TrainConfig, check_model: bool = False) -> Dataset:
+    """The dataset `cfg` names, at the size training uses (image folders: 224 px for pretrained weights).
+
+    With `check_model`, photos (which may take hours to decode) are loaded only after the model proved to fit in
+    memory at this image and batch size (the full check, with the data's classes and channels, follows the load).
+    """
     size = cfg.image_size
     if size is None and is_folder_name(cfg.data) and (cfg.pretrained or cfg.weights or cfg.weights_name):
         size = 224  # the resolution ImageNet weights were trained and evaluated at
     if cfg.resize is None and is_folder_name(cfg.data):
         # Recorded in config.json: predict and evaluate cut photos as training did (runs without it predate it).
         cfg.resize = "crop"
+    if check_model and is_folder_name(cfg.data):
+        from cnnlab.data.folders import DEFAULT_FOLDER_SIZE
+        from cnnlab.data.types import ImageSet
+
+        side = size or DEFAULT_FOLDER_SIZE
+        empty = ImageSet(torch.empty((0, 3, side, side), dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
+        probe = Dataset("photos", empty, empty, ("a", "b"))  # RGB, 2 classes: the most any folder's model needs
+        check_training_memory(dataclasses.replace(cfg), probe, resolve_device(cfg.device))
     return load_dataset(cfg.data, cfg.data_dir, download=cfg.download, image_size=size, on_bad_image=cfg.on_bad_image,
                         data_cache=cfg.data_cache, resize=cfg.resize)  # fmt: skip
 
@@ -70,7 +82,7 @@ def preflight(
     check_installed(cfg.logger)
     if resume is None and runs_dir is not None:
         rundir.check_writable(Path(runs_dir))
-    data = load_training_data(cfg)
+    data = load_training_data(cfg, check_model=True)
     check_training_memory(cfg, data, resolve_device(cfg.device))
     build_model(cfg, data)
 

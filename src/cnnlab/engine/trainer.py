@@ -134,18 +134,29 @@ class Trainer:
         self.data = dataset if dataset is not None else self._load_data()
         if self.dist.is_main:
             distributed.barrier()
+        if dataset is not None:
+            self._adopt(dataset)
         self.augment = tuple(self.cfg.augment) if self.cfg.augment is not None else self.data.default_augment
         self.augment_note = None  # said as training starts (after every check: an error stays one line)
         if self.cfg.augment is None:
             note = self.data.augment_note or "none"
-            self.augment_note = (
-                f"augment: {','.join(self.augment) or 'none'}, the default for this data: {note}. Others: --augment "
-                "trivial,jitter,crop,flip,rotate,erase or none; --mixup, --cutmix"
-            )
+            self.augment_note = f"augment: {','.join(self.augment) or 'none'}, this data's default: {note}"
         self._split()
         self._balance()
         if self.module is None:  # the user's own module is already built: its memory is spent
             check_training_memory(self.cfg, self.data, self.device)
+
+    def _adopt(self, dataset: Dataset) -> None:
+        """A dataset loaded by the caller decided its size and resize policy: record those, refuse others."""
+        if self.cfg.image_size is not None and self.cfg.image_size != dataset.image_size:
+            raise OptionError("image_size", f"{self.cfg.image_size}: the dataset given was loaded at "
+                              f"{dataset.image_size} px; load it at this size, or leave image_size out")  # fmt: skip
+        policy = dataset.train.resize if dataset.train.boxes is not None else None
+        if self.cfg.resize is not None and self.cfg.resize != policy:
+            had = f"with resize={policy!r}" if policy else "without a resize policy (its images are square already)"
+            raise OptionError("resize", f"{self.cfg.resize}: the dataset given was loaded {had}; load it again with "
+                              "this policy, or leave resize out")  # fmt: skip
+        self.cfg.resize = policy  # recorded: evaluate, predict and visualize cut photos as training did
 
     def _build(self) -> None:
         """Model, loaders, optimizer, grad scaler."""
@@ -183,7 +194,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
 
     def _load_data(self) -> Dataset:
-        data = load_training_data(self.cfg)
+        data = load_training_data(self.cfg, check_model=self.module is None)
         for note in data.notes:
             self.reporter.message(note)
         return data
