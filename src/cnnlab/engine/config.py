@@ -150,11 +150,11 @@ class TrainConfig:
         None, "comma list of trivial, jitter, crop, flip, rotate, erase, or none (None: the dataset's default, "
         "printed at the start; digits: crop)", _G_OPT, text="list")  # fmt: skip
     mixup: float = option(
-        0.0, "MixUp: blend each batch with itself reversed, weight ~ Beta(A, A), and blend the labels alike (0: off; "
+        0.0, "MixUp: blend each image with the one before it in the batch, weight ~ Beta(A, A), labels alike (0: off; "
         "0.2-0.8 usual)", _G_OPT, lo=0.0, metavar="A")  # fmt: skip
     cutmix: float = option(
-        0.0, "CutMix: paste a box of the reversed batch, area ~ Beta(A, A), labels by area (0: off; 1.0 usual); with "
-        "mixup too, each batch uses one of the two", _G_OPT, lo=0.0, metavar="A")  # fmt: skip
+        0.0, "CutMix: paste a box of the image before it in the batch, area ~ Beta(A, A), labels by area (0: off; 1.0 "
+        "usual); with mixup too, each batch uses one of the two", _G_OPT, lo=0.0, metavar="A")  # fmt: skip
     ema: float | None = option(
         None, "keep an exponential moving average of the weights with this decay (e.g. 0.999); it is evaluated and "
         "saved as the run's weights", _G_OPT, lo=0.0, lo_open=True, metavar="DECAY")  # fmt: skip
