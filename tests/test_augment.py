@@ -105,8 +105,7 @@ def test_visualize_batch_draws_what_the_model_saw(capsys: pytest.CaptureFixture[
     code, out, _ = run_main(["visualize", "batch", str(tmp_path / "mix"), "--count", "8"], capsys)
     assert code == 0 and Path(out.strip()) == tmp_path / "mix" / "batch.png"
     assert (tmp_path / "mix" / "batch.png").stat().st_size > 5000
-    from cnnlab.engine.inference import load_run
-    from cnnlab.inspect.visualize import training_batch
+    from cnnlab.engine.inference import load_run, training_batch
 
     pictures, captions, title = training_batch(load_run(tmp_path / "mix"), 8, 0)
     assert pictures.shape == (8, 1, 28, 28) and pictures.dtype == torch.uint8

@@ -250,13 +250,15 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
-    from cnnlab.inspect.visualize import plot_training_batch
+    from cnnlab.engine.inference import training_batch
+    from cnnlab.inspect.visualize import plot_image_grid
 
     if not 1 <= args.count <= 256:
         raise UsageError(f"--count: {args.count}: give 1 to 256 images")
     if args.seed < 0:
         raise UsageError(f"--seed: {args.seed}: must be 0 or more")
-    return [plot_training_batch(loaded, out / "batch.png", args.count, args.seed)]
+    images, captions, title = training_batch(loaded, args.count, args.seed)
+    return [plot_image_grid(images, captions, out / "batch.png", title=title)]
 
 
 def _filters(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from cnnlab.data.cache import CACHE_VERSION, decode_dir, human_bytes, remove_superseded
-from cnnlab.data.images import enable_heif, is_heif, open_image
+from cnnlab.data.images import eight_bit, enable_heif, is_heif, open_image
 from cnnlab.data.resize import RESIZE_POLICIES, canvas_side, fit
 from cnnlab.data.store import (
     HEADER_MAX,
@@ -53,7 +53,6 @@ FOLDER_SPLIT_SEED = 0  # fixed, so the test split never changes between runs
 SPLIT_NAMES = ("train", "val", "test")
 DATA_CACHE_MODES = ("auto", "memory", "disk", "none")
 AUTO_MEMORY_FRACTION = 0.25  # auto: decoded images up to this share of the free memory stay in memory
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 @dataclass(frozen=True)
@@ -72,29 +71,29 @@ def model_input(img: Image.Image, size: int, channels: int, resize: str | None) 
     policies existed) take the shorter side and its centre square (`fit_image`).
     """
     if resize is None:
-        arr, _ = fit_image(img, size, channels)
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-    try:
-        canvas, h, w = to_canvas(img, canvas_side(size), channels)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        return torch.from_numpy(fit_image(img, size, channels)).permute(2, 0, 1).contiguous()
+    canvas, h, w = to_canvas(img, canvas_side(size), channels)
     rows = torch.from_numpy(canvas).permute(2, 0, 1)[None].contiguous()  # (1, C, S, S)
     return fit(rows, torch.tensor([[h, w]]), size, resize, train=False)[0]
 
 
-def fit_image(img: Image.Image, size: int, channels: int | None = None) -> tuple[np.ndarray, bool]:
-    """A decoded image -> (uint8 (size, size, C) pixels, grayscale?): 8-bit, shorter side resized, centre square."""
-    gray = img.mode in GRAY_MODES if channels is None else channels == 1
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit (or float) grayscale: scale its range to 8 bits rather than clipping everything above 255.
-        arr = np.asarray(img, dtype=np.float32)
-        if not np.isfinite(arr).all():  # a float TIFF can hold NaN/inf: no 8-bit image to make of it
-            raise UsageError("floating-point image with NaN or infinite pixel values")
-        top = 65535.0 if img.mode != "F" else max(1.0, float(arr.max()))
-        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8))
-    elif img.mode == "P":
-        img = img.convert("RGBA")  # a palette may carry transparency; go through RGBA, as Pillow advises
-    img = img.convert("L" if gray else "RGB")  # alpha dropped, like torchvision's default loader
+def file_input(path: Path, size: int, channels: int, resize: str | None) -> torch.Tensor:
+    """An image file -> the model's uint8 (C, size, size), decoded exactly as the decode cache decoded it.
+
+    JPEG's draft (a reduced-scale decode) is the cache's (the canvas side), or, for runs without a policy, the old
+    centre-square decoding's: another scale gives other pixels.
+    """
+    side = canvas_side(size) if resize is not None else size
+    img = open_image(path, draft=(side, side))
+    try:
+        return model_input(img, size, channels, resize)
+    except CnnlabError as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
+def fit_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    """A decoded image -> uint8 (size, size, C) pixels: 8-bit (`eight_bit`), shorter side resized, centre square."""
+    img = eight_bit(img, gray=channels == 1)
     # Shorter side -> size, then the centre square: the training-time version of torchvision's Resize+CenterCrop.
     scale = size / min(img.size)
     w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
@@ -102,7 +101,7 @@ def fit_image(img: Image.Image, size: int, channels: int | None = None) -> tuple
     left, top = (w - size) // 2, (h - size) // 2
     img = img.crop((left, top, left + size, top + size))
     arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on Pillow's read-only buffer
-    return (arr[:, :, None] if arr.ndim == 2 else arr), gray
+    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -203,6 +202,7 @@ def _decode(
             files = [p for p, _ in items]
             box, good = np.zeros((len(files), 2), np.int16), np.zeros(len(files), np.uint8)
             mem = None if fd is not None else torch.zeros((len(files), side, side, channels), dtype=torch.uint8)
+            # The draft (reduced-scale JPEG decode) at the canvas side, as `file_input` decodes a file to predict.
             for chunk in decode_chunks(files, side, channels, lambda p: open_image(p, draft=(side, side)), progress):
                 end = chunk.start + len(chunk.errors)
                 if fd is not None and where is not None:
@@ -222,6 +222,11 @@ def _decode(
     finally:
         progress.close()
     return images, boxes, ok, bad
+
+
+def _labels(items: list[tuple[Path, int]]) -> torch.Tensor:
+    """The class indices of listed files, int64 (N,): what the cache stores and is checked against."""
+    return torch.tensor([lab for _, lab in items], dtype=torch.int64)
 
 
 def _bad_meta(bad: list[BadImage], room: int) -> str:
@@ -254,7 +259,7 @@ def _write_file(path: Path, splits: dict, side: int, channels: int, meta: dict[s
         os.ftruncate(fd, start + total)
         _, boxes, ok, bad = _decode(splits, side, channels, fd, where, start)
         for s, lay in where.items():
-            labels = np.array([lab for _, lab in splits[s]], dtype=np.int64)
+            labels = _labels(splits[s]).numpy()
             for offset, arr in ((lay.labels, labels), (lay.boxes, boxes[s].numpy()), (lay.ok, ok[s].numpy())):
                 pwrite_all(fd, arr.tobytes(), start + offset)
         meta = {**meta, "bad": "[]", "bad_count": str(len(bad)), "channels": str(channels), "canvas": str(side)}
@@ -289,8 +294,7 @@ def _open_file(path: Path, splits: dict[str, list[tuple[Path, int]]], size: int)
         if channels not in (1, 3) or side != canvas_side(size) or meta.get("size") != str(size):
             return None
         for s, items in splits.items():
-            expected = torch.tensor([lab for _, lab in items], dtype=torch.int64)
-            if not torch.equal(labels[s], expected) or ok[s].shape != (len(items),) or bool((ok[s] > 1).any()):
+            if not torch.equal(labels[s], _labels(items)) or ok[s].shape != (len(items),) or bool((ok[s] > 1).any()):
                 return None
             good = boxes[s][ok[s] == 1]
             if boxes[s].shape != (len(items), 2) or bool(((good < 1) | (good > side)).any()):
@@ -365,7 +369,7 @@ def _decoding(root: Path, splits: dict, size: int, data_cache: str, description:
     why += f" ({human_bytes(need)} decoded)"
     if data_cache == "none":
         images, boxes, ok, bad = _decode(splits, side, channels, None, None)
-        labels = {s: torch.tensor([lab for _, lab in items], dtype=torch.int64) for s, items in splits.items()}
+        labels = {s: _labels(items) for s, items in splits.items()}
         return Decoding(images, labels, boxes, ok, bad, channels), "memory", why
     meta = {"source": description, "size": str(size), "version": str(CACHE_VERSION), "images": str(n)}
     try:

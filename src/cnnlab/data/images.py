@@ -117,6 +117,27 @@ def decode_image(
     return img
 
 
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # modes without colour
+
+
+def eight_bit(img: Image.Image, gray: bool) -> Image.Image:
+    """A decoded image -> 8-bit L (`gray`) or RGB, as training stores it.
+
+    16-bit and float grayscale are scaled to their range rather than clipped at 255; palettes go through RGBA (they
+    may carry transparency, and Pillow advises it); alpha is dropped, as torchvision's loader does. A float image
+    holding NaN or infinite values has no 8-bit version: a UsageError.
+    """
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(arr).all():  # a float TIFF can hold NaN/inf
+            raise UsageError("floating-point image with NaN or infinite pixel values")
+        top = 65535.0 if img.mode != "F" else max(1.0, float(arr.max()))
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8))
+    elif img.mode == "P":
+        img = img.convert("RGBA")
+    return img.convert("L" if gray else "RGB")
+
+
 def image_to_array(img: Image.Image, gray: bool = False) -> tuple[np.ndarray, int]:
     """Pixels as float32 (C, H, W) in [0, max_value], and max_value (255 or 65535); alpha is dropped."""
     mode = img.mode

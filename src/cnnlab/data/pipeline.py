@@ -5,6 +5,8 @@ No per-sample Python work: each batch is one index into the resident tensor, the
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +33,20 @@ AUGMENTATIONS: dict[str, str] = {
 BYTE_AUGMENTATIONS = ("trivial", "jitter")
 
 
+@contextlib.contextmanager
+def seeded_from(g: torch.Generator | None) -> Iterator[None]:
+    """torch's global CPU generator, forked and seeded from one draw of `g`, for the duration of the block.
+
+    torchvision's transforms draw from the global generator; drawing their seed from the run's generator makes
+    them depend on the run's seed alone (so runs resume exactly), and nothing else's random state moves.
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device if g is not None else "cpu").item())
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+@functools.cache
 def _byte_transform(name: str) -> Any:
     from torchvision.transforms import v2
 
@@ -40,15 +56,10 @@ def _byte_transform(name: str) -> Any:
 
 
 def augment_bytes(x: torch.Tensor, ops: Sequence[str], g: torch.Generator | None = None) -> torch.Tensor:
-    """torchvision v2's per-image augmentations on uint8 (B, C, H, W): each image draws its own parameters.
-
-    torchvision draws them from torch's global CPU generator; it is forked and seeded from `g` for each batch, so
-    that the batches depend on the run's seed alone (and resume exactly), and nothing else's random state moves.
-    """
-    seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device if g is not None else "cpu").item())
+    """torchvision v2's per-image augmentations on uint8 (B, C, H, W): each image draws its own parameters, from
+    torch's global generator seeded from `g` for the batch (`seeded_from`)."""
     transforms = [_byte_transform(op) for op in ops]
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
+    with seeded_from(g):
         out = []
         for image in x:
             for t in transforms:
@@ -184,8 +195,8 @@ def random_erase(x: torch.Tensor, g: torch.Generator | None, p: float = 0.5) -> 
 class BatchMixer:
     """MixUp and/or CutMix through torchvision's v2 transforms: (x, labels) -> (mixed x, label probabilities (B, K)).
 
-    torchvision mixes each batch with itself rolled by one and draws from torch's global CPU generator; that is
-    forked and seeded from the run's generator per batch, so runs repeat and resume exactly.
+    torchvision mixes each batch with itself rolled by one; its draws are seeded from the run's generator per batch
+    (`seeded_from`), so runs repeat and resume exactly.
     """
 
     def __init__(self, mixup: float, cutmix: float, classes: int) -> None:
@@ -199,9 +210,7 @@ class BatchMixer:
         self, x: torch.Tensor, labels: torch.Tensor, g: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Mixed images (B, C, H, W) and their label probabilities (B, K)."""
-        seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device if g is not None else "cpu").item())
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
+        with seeded_from(g):
             mixed, target = self.mix(x, labels)
         return mixed, target
 

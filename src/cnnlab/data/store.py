@@ -29,30 +29,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnnlab.data.images import GRAY_MODES, eight_bit
 from cnnlab.data.resize import fit_box
+from cnnlab.errors import CnnlabError
 
 HEADER_MIN, HEADER_PER_IMAGE, HEADER_MAX = 1 << 14, 64, 16 << 20  # bytes kept for the JSON header (written last)
 CHUNK = 32  # images per decoding task at most: tasks in flight stay a few tens of MB (fewer for huge canvases)
 CHUNK_BYTES = 16 << 20  # canvases per task up to this many bytes
 MAX_READ = 64 << 20  # bytes per positional read when consecutive rows are read together
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 def to_canvas(img: Image.Image, side: int, channels: int) -> tuple[np.ndarray, int, int]:
     """A decoded image -> (uint8 (side, side, C) canvas with the whole image at its top-left, box h, box w).
 
-    8-bit from any mode: 16-bit and float grayscale are scaled to their range, palettes go through RGBA, alpha is
-    dropped (as torchvision's loader does). The image keeps its aspect; its longer side becomes the canvas's.
+    8-bit from any mode (`eight_bit`). The image keeps its aspect; its longer side becomes the canvas's.
     """
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            raise ValueError("floating-point image with NaN or infinite pixel values")
-        top = 65535.0 if img.mode != "F" else max(1.0, float(arr.max()))
-        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8))
-    elif img.mode == "P":
-        img = img.convert("RGBA")  # a palette may carry transparency; Pillow advises going through RGBA
-    img = img.convert("L" if channels == 1 else "RGB")
+    img = eight_bit(img, gray=channels == 1)
     h, w = fit_box(img.height, img.width, side)
     if (w, h) != img.size:
         img = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0)  # Pillow's resize antialiases
@@ -106,8 +98,6 @@ def decode_chunks(
     files: list[Path], side: int, channels: int, open_fn: Callable[[Path], Image.Image], progress: DecodeProgress | None
 ) -> Iterator[Decoded]:
     """Decode `files` onto canvases in every core's thread (Pillow releases the GIL), yielding chunks in order."""
-    from cnnlab.errors import CnnlabError
-
     chunk = chunk_size(side, channels)
 
     def task(start: int) -> Decoded:
@@ -120,9 +110,6 @@ def decode_chunks(
                 canvas, h, w = to_canvas(open_fn(path), side, channels)
             except CnnlabError as e:
                 errors.append(str(e).removeprefix(f"{path}: "))
-                continue
-            except ValueError as e:
-                errors.append(str(e))
                 continue
             images[i] = canvas
             boxes[i] = (h, w)
@@ -341,8 +328,6 @@ class DiskImages:
             try:
                 read_into(fd, flat[pos * rb : (pos + j - i) * rb], self.start + int(wanted[order[i]]) * rb)
             except OSError as e:
-                from cnnlab.errors import CnnlabError
-
                 raise CnnlabError(f"{self.path}: reading the decode cache failed ({e}); `cnnlab cache --clear` "
                                   "removes it, and the next run decodes again") from None  # fmt: skip
             i = j

@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.data.folders import list_images, model_input
+from cnnlab.data.folders import file_input, list_images, model_input
 from cnnlab.data.images import open_image
 from cnnlab.data.pipeline import Normalization
-from cnnlab.data.resize import canvas_side
 from cnnlab.data.sources import Dataset, ImageSet, is_folder_name, load_dataset
 from cnnlab.engine import rundir
 from cnnlab.engine.checkpoint import apply_state_dict, load_checkpoint, load_weights
@@ -254,6 +253,37 @@ def evaluate_run(
     )  # fmt: skip
 
 
+def training_batch(loaded: LoadedRun, count: int = 32, seed: int = 0) -> tuple[torch.Tensor, list[str], str]:
+    """A batch drawn as the run's training draws them: uint8 images (B, C, S, S) as the model saw them (normalisation
+    undone), a caption per image (its label, or the two labels MixUp/CutMix blended, with their weights), a title."""
+    from cnnlab.data.pipeline import BatchLoader, batch_mixer
+    from cnnlab.engine.setup import load_training_data
+
+    cfg = loaded.record.train
+    if cfg is None:
+        raise UsageError(f"{loaded.path}: the run was trained on data given in Python; it cannot be loaded again")
+    data = load_training_data(cfg)
+    augment = tuple(cfg.augment) if cfg.augment is not None else data.default_augment
+    g = torch.Generator().manual_seed(seed)
+    loader = BatchLoader(data.train, count, loaded.norm, shuffle=True, augment=augment, generator=g)
+    x, y = next(iter(loader))
+    classes = loaded.classes
+    mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(classes))
+    captions = [classes[int(i)] for i in y]
+    if mixer is not None:
+        x, target = mixer(x, y, g)
+        top = target.topk(min(2, target.shape[1]), dim=1)
+        captions = [" / ".join(f"{classes[int(k)]} {v:.0%}" for v, k in zip(vals, idx, strict=True) if v > 0.005)
+                    for vals, idx in zip(top.values.tolist(), top.indices.tolist(), strict=True)]  # fmt: skip
+    mean = torch.tensor(loaded.norm.mean).view(1, -1, 1, 1)
+    std = torch.tensor(loaded.norm.std).view(1, -1, 1, 1)
+    images = (x.float() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+    mixing = [f"mixup {cfg.mixup:g}"] * (cfg.mixup > 0) + [f"cutmix {cfg.cutmix:g}"] * (cfg.cutmix > 0)
+    title = (f"{data.name}: a training batch, augment {','.join(augment) or 'none'}"
+             + (f", resize {cfg.resize}" if cfg.resize else "") + "".join(f", {m}" for m in mixing))  # fmt: skip
+    return images, captions, title
+
+
 # --- predict ----------------------------------------------------------------------------------------------------------
 
 
@@ -308,19 +338,8 @@ def _topk(probs: torch.Tensor, files: Sequence[Path], classes: Sequence[str], k:
 
 def load_files_for_run(loaded: LoadedRun, files: Sequence[Path], invert: bool = False) -> torch.Tensor:
     """Decode image files exactly as training decoded its images: uint8 (N, C, S, S)."""
-    x = torch.stack([_input_of_file(loaded, f) for f in files])
+    x = torch.stack([file_input(f, loaded.image_size, loaded.channels, loaded.resize) for f in files])
     return 255 - x if invert else x
-
-
-def _input_of_file(loaded: LoadedRun, path: Path) -> torch.Tensor:
-    # JPEG's draft (a reduced-scale decode) exactly as the decode cache (or, for runs without a policy, the old
-    # centre-square decoding) used it: another scale gives other pixels.
-    side = canvas_side(loaded.image_size) if loaded.resize is not None else loaded.image_size
-    img = open_image(path, draft=(side, side))
-    try:
-        return loaded.model_input(img)
-    except CnnlabError as e:
-        raise type(e)(f"{path}: {e}") from None
 
 
 def predict_files(

@@ -564,7 +564,7 @@ class Trainer:
             # DDP averages gradients over processes at every backward; only the group's last one needs to.
             sync = contextlib.nullcontext() if last or not hasattr(self.train_model, "no_sync") else None
             with sync or self.train_model.no_sync():
-                target = y if self.mixer is None else None
+                target = y
                 if self.mixer is not None:
                     x, target = self.mixer(x, y, self.gen)  # y stays the first image's label, for train accuracy
                 with autocast(self.device, self.dtype):
