@@ -11,7 +11,7 @@ import cnnlab
 from cnnlab.cli import main
 from cnnlab.data import load_dataset
 from cnnlab.data.folders import load_image_folder
-from cnnlab.errors import UsageError
+from cnnlab.errors import CnnlabError, UsageError
 from tests.test_folders import rgb, save, two_classes
 
 
@@ -48,23 +48,29 @@ def test_a_split_column_names_train_validation_and_test(tmp_path: Path) -> None:
 
 BAD = {
     "header only": ("file,label\n", "needs a header row and at least one row"),
-    "no file": ("file,label\nnope.png,a\nb/0.png,b\n", "row 2: nope.png: no such image file"),
-    "unseen label": ("file,label,split\na/0.png,a,train\nb/0.png,b,train\na/1.png,c,test\n", "row 4: label 'c' (test)"),
-    "bad split": ("file,label,split\na/0.png,a,holdout\n", "row 2: split 'holdout' is not train, val or test"),
-    "empty label": ("file,label\na/0.png,\n", "row 2 has an empty label"),
-    "twice": ("file,label\na/0.png,a\na/0.png,b\n", "row 3: a/0.png is listed twice (first in row 2)"),
-    "short row": ("file,label,split\na/0.png\n", "row 2 has 1 column(s), the header 3"),
+    "no file": ("file,label\nnope.png,a\nb/0.png,b\na/0.png,a\n", "line 2: nope.png: no such image file"),
+    "unseen label": (
+        "file,label,split\na/0.png,a,train\nb/0.png,b,train\na/1.png,c,test\n",
+        "line 4: label 'c' (test)",
+    ),
+    "bad split": ("file,label,split\na/0.png,a,holdout\n", "line 2: split 'holdout' is not train, val or test"),
+    "empty label": ("file,label\na/0.png,\nb/0.png,b\na/1.png,a\n", "line 2: empty label cell"),
+    "twice": ("file,label\na/0.png,a\na/0.png,b\n", "line 3: a/0.png is listed twice (first on line 2)"),
+    "short row": (
+        "file,label,split\na/0.png\nb/0.png,b,train\na/1.png,a,train\n",
+        "line 2: 1 cell(s), the header has 3",
+    ),
     "one class": ("file,label\na/0.png,a\na/1.png,a\n", "have 1 class(es); at least 2 are needed"),
-    "named wrong": ("label,where\na,a/0.png\n", "the header needs a file column"),
+    "named wrong": ("label,where\na,a/0.png\n", "the header needs an image column"),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_a_bad_csv_is_one_line_naming_the_file_and_row(case: str, tmp_path: Path) -> None:
+def test_a_bad_csv_is_one_line_naming_the_file_and_line(case: str, tmp_path: Path) -> None:
     root = two_classes(tmp_path / "photos", n=2)
     text, needle = BAD[case]
     csv = write_csv(root / "labels.csv", text)
-    with pytest.raises(UsageError, match=needle.replace("(", r"\(").replace(")", r"\)")) as e:
+    with pytest.raises(CnnlabError, match=needle.replace("(", r"\(").replace(")", r"\)")) as e:
         load_dataset(str(csv), image_size=8)
     assert str(e.value).startswith(str(csv)) and "\n" not in str(e.value)
 

@@ -193,9 +193,7 @@ class Run:
     def __repr__(self) -> str:
         name, data = self._loaded.record.model.name, self._loaded.record.data.name
         done = (
-            f"test accuracy {self.result.test_acc:.2%}, "
-            if self.result and not math.isnan(self.result.test_acc)
-            else ""
+            f"{self.result.headline().split(' (')[0]}, " if self.result and not math.isnan(self.result.test_acc) else ""
         )
         epochs = f"{len(self.metrics)} epoch{'s' if len(self.metrics) != 1 else ''}"
         return f"Run({name} on {data}: {done}{epochs}, {self.dir or 'not saved'})"
@@ -204,13 +202,13 @@ class Run:
         """Top-k labels of an image - a file path, a PIL image, a numpy array or a tensor - or of a list of them.
 
         One image gives one Prediction (`.label`, `.prob`, `.labels`, `.probs`); a list or a batch (N, ...) gives a
-        list. Images are decoded, resized and normalised as in training.
+        list. Images are decoded, resized and normalised as in training. A multi-label run gives every label whose
+        probability reaches its threshold (chosen on the validation split), most probable first, and `.thresholds`.
         """
-        from cnnlab.engine.inference import _topk, logits_of
+        from cnnlab.engine.inference import logits_of, predictions
 
         images, names, single = to_images(x, self._loaded)
-        probs = logits_of(self._loaded, images).softmax(1)
-        out = _topk(probs, names, self.classes, top_k)
+        out = predictions(self._loaded, logits_of(self._loaded, images), names, top_k)
         return out[0] if single else out
 
     def evaluate(self, data: str | Any | None = None, split: str = "test") -> Evaluation:
@@ -305,7 +303,9 @@ def _labels(y: Any) -> list[Any]:
 
 
 def _class_names(labels: Sequence[Any]) -> list[str]:
-    """Class names: the sorted distinct strings, or 0..max for integer labels."""
+    """Class names: the sorted distinct strings, or 0..max for integer labels (0..K-1 for multi-hot rows of K)."""
+    if labels and isinstance(labels[0], list):
+        return [str(i) for i in range(len(labels[0]))]
     if labels and isinstance(labels[0], str):
         return sorted(set(labels))
     if any(not float(v).is_integer() or v < 0 for v in labels):
@@ -318,6 +318,12 @@ def _image_set(x: Any, y: Any, names: Sequence[str]) -> ImageSet:
     labels = _labels(y)
     if len(labels) != len(images):
         raise UsageError(f"data: {len(images)} images but {len(labels)} labels")
+    if labels and isinstance(labels[0], list):  # multi-hot rows (N, K): multi-label data
+        hot = torch.as_tensor(labels)
+        if hot.dim() != 2 or hot.shape[1] != len(names) or not bool(((hot == 0) | (hot == 1)).all()):
+            raise UsageError(f"data: multi-label rows must hold {len(names)} values of 0 or 1, got shape "
+                             f"{tuple(hot.shape)}")  # fmt: skip
+        return ImageSet(images, hot.to(torch.uint8))
     if labels and isinstance(labels[0], str):
         index = {n: i for i, n in enumerate(names)}
         missing = sorted(set(labels) - set(index))

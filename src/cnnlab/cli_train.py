@@ -238,7 +238,7 @@ def _print_result(result: Any, as_json: bool) -> None:
     early = ", stopped early" if result.stopped_early else ""
     early += f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""
     print(
-        f"test accuracy {result.test_acc:.2%} (top-5 {result.test_top5:.2%}, loss {result.test_loss:.4f})"
+        f"{result.headline()}"
         f" | {result.epochs_run} epoch{'s' if result.epochs_run != 1 else ''} (best {result.best_epoch}{early})"
         f" | {result.seconds:.1f} s"
         + (f" of a {result.time_budget:g} s budget" if result.time_budget else "")

@@ -41,7 +41,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         description="Evaluate a trained run (its best weights) on its own test split, or on another dataset or "
-        "folder with the same classes. Writes confusion.png, misclassified.png and evaluation.json.",
+        "folder with the same classes. Writes confusion.png, misclassified.png and evaluation.json. A multi-label "
+        "run reports mAP, exact match and per-label AP, precision, recall and F1 at its thresholds.",
     )
     p.add_argument("run", help="run directory (or a .safetensors/.ckpt file inside one)")
     p.add_argument("--data", default=None, help="another dataset name or image folder (default: the run's own)")
@@ -67,17 +68,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = _out_dir(args, loaded.path)
     suffix = "" if args.data is None and args.split == "test" else "-" + safe_name(f"{ev.data}-{args.split}")
     title = f"{loaded.record.model.name} on {ev.data} ({args.split}, {ev.n:,} images)"
-    files = {
-        "confusion": plot_confusion(
-            ev.confusion, ev.classes, out / f"confusion{suffix}.png", args.normalize, title=f"confusion matrix: {title}"
-        ),
-        "misclassified": plot_image_grid(
-            ev.images,
-            ev.mistake_captions(),
-            out / f"misclassified{suffix}.png",
-            title=f"most confident mistakes: {title}",
-        ),
-    }
+    files = {}
+    if not ev.multi_label:  # a multi-label image has no single predicted class to count
+        files["confusion"] = plot_confusion(ev.confusion, ev.classes, out / f"confusion{suffix}.png", args.normalize,
+                                            title=f"confusion matrix: {title}")  # fmt: skip
+    worst = "images with a wrong label, highest loss first" if ev.multi_label else "most confident mistakes"
+    files["misclassified"] = plot_image_grid(ev.images, ev.mistake_captions(), out / f"misclassified{suffix}.png",
+                                             title=f"{worst}: {title}")  # fmt: skip
     doc = {**ev.to_dict(), "files": {k: str(v) for k, v in files.items()}}
     files["json"] = atomic_write_json(out / f"evaluation{suffix}.json", doc)
     doc["files"]["json"] = str(files["json"])
@@ -92,6 +89,19 @@ def _print_evaluation(ev: Any, files: dict[str, Path]) -> None:
     from cnnlab.reporting import print_table
 
     print(ev.headline())
+    if ev.multi_label:
+        rows = [[r["class"], f"{r['ap']:.3f}" if r["ap"] == r["ap"] else "-", f"{r['threshold']:.2f}",
+                 f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
+                for r in ev.report["per_class"]]  # fmt: skip
+        for avg in ("macro", "micro"):
+            a = ev.report[avg]
+            rows.append([f"{avg} avg", f"{ev.mAP:.3f}" if avg == "macro" else "", "", f"{a['precision']:.3f}",
+                         f"{a['recall']:.3f}", f"{a['f1']:.3f}", a["support"]])  # fmt: skip
+        print_table(["label", "AP", "threshold", "precision", "recall", "F1", "support"], rows,
+                    title="per-label metrics (a label is predicted at probability >= its threshold)")  # fmt: skip
+        for path in files.values():
+            print(path)
+        return
     rows = [[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
             for r in ev.report["per_class"]]  # fmt: skip
     for avg in ("macro", "weighted"):
@@ -120,7 +130,8 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
         "training; or, with --model NAME --pretrained, with torchvision's ImageNet weights and category names.",
     )
     p.add_argument("inputs", nargs="+", metavar="RUN IMAGE", help="RUN then IMAGE... (with --model: IMAGE... only)")
-    p.add_argument("--top-k", type=int_at_least(1), default=5, help="labels per image (5)")
+    p.add_argument("--top-k", type=int_at_least(1), default=5,
+                   help="labels per image (5); a multi-label run gives every label above its threshold")  # fmt: skip
     p.add_argument("--model", default=None, help="a torchvision model with pretrained weights, instead of a RUN")
     p.add_argument("--pretrained", action="store_true", help="with --model: use torchvision's weights")
     p.add_argument("--weights", default=None, metavar="FILE", help="with --model: the weights from a local file")
@@ -159,11 +170,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for p in preds:
             for rank, (label, prob) in enumerate(zip(p.labels, p.probs, strict=True), start=1):
                 w.writerow([p.file, rank, label, f"{prob:.6f}"])
+            if not p.labels:  # a multi-label image with no label above its threshold still has its row
+                w.writerow([p.file, "", "", ""])
         sys.stdout.write(buf.getvalue())
     else:
         for p in preds:
             top = "  ".join(f"{label} {prob:.1%}" for label, prob in zip(p.labels, p.probs, strict=True))
-            print(f"{p.file}  {top}")
+            print(f"{p.file}  {top or '(no label reaches its threshold)'}")
     return EXIT_OK
 
 
@@ -181,7 +194,8 @@ def add_visualize_parser(sub: argparse._SubParsersAction) -> None:
     specs = {
         "filters": "the kernels of the first conv layer (or --layer) as a grid; RGB kernels in colour",
         "activations": "the activation maps of each conv stage (or --layer) for one image",
-        "gradcam": "a Grad-CAM heat map over the image for the predicted (or --class) label",
+        "gradcam": "a Grad-CAM heat map over the image for the predicted (or --class) label; a multi-label run: one "
+        "per label above its threshold",
         "curves": "loss and accuracy per epoch from metrics.csv",
         "batch": "a training batch as the model saw it: the resize cut, the augmentations, MixUp/CutMix",
     }
@@ -319,10 +333,21 @@ def _gradcam(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
         else:
             raise UsageError(f"--class {args.target!r}: not a class of this run ({', '.join(loaded.classes[:10])})")
     layers = args.layer or [None]
-    cam = grad_cam(loaded.model, loaded.prepare(image[None]), layers[0], target)
-    name = loaded.classes[cam.class_index]
-    title = f"Grad-CAM for class '{name}' (p = {cam.prob:.2f}) at {cam.layer}, image {label}"
-    return [plot_gradcam(image.cpu(), cam.heatmap, out / f"gradcam_{label}_{safe_name(name)}.png", title)]
+    targets: list[int | None] = [target]
+    if target is None and loaded.multi_label:  # one picture per predicted label (the most probable if none is)
+        from cnnlab.engine.inference import logits_of
+
+        probs = loaded.probabilities(logits_of(loaded, image[None]))[0]
+        above = (probs >= loaded.thresholds).nonzero().flatten()
+        targets = sorted(above.tolist(), key=lambda k: -float(probs[k])) or [int(probs.argmax())]
+    paths = []
+    for k in targets:
+        cam = grad_cam(loaded.model, loaded.prepare(image[None]), layers[0], k, multi_label=loaded.multi_label)
+        name = loaded.classes[cam.class_index]
+        kind = "label" if loaded.multi_label else "class"
+        title = f"Grad-CAM for {kind} '{name}' (p = {cam.prob:.2f}) at {cam.layer}, image {label}"
+        paths.append(plot_gradcam(image.cpu(), cam.heatmap, out / f"gradcam_{label}_{safe_name(name)}.png", title))
+    return paths
 
 
 # --- export -----------------------------------------------------------------------------------------------------------

@@ -64,9 +64,7 @@ class NotebookReporter(Reporter):
     def train_end(self, result: Any) -> None:
         """The final numbers."""
         self.done = self.total
-        self.notes.append(
-            f"test accuracy {result.test_acc:.2%} (top-5 {result.test_top5:.2%}) in {result.seconds:.1f} s"
-        )
+        self.notes.append(f"{result.headline()} in {result.seconds:.1f} s")
         self._draw()
 
     def _draw(self) -> None:
@@ -81,6 +79,8 @@ class NotebookReporter(Reporter):
         bar = f"<progress value='{self.done}' max='{max(self.total, 1)}' style='width:60%'></progress> "
         bar += f"step {self.done}/{self.total}{loss}"
         cols = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+        if any("val_mAP" in r for r in self.rows):  # multi-label: acc is the exact-match ratio, mAP is what counts
+            cols = (*cols[:5], "val_mAP", *cols[5:])
         head = "".join(f"<th>{c}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in self.rows)
         notes = "".join(f"<div>{html.escape(n)}</div>" for n in self.notes)

@@ -24,13 +24,17 @@ def _console(stderr: bool) -> Console:
 
 
 def epoch_line(row: dict[str, Any], epochs: int) -> str:
-    """One line per epoch: train and validation loss/accuracy, learning rate, seconds."""
+    """One line per epoch: train and validation loss/accuracy (multi-label: exact match, and validation mAP), learning
+    rate, seconds."""
+    acc = "exact" if "val_mAP" in row else "acc"
     text = (
         f"epoch {int(row['epoch']):>{len(str(epochs))}}/{epochs}  train loss {row['train_loss']:.4f} "
-        f"acc {row['train_acc']:.2%}"
+        f"{acc} {row['train_acc']:.2%}"
     )
     if row.get("val_loss") is not None:
-        text += f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}"
+        text += f"  val loss {row['val_loss']:.4f} {acc} {row['val_acc']:.2%}"
+    if row.get("val_mAP") is not None:
+        text += f" mAP {row['val_mAP']:.3f}"
     return text + f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
 
 

@@ -7,11 +7,17 @@ from collections.abc import Sequence
 import torch
 
 IMBALANCE_RATIO = 3.0  # the note appears when the largest class has more than this many times the smallest's images
+MULTI_LABEL_SAMPLER = (
+    "balanced draws a class, then one of its images; multi-label images have several labels: use "
+    "{class_weights=auto} (each label's positives weighted by its negatives / positives) instead"
+)
 LISTED_CLASSES = 8  # classes named in the note (largest and smallest first), the rest counted
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Images per class: int64 (num_classes,) from int64 labels (N,)."""
+    """Images per class: int64 (num_classes,) from int64 labels (N,), or from multi-hot labels (N, K) per label."""
+    if labels.dim() == 2:
+        return labels.cpu().sum(0, dtype=torch.int64)
     return torch.bincount(labels.cpu(), minlength=num_classes)
 
 
@@ -48,6 +54,17 @@ def inverse_frequency(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     weights = torch.zeros(num_classes, dtype=torch.float64)
     weights[present] = counts.sum() / (int(present.sum()) * counts[present])
     return weights.float()
+
+
+def positive_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Multi-label loss weights (K,) float32: each label's negatives / positives (1 for a label never seen).
+
+    Given to binary cross-entropy as `pos_weight`, a label's positive images then weigh as much in total as its
+    negative ones: the multi-label counterpart of inverse-frequency class weights.
+    """
+    positives = labels.cpu().sum(0, dtype=torch.float64)
+    negatives = len(labels) - positives
+    return torch.where(positives > 0, negatives / positives.clamp_min(1), torch.ones_like(positives)).float()
 
 
 def balanced_order(labels: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from cnnlab.data.balance import class_counts
 from cnnlab.data.cache import CACHE_VERSION, decode_dir, human_bytes, remove_superseded
 from cnnlab.data.images import eight_bit, enable_heif, is_heif, open_image
 from cnnlab.data.resize import RESIZE_POLICIES, canvas_side, fit
@@ -418,8 +419,12 @@ def load_image_folder(
 def load_listed(
     root: Path, splits: dict[str, list[tuple[Path, int]]], classes: tuple[str, ...], size: int, on_bad_image: str,
     *, name: str, description: str, extra: dict, notes: list[str], data_cache: str = "auto", resize: str = "crop",
+    multi_hot: dict[str, torch.Tensor] | None = None,
 ) -> Dataset:  # fmt: skip
-    """Decode listed files {split: [(file, class index)]} (cached under a key of root and files) into a Dataset."""
+    """Decode listed files {split: [(file, class index)]} (cached under a key of root and files) into a Dataset.
+
+    `multi_hot` {split: uint8 (N, K)} gives multi-label data its labels, row for row with the listed files.
+    """
     if data_cache not in DATA_CACHE_MODES:
         raise OptionError("data_cache", f": expected one of {', '.join(DATA_CACHE_MODES)}, got {data_cache!r}")
     if resize not in RESIZE_POLICIES:
@@ -441,10 +446,10 @@ def load_listed(
             images = images[keep]  # one read of the rows that decoded (consecutive rows in large reads)
         elif not every:
             images = images.subset(keep) if isinstance(images, DiskImages) else images[keep]
-        labels, boxes = dec.labels[s][keep], dec.boxes[s][keep].to(torch.int64)
-        sets[s] = ImageSet(images, labels, boxes, size, resize)
+        labels = multi_hot[s][keep] if multi_hot is not None else dec.labels[s][keep]
+        sets[s] = ImageSet(images, labels, dec.boxes[s][keep].to(torch.int64), size, resize)
     for s, data in sets.items():
-        counts = torch.bincount(data.labels, minlength=len(classes))
+        counts = class_counts(data.labels, len(classes))
         if s == "train" and bool((counts == 0).any()):
             empty = [classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
             raise CnnlabError(f"{description}: class(es) {', '.join(empty)} have no usable images after skipping "
@@ -461,7 +466,8 @@ def load_listed(
     else:
         rest, held = stratified_split(train.labels, FOLDER_TEST_FRACTION, FOLDER_SPLIT_SEED)
         train, test = train.subset(rest), train.subset(held)
-        notes.append(f"no test split given: a fixed {FOLDER_TEST_FRACTION:.0%} of each class is the test split")
+        each = "label (of each image's rarest label)" if train.multi_label else "class"
+        notes.append(f"no test split given: a fixed {FOLDER_TEST_FRACTION:.0%} of each {each} is the test split")
     # The random resized crop already moves and scales the image; the translation crop is for squash and pad.
     augment = ("flip",) if resize == "crop" else ("crop", "flip")
     why = ("left-right mirrors (resize=crop already crops each photo at random)" if resize == "crop"

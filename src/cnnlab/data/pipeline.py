@@ -196,22 +196,36 @@ class BatchMixer:
     """MixUp and/or CutMix through torchvision's v2 transforms: (x, labels) -> (mixed x, label probabilities (B, K)).
 
     torchvision mixes each batch with itself rolled by one; its draws are seeded from the run's generator per batch
-    (`seeded_from`), so runs repeat and resume exactly.
+    (`seeded_from`), so runs repeat and resume exactly. Multi-hot labels (B, K) are mixed with the images' own
+    weights: torchvision mixes the images' positions in the batch (labels 0..B-1 as B "classes"), and those weights
+    (B, B) times the multi-hot labels (B, K) give each mixed image its blend of both label sets.
     """
 
     def __init__(self, mixup: float, cutmix: float, classes: int) -> None:
-        from torchvision.transforms import v2
+        self.mixup, self.cutmix, self.classes = mixup, cutmix, classes
+        self._by_classes: dict[int, Any] = {}
 
-        ways = ([v2.MixUp(alpha=mixup, num_classes=classes)] if mixup > 0 else []) + (
-            [v2.CutMix(alpha=cutmix, num_classes=classes)] if cutmix > 0 else [])  # fmt: skip
-        self.mix = ways[0] if len(ways) == 1 else v2.RandomChoice(ways)  # each batch one of the two, as timm does
+    def _transform(self, classes: int) -> Any:
+        if classes not in self._by_classes:
+            from torchvision.transforms import v2
+
+            ways = ([v2.MixUp(alpha=self.mixup, num_classes=classes)] if self.mixup > 0 else []) + (
+                [v2.CutMix(alpha=self.cutmix, num_classes=classes)] if self.cutmix > 0 else [])  # fmt: skip
+            # Each batch one of the two, as timm does.
+            self._by_classes[classes] = ways[0] if len(ways) == 1 else v2.RandomChoice(ways)
+        return self._by_classes[classes]
 
     def __call__(
         self, x: torch.Tensor, labels: torch.Tensor, g: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Mixed images (B, C, H, W) and their label probabilities (B, K)."""
+        """Mixed images (B, C, H, W) and their label probabilities (multi-label: label weights) (B, K)."""
+        if labels.dim() == 2:
+            slots = torch.arange(len(labels), device=labels.device)
+            with seeded_from(g):
+                mixed, weights = self._transform(len(labels))(x, slots)  # weights (B, B): image i's share of each
+            return mixed, weights @ labels.to(weights.dtype)
         with seeded_from(g):
-            mixed, target = self.mix(x, labels)
+            mixed, target = self._transform(self.classes)(x, labels)
         return mixed, target
 
 

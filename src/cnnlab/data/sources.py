@@ -94,11 +94,15 @@ def load_dataset(
     on_bad_image: str = "error",
     data_cache: str = "auto",
     resize: str | None = None,
+    csv_image_column: str | None = None,
+    csv_label_column: str | None = None,
 ) -> Dataset:
     """Load a registered dataset, or an image folder or CSV given by path, as uint8 tensors.
 
     `image_size` resizes every image to that square side (image folders and CSVs: the side the model sees).
-    `data_cache` and `resize` (default crop) apply to image folders and CSVs, whose photos have any shape.
+    `data_cache` and `resize` (default crop; squash for multi-label CSVs) apply to image folders and CSVs, whose
+    photos have any shape.
+    `csv_image_column` and `csv_label_column` name a CSV's columns (default: found by their names).
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise OptionError("on_bad_image", f": expected one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
@@ -107,7 +111,10 @@ def load_dataset(
     if is_folder_name(name) and is_csv_name(name):
         from cnnlab.data.csvlabels import load_csv_labels
 
-        return load_csv_labels(name, image_size, on_bad_image, data_cache, resize or "crop")
+        return load_csv_labels(name, image_size, on_bad_image, data_cache, resize, csv_image_column, csv_label_column)
+    for option, given in (("csv_image_column", csv_image_column), ("csv_label_column", csv_label_column)):
+        if given is not None:
+            raise OptionError(option, f"names a column of a CSV labels file; {name} is not one")
     if is_folder_name(name):
         from cnnlab.data.folders import load_image_folder
 

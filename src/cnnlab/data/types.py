@@ -12,7 +12,9 @@ import torch
 
 @dataclass
 class ImageSet:
-    """Images as uint8 (N, C, H, W) and labels as int64 (N,), in memory or (`DiskImages`) in a decode cache file.
+    """Images as uint8 (N, C, H, W) and labels, in memory or (`DiskImages`) in a decode cache file.
+
+    Labels are class indices, int64 (N,), or for multi-label data a multi-hot uint8 (N, K) (1 where the label applies).
 
     Photo sources (image folders, CSVs) store canvases: `boxes` (N, 2) gives the (h, w) each image fills at its
     canvas's top-left, `size` the model's side and `resize` the policy that cuts the model's input from the canvas
@@ -28,7 +30,7 @@ class ImageSet:
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels.shape != (self.images.shape[0],):
+        if self.labels.dim() not in (1, 2) or self.labels.shape[0] != self.images.shape[0]:
             raise ValueError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
         if self.boxes is not None and self.boxes.shape != (self.images.shape[0], 2):
             raise ValueError(f"{self.images.shape[0]} images but boxes of shape {tuple(self.boxes.shape)}")
@@ -45,6 +47,11 @@ class ImageSet:
     def channels(self) -> int:
         """Number of image channels C."""
         return self.images.shape[1]
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether each image has a set of labels (multi-hot (N, K)) rather than one class."""
+        return self.labels.dim() == 2
 
     @property
     def side(self) -> int:
@@ -112,9 +119,31 @@ class Dataset:
         """Side of the (square) images the model sees."""
         return self.train.side
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether each image has a set of labels (a CSV with `a;b` cells) rather than one class."""
+        return self.train.multi_label
+
+
+def strata(labels: torch.Tensor) -> torch.Tensor:
+    """The class each image is stratified by, int64 (N,): its label, or for multi-hot labels (N, K) its rarest one.
+
+    Stratifying multi-label images by their rarest label keeps rare labels in every split (a cheap stand-in for
+    iterative stratification); an image without labels gets stratum K.
+    """
+    if labels.dim() == 1:
+        return labels
+    freq = labels.sum(0).double()  # (K,) images per label
+    masked = torch.where(labels > 0, freq, torch.full_like(labels, float("inf"), dtype=torch.float64))
+    return torch.where((labels > 0).any(1), masked.argmin(1), torch.full((len(labels),), labels.shape[1]))
+
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split indices into (rest, held_out) with `fraction` of every class held out, deterministically for `seed`."""
+    """Split indices into (rest, held_out) with `fraction` of every class held out, deterministically for `seed`.
+
+    Multi-hot labels (N, K) are stratified by each image's rarest label (`strata`).
+    """
+    labels = strata(labels)
     g = torch.Generator().manual_seed(seed)
     rest, held = [], []
     for c in torch.unique(labels).tolist():

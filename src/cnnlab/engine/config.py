@@ -76,8 +76,8 @@ class TrainConfig:
         None, "resize images to this square side (image folders: 64, or 224 with pretrained weights)", _G_WHAT,
         unit="pixels", lo=1)  # fmt: skip
     on_bad_image: str = option(
-        "error", "image folders: stop at a corrupt/non-image file naming it, or skip and list it", _G_WHAT,
-        choices=BAD_IMAGE_POLICIES)  # fmt: skip
+        "error", "image folders and CSVs: stop at a corrupt image or bad CSV row naming it, or skip and list it",
+        _G_WHAT, choices=BAD_IMAGE_POLICIES)  # fmt: skip
     resize: str | None = option(
         None, "photos of any shape (image folders, CSVs): crop = train on random resized crops, evaluate on the "
         "centre (default); squash = whole image, aspect ignored; pad = whole image, black borders", _G_WHAT,
@@ -86,6 +86,12 @@ class TrainConfig:
         "auto", "image folders and CSVs are decoded once to a cache file; auto keeps it in memory when it takes at "
         "most 1/4 of the free memory, else reads it per batch (disk); none: no file, in memory", _G_WHAT,
         choices=DATA_CACHE_CHOICES)  # fmt: skip
+    csv_image_column: str | None = option(
+        None, "CSV data: the column naming each image file (default: one named image/file/path/id, else the first)",
+        _G_WHAT, metavar="NAME")  # fmt: skip
+    csv_label_column: str | None = option(
+        None, "CSV data: the column of labels, `a;b` for several (default: one named label/class/..., else the "
+        "second)", _G_WHAT, metavar="NAME")  # fmt: skip
     pretrained: bool = option(
         False, "start from torchvision's pretrained weights (downloaded to torch's hub cache if online)", _G_WHAT
     )
@@ -202,7 +208,7 @@ class TrainConfig:
         `custom_model`: the network is the user's own module, so `model` is only its name (not a registered one).
         """
         from cnnlab.data.pipeline import parse_augment
-        from cnnlab.data.sources import is_folder_name
+        from cnnlab.data.sources import is_csv_name, is_folder_name
         from cnnlab.engine.device import resolve_device
         from cnnlab.models.registry import model_info
 
@@ -236,6 +242,9 @@ class TrainConfig:
             get_recipe(self.recipe)
         if self.augment is not None:
             self.augment = parse_augment(self.augment)
+        for name in ("csv_image_column", "csv_label_column"):
+            if getattr(self, name) is not None and not (is_folder_name(self.data) and is_csv_name(self.data)):
+                raise OptionError(name, f"names a column of a CSV labels file; {self.data} is not one")
         if is_folder_name(self.data):
             # An absolute path, so that resume and evaluate find the folder from any working directory.
             try:

@@ -102,6 +102,15 @@ def all_sum(values: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(flat.unbind())
 
 
+def all_rows(value: torch.Tensor) -> torch.Tensor:
+    """The rows (N_r, ...) of every process concatenated in rank order, on the CPU; as is in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value.detach().cpu())
+    return torch.cat(parts)
+
+
 def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():

@@ -131,12 +131,16 @@ def export_run(
     atomic_write_bytes(path, data)
     meta = {
         "model": loaded.record.model.name, "format": fmt, "exporter": exporter, "input": "input",
-        "output": "logits (apply softmax for probabilities)", "layout": "NCHW float32",
+        "output": ("logits (apply a sigmoid per label; a label is predicted at probability >= its threshold)"
+                   if loaded.multi_label else "logits (apply softmax for probabilities)"),
+        "layout": "NCHW float32",
         "image_size": loaded.image_size, "channels": loaded.channels, "mean": list(loaded.norm.mean),
         "std": list(loaded.norm.std), "pixel_scale": "divide 8-bit values by 255, then (x - mean) / std",
         "resize": "shorter side to image_size, centre crop", "classes": list(loaded.classes),
         "parity_max_abs_diff": worst, "run": str(loaded.path),
     }  # fmt: skip
+    if loaded.multi_label:
+        meta["thresholds"] = dict(zip(loaded.classes, loaded.thresholds.tolist(), strict=True))
     meta_path = atomic_write_json(path.with_name(path.name + ".json"), meta)
     return ExportResult(path, meta_path, fmt, worst, sizes, exporter)
 

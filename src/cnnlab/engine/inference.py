@@ -22,11 +22,13 @@ from cnnlab.data.sources import Dataset, ImageSet, is_folder_name, load_dataset
 from cnnlab.engine import rundir
 from cnnlab.engine.checkpoint import apply_state_dict, load_checkpoint, load_weights
 from cnnlab.engine.evaluate import predict_logits
+from cnnlab.engine.loss import class_loss
 from cnnlab.engine.metrics import (
     balanced_accuracy,
     confusion_matrix,
     macro_f1,
     most_confused,
+    multilabel_report,
     per_class_report,
     topk_correct,
 )
@@ -43,6 +45,8 @@ class LoadedRun:
     record: RunRecord
     model: nn.Module
     weights: Path  # the file the weights came from
+    _thresholds: torch.Tensor | None = field(default=None, repr=False)
+    thresholds_note: str = ""  # how the thresholds were chosen (multi-label runs, once read)
 
     @classmethod
     def of(
@@ -85,6 +89,23 @@ class LoadedRun:
         """
         train = self.record.train
         return train.resize if train is not None else None
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the run predicts a set of labels per image (sigmoid outputs, a threshold per label)."""
+        return self.record.data.multi_label
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """Multi-label: the probability (K,) at which each label is predicted, as training chose it on validation."""
+        if self._thresholds is None:
+            values, self.thresholds_note = rundir.read_thresholds(self.path, self.classes)
+            self._thresholds = torch.tensor(values)
+        return self._thresholds
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K) -> probabilities: softmax over the classes, or for multi-label runs a sigmoid per label."""
+        return logits.float().sigmoid() if self.multi_label else logits.float().softmax(1)
 
     def model_input(self, img: Any) -> torch.Tensor:
         """One decoded Pillow image -> uint8 (C, S, S) exactly as evaluation fed training's images to the model."""
@@ -165,6 +186,8 @@ class Evaluation:
     balanced_accuracy: float = float("nan")  # mean recall over the classes present (imbalanced data's accuracy)
     macro_f1: float = float("nan")  # mean F1 over the classes seen, each class counting the same
 
+    multi_label = False
+
     def headline(self) -> str:
         """The first line `cnnlab evaluate` prints: accuracies, loss, balanced accuracy and macro-F1."""
         absent = int((self.confusion.sum(1) == 0).sum())
@@ -191,6 +214,47 @@ class Evaluation:
         }  # fmt: skip
 
 
+@dataclass
+class MultiLabelEvaluation:
+    """Every number `cnnlab evaluate` reports for a multi-label run, plus what the pictures need."""
+
+    run: str
+    data: str
+    split: str
+    n: int
+    mAP: float  # the field's name in the literature and in `evaluate --json`
+    exact_match: float  # images whose every label is predicted right at the run's thresholds
+    loss: float  # mean binary cross-entropy per label, without label smoothing
+    classes: tuple[str, ...]
+    report: dict[str, Any]  # per label: AP, threshold, precision, recall, F1, support; macro and micro averages
+    worst: list[dict[str, Any]]  # the images with the highest loss among those with a wrong label
+    images: torch.Tensor = field(repr=False)
+    thresholds: str = ""  # how the thresholds were chosen
+
+    multi_label = True
+
+    def headline(self) -> str:
+        """The first line `cnnlab evaluate` prints: mAP, exact match, micro and macro F1, loss."""
+        absent = sum(1 for r in self.report["per_class"] if r["support"] == 0)
+        left_out = f" (over the labels present; {absent} have no {self.split} image)" if absent else ""
+        return (f"{self.data} {self.split} split, {self.n:,} images: mAP {self.mAP:.3f}{left_out}, exact match "
+                f"{self.exact_match:.2%}, micro-F1 {self.report['micro']['f1']:.3f}, macro-F1 "
+                f"{self.report['macro']['f1']:.3f}, loss {self.loss:.4f} (thresholds: {self.thresholds})")  # fmt: skip
+
+    def mistake_captions(self) -> list[str]:
+        """One caption per worst image: its true labels and the predicted ones, on two lines."""
+        return [f"true {w['true'] or '-'}\npred {w['predicted'] or '-'}" for w in self.worst]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able numbers (no pictures)."""
+        return {
+            "run": self.run, "data": self.data, "split": self.split, "n": self.n, "multi_label": True,
+            "mAP": self.mAP, "exact_match": self.exact_match, "loss": self.loss, "classes": list(self.classes),
+            "thresholds_chosen": self.thresholds, **{k: v for k, v in self.report.items() if k != "mAP"},
+            "worst": self.worst,
+        }  # fmt: skip
+
+
 def eval_data(loaded: LoadedRun, data: str | None, data_dir: str | None, split: str) -> tuple[ImageSet, str]:
     """The images to evaluate: the run's own test split by default, or another dataset/folder with the same classes."""
     train = loaded.record.train
@@ -200,10 +264,15 @@ def eval_data(loaded: LoadedRun, data: str | None, data_dir: str | None, split: 
         name, data_dir if data else (data_dir or own_dir), download=bool(train and train.download),
         image_size=loaded.image_size, on_bad_image=train.on_bad_image if train and not data else "error",
         resize=loaded.resize if is_folder_name(name) else None,
+        csv_image_column=train.csv_image_column if train and not data else None,
+        csv_label_column=train.csv_label_column if train and not data else None,
     )  # fmt: skip
     if tuple(ds.classes) != loaded.classes:
         raise OptionError("data", f"{name}: its classes ({_short(ds.classes)}) differ from the run's "
                                   f"({_short(loaded.classes)})")  # fmt: skip
+    if ds.multi_label != loaded.multi_label:
+        kinds = ("one class per image", "several labels per image")
+        raise OptionError("data", f"{name}: {kinds[ds.multi_label]}, the run predicts {kinds[loaded.multi_label]}")
     if ds.channels != loaded.channels:
         raise OptionError("data", f"{name}: {ds.channels}-channel images, the model takes {loaded.channels}")
     parts = {"test": [ds.test], "train": [ds.train], "val": [ds.val] if ds.val is not None else [],
@@ -224,16 +293,22 @@ def _short(names: Sequence[str]) -> str:
 def evaluate_run(
     loaded: LoadedRun, data: str | None = None, data_dir: str | None = None, split: str = "test", worst: int = 16,
     images: ImageSet | None = None, name: str = "",
-) -> Evaluation:  # fmt: skip
+) -> Evaluation | MultiLabelEvaluation:  # fmt: skip
     """Top-1/top-5, loss, per-class metrics, confusion matrix and the most confident mistakes of a trained run.
 
     The images are the run's `split` of `data` (default: its own dataset), or `images` (named `name`) if given.
+    A multi-label run gives a MultiLabelEvaluation: mAP, exact match, per-label AP/P/R/F1 at its thresholds.
     """
     if images is None:
         images, name = eval_data(loaded, data, data_dir, split)
     if len(images) == 0:
         raise UsageError(f"{name}: the {split} split is empty")
+    if images.multi_label != loaded.multi_label:
+        raise UsageError(f"{name}: {'multi' if images.multi_label else 'single'}-label images for a "
+                         f"{'multi' if loaded.multi_label else 'single'}-label run")  # fmt: skip
     logits = logits_of(loaded, images)
+    if loaded.multi_label:
+        return _evaluate_multi_label(loaded, images, logits, name, split, worst)
     labels = images.labels
     k = len(loaded.classes)
     probs = logits.softmax(1)
@@ -253,6 +328,29 @@ def evaluate_run(
     )  # fmt: skip
 
 
+def _evaluate_multi_label(loaded: LoadedRun, images: ImageSet, logits: torch.Tensor, name: str, split: str,
+                          worst: int) -> MultiLabelEvaluation:  # fmt: skip
+    """mAP, exact match, per-label AP/precision/recall/F1 at the run's thresholds, and the worst images."""
+    truth = images.labels.cpu()
+    probs, thresholds = logits.sigmoid(), loaded.thresholds
+    report = multilabel_report(probs, truth, thresholds, loaded.classes)
+    per_image = class_loss(logits, truth, reduction="none", multi_label=True)  # (N,)
+    pred = probs >= thresholds[None, :]
+    wrong = (pred != (truth > 0)).any(1).nonzero().flatten()
+    order = wrong[torch.argsort(per_image[wrong], descending=True, stable=True)][:worst]
+
+    def names(row: torch.Tensor) -> str:
+        return ";".join(loaded.classes[k] for k in row.nonzero().flatten().tolist())
+
+    mistakes = [{"index": i, "true": names(truth[i]), "predicted": names(pred[i]), "loss": float(per_image[i])}
+                for i in order.tolist()]  # fmt: skip
+    return MultiLabelEvaluation(
+        run=str(loaded.path), data=name, split=split, n=len(truth), mAP=report["mAP"],
+        exact_match=report["exact_match"], loss=float(per_image.mean()), classes=loaded.classes, report=report,
+        worst=mistakes, images=images.final(order), thresholds=loaded.thresholds_note,
+    )  # fmt: skip
+
+
 def training_batch(loaded: LoadedRun, count: int = 32, seed: int = 0) -> tuple[torch.Tensor, list[str], str]:
     """A batch drawn as the run's training draws them: uint8 images (B, C, S, S) as the model saw them (normalisation
     undone), a caption per image (its label, or the two labels MixUp/CutMix blended, with their weights), a title."""
@@ -269,9 +367,13 @@ def training_batch(loaded: LoadedRun, count: int = 32, seed: int = 0) -> tuple[t
     x, y = next(iter(loader))
     classes = loaded.classes
     mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(classes))
-    captions = [classes[int(i)] for i in y]
+    if y.dim() == 2:  # multi-label: each image's labels
+        captions = [";".join(classes[k] for k in row.nonzero().flatten().tolist()) for row in y]
+    else:
+        captions = [classes[int(i)] for i in y]
     if mixer is not None:
         x, target = mixer(x, y, g)
+        # The two largest weights: the two classes blended (multi-label: the two labels that weigh most).
         top = target.topk(min(2, target.shape[1]), dim=1)
         captions = [" / ".join(f"{classes[int(k)]} {v:.0%}" for v, k in zip(vals, idx, strict=True) if v > 0.005)
                     for vals, idx in zip(top.values.tolist(), top.indices.tolist(), strict=True)]  # fmt: skip
@@ -306,28 +408,51 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 @dataclass
 class Prediction:
-    """The top-k labels of one image, most probable first."""
+    """The top-k labels of one image, most probable first; for a multi-label run, every label above its threshold."""
 
     file: str
     labels: list[str]
     probs: list[float]
+    thresholds: list[float] | None = None  # multi-label: the threshold each of `labels` reached
 
     @property
-    def label(self) -> str:
-        """The most probable label."""
-        return self.labels[0]
+    def multi_label(self) -> bool:
+        """Whether these are the labels of a multi-label run (possibly none)."""
+        return self.thresholds is not None
 
     @property
-    def prob(self) -> float:
+    def label(self) -> str | None:
+        """The most probable label (None when no label of a multi-label run reaches its threshold)."""
+        return self.labels[0] if self.labels else None
+
+    @property
+    def prob(self) -> float | None:
         """Its probability."""
-        return self.probs[0]
+        return self.probs[0] if self.probs else None
 
     def to_dict(self) -> dict[str, Any]:
-        """{'file', 'top': [{'label', 'prob'}, ...]}."""
+        """{'file', 'top': [{'label', 'prob'}]}; multi-label: {'file', 'labels': [{'label', 'prob', 'threshold'}]}."""
+        if self.thresholds is not None:
+            rows = zip(self.labels, self.probs, self.thresholds, strict=True)
+            return {"file": self.file, "labels": [{"label": la, "prob": p, "threshold": t} for la, p, t in rows]}
         return {
             "file": self.file,
             "top": [{"label": la, "prob": p} for la, p in zip(self.labels, self.probs, strict=True)],
         }
+
+
+def predictions(loaded: LoadedRun, logits: torch.Tensor, names: Sequence[Any], top_k: int = 5) -> list[Prediction]:
+    """Predictions from a run's logits (N, K): the top-k classes, or (multi-label) every label above its threshold."""
+    probs = loaded.probabilities(logits)
+    if not loaded.multi_label:
+        return _topk(probs, names, loaded.classes, top_k)
+    th = loaded.thresholds.tolist()
+    out = []
+    for name, row in zip(names, probs.tolist(), strict=True):
+        above = sorted((k for k in range(len(row)) if row[k] >= th[k]), key=lambda k: -row[k])
+        out.append(Prediction(str(name), [loaded.classes[k] for k in above], [round(row[k], 6) for k in above],
+                              [round(th[k], 6) for k in above]))  # fmt: skip
+    return out
 
 
 def _topk(probs: torch.Tensor, files: Sequence[Path], classes: Sequence[str], k: int) -> list[Prediction]:
@@ -345,13 +470,13 @@ def load_files_for_run(loaded: LoadedRun, files: Sequence[Path], invert: bool = 
 def predict_files(
     loaded: LoadedRun, inputs: Sequence[str], top_k: int = 5, invert: bool = False, batch_size: int = 256
 ) -> list[Prediction]:
-    """Top-k labels and probabilities for each image file (folders expanded), in batches."""
+    """Top-k labels and probabilities for each image file (folders expanded), in batches (see `predictions`)."""
     files = expand_inputs(inputs)
     out: list[Prediction] = []
     for i in range(0, len(files), batch_size):
         chunk = files[i : i + batch_size]
-        probs = logits_of(loaded, load_files_for_run(loaded, chunk, invert), batch_size).softmax(1)
-        out += _topk(probs, chunk, loaded.classes, top_k)
+        out += predictions(loaded, logits_of(loaded, load_files_for_run(loaded, chunk, invert), batch_size), chunk,
+                           top_k)  # fmt: skip
     return out
 
 

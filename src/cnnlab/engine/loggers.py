@@ -46,9 +46,10 @@ EXPERIMENT = "cnnlab"  # the MLflow experiment, unless $MLFLOW_EXPERIMENT_NAME n
 TB_TAGS = {
     "train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train", "val_acc": "accuracy/val",
     "seconds": "time/epoch_seconds", "elapsed": "time/elapsed_seconds",
-    "test_loss": "test/loss", "test_acc": "test/accuracy", "test_top5": "test/top5",
+    "test_loss": "test/loss", "test_acc": "test/accuracy", "test_top5": "test/top5", "val_mAP": "mAP/val",
+    "test_map": "test/mAP",
 }  # fmt: skip
-TEST_FIELDS = ("test_loss", "test_acc", "test_top5")  # of TrainResult, logged at the end
+TEST_FIELDS = ("test_loss", "test_acc", "test_top5", "test_map")  # of TrainResult, logged at the end (when measured)
 
 
 class Pictures:
@@ -93,7 +94,7 @@ def test_confusion(loop: Trainer) -> torch.Tensor | None:
     from cnnlab.engine.metrics import confusion_matrix
 
     test = loop.data.test
-    if len(test) == 0:
+    if len(test) == 0 or test.multi_label:  # a multi-label image has no single predicted class
         return None
     # The whole split on this process (rank 0), not the shard loop.eval_loader gives each process.
     loader = BatchLoader(test, loop.config.eval_batch_size, loop.norm, device=loop.device,
@@ -142,7 +143,7 @@ class ExperimentLogger(Callback):
         """Log the test metrics and the pictures, then close."""
         if not self.active:
             return
-        test = {name: float(getattr(result, name)) for name in TEST_FIELDS}
+        test = {name: float(getattr(result, name)) for name in TEST_FIELDS if getattr(result, name) is not None}
         self.log_end(loop.epoch, {k: v for k, v in test.items() if math.isfinite(v)}, self.pictures.paths(loop, result))
         self.close()
         self.active = False

@@ -55,6 +55,7 @@ class DataRecord:
     val_size: int = 0
     test_size: int = 0
     validation: str = ""
+    multi_label: bool = False  # a set of labels per image (sigmoid outputs, thresholds.json) rather than one class
     extra: dict[str, Any] = field(default_factory=dict)  # what the source adds: folder, files skipped, ...
 
 
@@ -152,6 +153,12 @@ class _Reader:
             raise self.bad(f"{where}.{key}", "is missing or not a text")
         return v
 
+    def flag(self, part: dict[str, Any], key: str, where: str) -> bool:
+        v = part.get(key, False)
+        if not isinstance(v, bool):
+            raise self.bad(f"{where}.{key}", f"must be true or false, got {v!r:.40}")
+        return v
+
     def numbers(self, part: dict[str, Any], key: str, n: int) -> tuple[float, ...]:
         v = part.get(key)
         finite = isinstance(v, list) and all(
@@ -200,6 +207,7 @@ class _Reader:
             val_size=self.count(d, "val_size", "data", lo=0, default=0),
             test_size=self.count(d, "test_size", "data", lo=0, default=0),
             validation=self.text(d, "validation", "data", default=""),
+            multi_label=self.flag(d, "multi_label", "data"),
             extra={k: v for k, v in d.items() if k not in known},
         )  # fmt: skip
 

@@ -26,7 +26,14 @@ class TrainResult:
     skipped_steps: int = 0  # steps skipped by --on-nan skip
     steps: int = 0  # optimizer steps taken
     time_budget: float | None = None  # seconds, when the schedule was planned to a time budget
+    test_map: float | None = None  # multi-label data: mean average precision on the test split (test_acc: exact match)
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def headline(self) -> str:
+        """The test numbers in words: accuracy (top-5, loss), or for multi-label data mAP (exact match, loss)."""
+        if self.test_map is not None:
+            return f"test mAP {self.test_map:.3f} (exact match {self.test_acc:.2%}, loss {self.test_loss:.4f})"
+        return f"test accuracy {self.test_acc:.2%} (top-5 {self.test_top5:.2%}, loss {self.test_loss:.4f})"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (without the per-epoch history)."""

@@ -1,4 +1,5 @@
-"""A run directory: config.json, metrics.csv, best.safetensors, last.ckpt, curves.png, results.json."""
+"""A run directory: config.json, metrics.csv, best.safetensors, last.ckpt, curves.png, results.json, and for
+multi-label data thresholds.json."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from typing import Any
 from cnnlab.errors import OptionError, UsageError
 from cnnlab.fileio import atomic_write_json, atomic_write_text
 
-CONFIG, METRICS, BEST, LAST, CURVES, RESULTS = (
-    "config.json", "metrics.csv", "best.safetensors", "last.ckpt", "curves.png", "results.json",
+CONFIG, METRICS, BEST, LAST, CURVES, RESULTS, THRESHOLDS = (
+    "config.json", "metrics.csv", "best.safetensors", "last.ckpt", "curves.png", "results.json", "thresholds.json",
 )  # fmt: skip
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "elapsed")
 
@@ -117,6 +118,32 @@ def read_config(run: Path) -> dict[str, Any]:
 def write_config(run: Path, config: dict[str, Any]) -> Path:
     """Write config.json atomically."""
     return atomic_write_json(run / CONFIG, config)
+
+
+def write_thresholds(run: Path, classes: tuple[str, ...], thresholds: list[float], how: str) -> Path:
+    """Write a multi-label run's decision threshold per label (a label is predicted at probability >= it)."""
+    return atomic_write_json(run / THRESHOLDS, {"thresholds": dict(zip(classes, thresholds, strict=True)),
+                                                "chosen": how})  # fmt: skip
+
+
+def read_thresholds(run: Path, classes: tuple[str, ...]) -> tuple[list[float], str]:
+    """A multi-label run's thresholds in class order and how they were chosen; 1/2 each if the run has none yet.
+
+    The file is checked as any input is: one number in (0, 1) per class of the run, or a one-line error.
+    """
+    path = run / THRESHOLDS
+    if not path.is_file():
+        return [0.5] * len(classes), f"no {THRESHOLDS} (the run has not finished): 1/2 for every label"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        given = doc["thresholds"]
+        values = [given[c] for c in classes]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:80]}); one threshold per class "
+                         "is expected") from None  # fmt: skip
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1 for v in values):
+        raise UsageError(f"{path}: every threshold must be a number between 0 and 1")
+    return [float(v) for v in values], str(doc.get("chosen", ""))[:200]
 
 
 def write_metrics(run: Path, rows: list[dict[str, Any]]) -> Path:

@@ -15,7 +15,7 @@ class EpochProgress:
     order: torch.Tensor  # (N,) sample indices of this epoch
     batch: int  # batches done
     loss_sum: torch.Tensor  # () sum of per-sample loss
-    correct: torch.Tensor  # () top-1 hits
+    correct: torch.Tensor  # () top-1 hits (multi-label: images with every label right)
     first_bad: torch.Tensor  # () global step of the first non-finite loss, -1 if none
     seen: int  # samples done
     lr: float  # learning rate when the epoch started (the metrics row reports it)
@@ -26,7 +26,9 @@ class EpochProgress:
             (self.first_bad < 0) & ~torch.isfinite(loss), torch.full_like(self.first_bad, step), self.first_bad
         )
         self.loss_sum = self.loss_sum + loss * y.numel()
-        self.correct = self.correct + (logits.argmax(1) == y).sum()
+        # Multi-hot labels (B, K): an image counts when every label is decided right at probability 1/2.
+        hit = ((logits > 0) == (y > 0)).all(1) if y.dim() == 2 else logits.argmax(1) == y
+        self.correct = self.correct + hit.sum()
         self.batch += 1
         self.seen += y.numel()
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import cnnlab
-from cnnlab.data.balance import imbalance_note, inverse_frequency
+from cnnlab.data.balance import MULTI_LABEL_SAMPLER, imbalance_note, inverse_frequency, positive_weights
 from cnnlab.data.pipeline import BatchLoader, Normalization, batch_mixer, channel_stats
 from cnnlab.data.sources import Dataset, stratified_split
 from cnnlab.engine import callbacks as cbs
@@ -57,6 +57,7 @@ from cnnlab.engine.device import (
 from cnnlab.engine.evaluate import evaluate_batches, predict_logits
 from cnnlab.engine.loggers import check_installed, make_loggers
 from cnnlab.engine.loss import class_loss
+from cnnlab.engine.metrics import best_thresholds
 from cnnlab.engine.optim import build_optimizer, build_scheduler, classifier_modules, split_parameters  # noqa: F401
 from cnnlab.engine.record import DataRecord, ModelRecord, RunRecord, Runtime
 from cnnlab.engine.reporter import Reporter, TrainStart
@@ -69,6 +70,7 @@ from cnnlab.engine.setup import (
     finished_result,
     load_training_data,
     preflight,  # noqa: F401
+    prior_bias,
     run_to_resume,
 )
 from cnnlab.engine.state import EpochProgress
@@ -136,6 +138,7 @@ class Trainer:
             distributed.barrier()
         if dataset is not None:
             self._adopt(dataset)
+        self.multi_label = self.data.multi_label  # a set of labels per image: sigmoid outputs, BCE, thresholds
         self.augment = tuple(self.cfg.augment) if self.cfg.augment is not None else self.data.default_augment
         self.augment_note = None  # said as training starts (after every check: an error stays one line)
         if self.cfg.augment is None:
@@ -161,7 +164,12 @@ class Trainer:
     def _build(self) -> None:
         """Model, loaders, optimizer, grad scaler."""
         cfg = self.cfg
-        self.model = self._create_model().to(self.device)
+        self.model = self._create_model()
+        if self.multi_label:
+            change = prior_bias(self.model, self.train_set.labels.cpu())
+            if change and hasattr(self.model, "cnnlab_changes"):
+                self.model.cnnlab_changes = [*self.model.cnnlab_changes, change]
+        self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
@@ -233,6 +241,8 @@ class Trainer:
     def _balance(self) -> None:
         """Say when the training classes are imbalanced; the class weights of the loss (None unless asked for)."""
         cfg, labels, classes = self.cfg, self.train_set.labels, self.data.classes
+        if self.multi_label and cfg.sampler == "balanced":
+            raise OptionError("sampler", MULTI_LABEL_SAMPLER)
         note = imbalance_note(labels, classes)
         if note and cfg.class_weights == "none" and cfg.sampler == "shuffle":
             note += ("; class_weights='auto' or sampler='balanced' (--class-weights auto, --sampler balanced) "
@@ -240,7 +250,9 @@ class Trainer:
         if note:
             self.reporter.message(note)
         self.class_weight = None  # (K,) or None
-        if cfg.class_weights == "auto":
+        if cfg.class_weights == "auto" and self.multi_label:
+            self.class_weight = positive_weights(labels).to(self.device)  # BCE's pos_weight per label
+        elif cfg.class_weights == "auto":
             weight = inverse_frequency(labels, len(classes))
             if cfg.sampler == "balanced":
                 self.reporter.message(
@@ -435,6 +447,7 @@ class Trainer:
                 name=d.name, classes=tuple(d.classes), channels=d.channels, image_size=d.image_size,
                 mean=tuple(self.norm.mean), std=tuple(self.norm.std), augment=tuple(self.augment),
                 train_size=len(self.train_set), val_size=len(self.val_set) if self.val_set is not None else 0,
+                multi_label=self.multi_label,
                 test_size=len(d.test),
                 validation=f"{self.cfg.val_split:g} of train" if d.val is None else "given by the source",
                 extra=dict(d.extra),
@@ -569,7 +582,8 @@ class Trainer:
                     x, target = self.mixer(x, y, self.gen)  # y stays the first image's label, for train accuracy
                 with autocast(self.device, self.dtype):
                     logits = self.train_model(x)
-                    loss = class_loss(logits.float(), target, self.cfg.label_smoothing, self.class_weight)
+                    loss = class_loss(logits.float(), target, self.cfg.label_smoothing, self.class_weight,
+                                      multi_label=self.multi_label)  # fmt: skip
                 part = loss if len(group) == 1 else loss * (len(y) / total)
                 (self.scaler.scale(part) if self.scaler else part).backward()
             mean = part.detach() if mean is None else mean + part.detach()
@@ -638,8 +652,10 @@ class Trainer:
             row: dict[str, Any] = {"epoch": self.epoch + 1, **self.train_epoch()}
             if val_loader is not None:
                 val = evaluate_batches(self.eval_model, iter(val_loader), self.cfg.label_smoothing, self.dtype,
-                                       self.cfg.tta, self.class_weight)  # fmt: skip
+                                       self.cfg.tta, self.class_weight, multi_label=self.multi_label)  # fmt: skip
                 row.update(val_loss=val["loss"], val_acc=val["acc"])
+                if self.multi_label:
+                    row["val_mAP"] = val["mAP"]
             self.epoch += 1
             row["seconds"] = time.perf_counter() - t0
             self.elapsed += row["seconds"]
@@ -653,6 +669,26 @@ class Trainer:
                 return True
         return False
 
+    def _choose_thresholds(self) -> None:
+        """Multi-label: each label's decision threshold, the one with the best F1 on the validation split.
+
+        Written to thresholds.json in the run (predict and evaluate read it) and kept as `self.thresholds`.
+        """
+        loader = self.eval_loader("val")
+        k = len(self.data.classes)
+        if loader is None:
+            chosen, how = torch.full((k,), 0.5), "no validation split: 1/2 for every label"
+        else:
+            val = evaluate_batches(self.model, iter(loader), self.cfg.label_smoothing, self.dtype, self.cfg.tta,
+                                   self.class_weight, keep=True, multi_label=True)  # fmt: skip
+            chosen = best_thresholds(val["probs"], val["labels"])
+            missing = int((val["labels"].sum(0) == 0).sum())
+            how = (f"best F1 per label on the validation split ({val['n']:,} images)"
+                   + (f"; {missing} label(s) absent there keep 1/2" if missing else ""))  # fmt: skip
+        self.thresholds = chosen
+        if self.run:
+            rundir.write_thresholds(self.run, self.data.classes, chosen.tolist(), how)
+
     def finish(self, stopped_early: bool, started: float) -> TrainResult:
         """Restore the best weights, evaluate on the test split, write results and curves."""
         from cnnlab.inspect.visualize import plot_curves
@@ -663,18 +699,18 @@ class Trainer:
         elif self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         test_loader = self.eval_loader("test")
-        test = (
-            evaluate_batches(
-                self.model, iter(test_loader), self.cfg.label_smoothing, self.dtype, self.cfg.tta, self.class_weight
-            )
-            if test_loader
-            else {"loss": float("nan"), "acc": float("nan"), "top5": float("nan")}
-        )
+        test: dict[str, Any] = {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "mAP": float("nan")}
+        if test_loader:
+            test = evaluate_batches(self.model, iter(test_loader), self.cfg.label_smoothing, self.dtype, self.cfg.tta,
+                                    self.class_weight, multi_label=self.multi_label)  # fmt: skip
+        if self.multi_label:
+            self._choose_thresholds()
         result = TrainResult(
             run_dir=run, model=self.cfg.model, data=self.data.name, test_acc=test["acc"], test_loss=test["loss"],
             test_top5=test["top5"], best_epoch=self.best_epoch, epochs_run=self.epoch, stopped_early=stopped_early,
             seconds=self.clock() - started, device=str(self.device),
             skipped_steps=self.skipped_steps, steps=self.step, time_budget=self.cfg.time_budget, history=self.history,
+            test_map=test.get("mAP") if self.multi_label else None,
         )  # fmt: skip
         if run:
             atomic_write_json(run / rundir.RESULTS, result.to_dict())

@@ -172,7 +172,7 @@ class Explorer:
         pixels = self.input_image(image, test_index, center)
         x = run.prepare(pixels[None])
         _, outs, logits = layer_inputs_and_outputs(run.model, x, self.layers())
-        probs = logits.softmax(1)[0]
+        probs = run.probabilities(logits)[0]  # softmax; a multi-label run: a sigmoid per label
         values, idx = probs.topk(min(top_k, len(run.classes)))
         layers = []
         for name, a in outs.items():
@@ -183,7 +183,11 @@ class Explorer:
             })  # fmt: skip
         shown = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
         top = [{"label": run.classes[i], "prob": float(v)} for v, i in zip(values.tolist(), idx.tolist(), strict=True)]
-        return {"top": top, "input": png_data_url(shown), "layers": layers}
+        if run.multi_label:  # each label is a yes/no of its own: say which reach their thresholds
+            th = run.thresholds
+            for t, i in zip(top, idx.tolist(), strict=True):
+                t.update(threshold=float(th[i]), predicted=bool(t["prob"] >= th[i]))
+        return {"top": top, "input": png_data_url(shown), "layers": layers, "multi_label": run.multi_label}
 
     def explain(self, image: str | None, test_index: int | None, center: bool, layer: str, channel: int, x: int,
                 y: int) -> dict[str, Any]:  # fmt: skip

@@ -80,11 +80,13 @@ class GradCam:
     layer: str
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, layer: str | None = None, class_index: int | None = None) -> GradCam:
+def grad_cam(model: nn.Module, x: torch.Tensor, layer: str | None = None, class_index: int | None = None,
+             multi_label: bool = False) -> GradCam:  # fmt: skip
     """Grad-CAM (Selvaraju et al., 2017): ReLU(sum_c w_c A_c), w_c = mean gradient of the class score over A_c.
 
     `layer` defaults to the last convolution the forward pass calls (the last conv stage, the finest semantics
-    that still has a spatial layout). `class_index` defaults to the predicted class.
+    that still has a spatial layout). `class_index` defaults to the predicted class. `multi_label`: the model's
+    outputs are independent labels, and the probability reported is the label's sigmoid, not a softmax.
     """
     model = copy.deepcopy(model).eval()
     for m in model.modules():  # in-place activations would overwrite the feature map whose gradient we need
@@ -107,7 +109,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str | None = None, class_
     try:
         with torch.enable_grad():
             logits = model(x).float()
-            probs = logits.detach().softmax(1)[0]
+            probs = logits.detach().sigmoid()[0] if multi_label else logits.detach().softmax(1)[0]
             k = int(probs.argmax()) if class_index is None else class_index
             if not 0 <= k < logits.shape[1]:
                 raise UsageError(f"--class index {k} is outside 0..{logits.shape[1] - 1}")

@@ -97,10 +97,12 @@ async function predict() {
 
 function showPrediction(out) {
   $("seen").src = out.input;
+  // A multi-label run: each bar is its own yes/no (a sigmoid); the labels that reach their thresholds are marked.
+  const mark = (t, i) => (out.multi_label ? t.predicted : i === 0);
   $("bars").innerHTML = out.top.map((t, i) => `
-    <div class="bar${i === 0 ? " first" : ""}"><span class="label" title="${esc(t.label)}">${esc(t.label)}</span>
+    <div class="bar${mark(t, i) ? " first" : ""}"><span class="label" title="${esc(t.label)}">${esc(t.label)}</span>
       <div class="track"><div class="fill" style="width:${(100 * t.prob).toFixed(1)}%"></div></div>
-      <span>${(100 * t.prob).toFixed(1)}%</span></div>`).join("");
+      <span>${(100 * t.prob).toFixed(1)}%${out.multi_label ? (t.predicted ? " ✓" : "") : ""}</span></div>`).join("");
   const layers = $("layers");
   layers.innerHTML = "";
   for (const layer of out.layers) {
