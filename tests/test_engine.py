@@ -67,8 +67,8 @@ def test_early_stopping_restores_the_best_epoch(
     real = trainer.evaluate_batches
     val_losses = [1.0, 0.7, 0.8, 0.9, 0.95]  # best at epoch 2; with patience 2 training stops after epoch 4
 
-    def scripted(model: torch.nn.Module, batches: Any, *args: Any) -> dict[str, float]:
-        out = real(model, batches, *args)
+    def scripted(model: torch.nn.Module, batches: Any, *args: Any, **kw: Any) -> dict[str, float]:
+        out = real(model, batches, *args, **kw)
         return {**out, "loss": val_losses.pop(0)} if val_losses else out
 
     monkeypatch.setattr(trainer, "evaluate_batches", scripted)

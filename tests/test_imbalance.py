@@ -120,9 +120,9 @@ def test_training_with_class_weights_uses_the_training_splits_weights(monkeypatc
     real = trainer.class_loss
 
     def spy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0, weight: torch.Tensor | None = None,
-            reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+            reduction: str = "mean", multi_label: bool = False) -> torch.Tensor:  # fmt: skip
         seen.append(weight)
-        return real(logits, labels, smoothing, weight, reduction)
+        return real(logits, labels, smoothing, weight, reduction, multi_label)
 
     monkeypatch.setattr(trainer, "class_loss", spy)
     run = cnnlab.train("cnn-compact", skewed_dataset(), class_weights="auto", val_split=0, runs_dir=None, **FAST)
