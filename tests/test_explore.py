@@ -4,6 +4,7 @@ headless browser (Playwright driving Debian's chromium)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import io
 import os
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -183,14 +185,14 @@ needs_browser = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def server(digit_run: Path) -> Iterator[str]:
-    """The app served by uvicorn on a free local port, in a background thread."""
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """`app` served by uvicorn on a free local port, in a background thread: its address."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(load_run(digit_run)), log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -199,6 +201,13 @@ def server(digit_run: Path) -> Iterator[str]:
     yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(digit_run: Path) -> Iterator[str]:
+    """The app of the trained digit run, served."""
+    with serving(create_app(load_run(digit_run))) as url:
+        yield url
 
 
 @pytest.mark.slow
@@ -253,3 +262,172 @@ def test_cli_refuses_a_busy_or_impossible_port(capsys: pytest.CaptureFixture) ->
     assert code == 2 and "must be at most 65535" in err[-1]
     code, err = main_error(["explore", "no/such/run"], capsys)
     assert code == 2 and "no such run directory" in err[-1]
+
+
+# --- the page's bugs, each pinned in the browser at desktop and phone size ------------------------------------------
+
+DESKTOP, PHONE = {"width": 1280, "height": 900}, {"width": 390, "height": 844}
+
+
+@contextlib.contextmanager
+def browser_page(url: str, viewport: dict[str, int]) -> Iterator[Any]:
+    """A chromium page at `url`; a script error anywhere fails the test."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport=viewport)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        yield page
+        assert errors == [], errors
+        browser.close()
+
+
+def draw(page: Any, points: tuple[tuple[int, int], ...]) -> None:
+    """One stroke on the drawing pad through `points` (pad pixels), scrolled into view first."""
+    page.locator("#pad").scroll_into_view_if_needed()
+    box = page.locator("#pad").bounding_box()
+    page.mouse.move(box["x"] + points[0][0], box["y"] + points[0][1])
+    page.mouse.down()
+    for x, y in points[1:]:
+        page.mouse.move(box["x"] + x, box["y"] + y, steps=6)
+    page.mouse.up()
+
+
+def explained(page: Any) -> tuple[float, float]:
+    """(the weighted sum shown, the layer's output it is compared with) of the explain panel."""
+    text = page.locator("#explain .explain-total").inner_text()
+    found = re.search(r"= (\S+) \(the layer's output there: (\S+)\)", text)
+    assert found, text
+    return float(found.group(1)), float(found.group(2))
+
+
+def shown_as(v: float) -> str:
+    """A number as the page's fmt() shows it: three decimals, trailing zeros dropped."""
+    return f"{float(f'{v:.3f}'):g}"
+
+
+def api_total(page: Any, body: dict[str, Any]) -> float:
+    """The weighted sum the server computes for `body` (an /api/explain request), fetched from the page."""
+    script = "async (b) => (await (await fetch('/api/explain', {method: 'POST', headers: {'Content-Type': " \
+             "'application/json'}, body: JSON.stringify(b)})).json()).total"  # fmt: skip
+    return page.evaluate(script, body)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_the_weighted_sum_follows_every_new_input(server: str) -> None:
+    from playwright.sync_api import expect
+
+    with browser_page(server, DESKTOP) as page:
+        expect(page.locator(".maps img")).to_have_count(44, timeout=20_000)
+        layer = page.locator(".maps img").first.get_attribute("data-layer")  # conv1, map 0 (28x28 on a 280 canvas)
+        where = {"layer": layer, "channel": 0, "center": False}
+        # A pixel whose sum differs between test images 0 and 7 (on the background both are the bias alone).
+        x, y = next((x, y) for y in range(6, 22, 2) for x in range(6, 22, 2)
+                    if abs(api_total(page, {**where, "test_index": 0, "x": x, "y": y})
+                           - api_total(page, {**where, "test_index": 7, "x": x, "y": y})) > 0.05)  # fmt: skip
+        page.locator(".maps img").first.click()
+        page.locator("#big").click(position={"x": 10 * x + 5, "y": 10 * y + 5})
+        expect(page.locator("#explain .explain-total")).to_be_visible(timeout=20_000)
+        total, output = explained(page)
+        assert total == pytest.approx(output, abs=2e-3)
+        assert total == pytest.approx(api_total(page, {**where, "test_index": 0, "x": x, "y": y}), abs=2e-3)
+        page.fill("#test-index", "7")
+        page.click("#load-test")
+        expected = api_total(page, {**where, "test_index": 7, "x": x, "y": y})
+        expect(page.locator("#explain .explain-total")).to_contain_text(f"= {shown_as(expected)} ", timeout=20_000)
+        again, output_again = explained(page)
+        assert again == pytest.approx(output_again, abs=2e-3) and again == pytest.approx(expected, abs=2e-3)
+        shown = page.locator("#explain").inner_text()
+        draw(page, ((20, 10 * y + 5), (140, 10 * y + 5), (260, 10 * y + 5)))  # a stroke through the explained pixel
+        expect(page.locator("#explain")).not_to_have_text(shown, timeout=20_000)
+        pad = page.evaluate("document.getElementById('pad').toDataURL('image/png')")
+        expected = api_total(page, {**where, "image": pad, "center": True, "x": x, "y": y})  # a drawing is centred
+        expect(page.locator("#explain .explain-total")).to_contain_text(f"= {shown_as(expected)} ", timeout=20_000)
+        drawn, output_drawn = explained(page)
+        assert drawn == pytest.approx(output_drawn, abs=2e-3)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_a_test_image_is_shown_on_the_pad_with_its_true_label(server: str, digit_run: Path) -> None:
+    from playwright.sync_api import expect
+
+    labels = eval_data(load_run(digit_run), None, None, "test")[0].labels
+    with browser_page(server, DESKTOP) as page:
+        # The first load predicts test image 0: the pad shows it, and the line says so with its label.
+        expect(page.locator("#source-line")).to_have_text(
+            f"test image 0, true label: {int(labels[0])}. Draw on the pad to replace it.", timeout=20_000)  # fmt: skip
+        lit = "(() => { const d = document.getElementById('pad').getContext('2d').getImageData(0, 0, 280, 280).data;" \
+              " let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] > 128; return n; })()"  # fmt: skip
+        assert page.evaluate(lit) > 500, "the pad is blank under test image 0"
+        page.fill("#test-index", "3")
+        page.click("#load-test")
+        expect(page.locator("#source-line")).to_contain_text(f"test image 3, true label: {int(labels[3])}.")
+        expect(page.locator("#top1")).to_contain_text("prediction: ")
+        before = page.evaluate("document.getElementById('pad').toDataURL()")
+        draw(page, ((100, 40), (100, 240)))
+        expect(page.locator("#source-line")).to_have_text("your drawing")
+        after = page.evaluate(lit)
+        assert page.evaluate("document.getElementById('pad').toDataURL()") != before
+        assert after < 280 * 40, "drawing starts on a clean pad, not on top of the test image"
+
+
+@pytest.mark.slow
+@needs_browser
+def test_playground_status_lines_clear_when_they_no_longer_hold(server: str) -> None:
+    from playwright.sync_api import expect
+
+    with browser_page(server, DESKTOP) as page:
+        page.locator('[data-tab="kernels"]').click()
+        expect(page.locator("#k-out")).to_have_attribute("src", re.compile(r"^data:image/png"), timeout=20_000)
+        page.select_option("#kernel-name", "sobel")
+        expect(page.locator("#k-status")).to_contain_text("sobel combines 2 matrices")
+        page.select_option("#kernel-name", "sharpen")
+        expect(page.locator("#k-status")).to_have_text("", timeout=20_000)
+        page.fill("#k-matrix", "1 2 3\n4 5")
+        expect(page.locator("#k-status")).to_contain_text("rows have different lengths", timeout=20_000)
+        page.fill("#k-matrix", "1 2 3\n4 5 6")
+        expect(page.locator("#k-status")).to_have_text("", timeout=20_000)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_the_page_on_a_phone(server: str) -> None:
+    from playwright.sync_api import expect
+
+    with browser_page(server, PHONE) as page:
+        expect(page.locator(".maps img")).to_have_count(44, timeout=20_000)
+        fits = "document.documentElement.scrollWidth <= window.innerWidth"
+        assert page.evaluate(fits), "the page is wider than the phone"
+        tops = {round(page.locator(".tab").nth(i).bounding_box()["y"]) for i in range(3)}
+        assert len(tops) == 1, f"the tabs wrap onto {len(tops)} rows"
+        draw(page, ((80, 70), (200, 70), (130, 220)))
+        expect(page.locator("#top1")).to_contain_text("prediction: ", timeout=20_000)
+        box = page.locator("#top1").bounding_box()
+        assert box["y"] + box["height"] <= PHONE["height"], "the prediction is below the fold while drawing"
+        page.locator('[data-tab="run"]').click()
+        expect(page.locator("#summary table")).to_be_visible(timeout=20_000)
+        assert page.evaluate(fits), "the layer table overflows the page"
+        card = page.locator("#summary").bounding_box()
+        assert card["x"] + card["width"] <= PHONE["width"]
+        page.wait_for_function("document.getElementById('mistakes').naturalWidth > 0", timeout=60_000)
+        shown = page.locator("#mistakes").bounding_box()["width"]
+        natural = page.evaluate("document.getElementById('mistakes').naturalWidth")
+        assert shown >= 0.5 * natural, f"mistake captions shrunk to {shown / natural:.0%} of their size"
+        assert page.evaluate(fits)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_without_a_run_the_page_opens_on_the_playground() -> None:
+    from playwright.sync_api import expect
+
+    with serving(create_app(None)) as url, browser_page(url, DESKTOP) as page:
+        expect(page.locator("#kernels")).to_have_class(re.compile(r"\bactive\b"), timeout=20_000)
+        expect(page.locator("#k-out")).to_have_attribute("src", re.compile(r"^data:image/png"), timeout=20_000)
+        assert page.locator("#k-drawn").is_hidden() and page.locator("#tab-network").is_hidden()
+        assert page.locator("#network").is_hidden()

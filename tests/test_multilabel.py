@@ -160,6 +160,27 @@ def test_columns_can_be_named_and_bad_rows_follow_on_bad_image(tmp_path: Path) -
     assert [r["line"] for r in ds.extra["skipped_rows"]] == [10, 11, 12]
 
 
+def test_a_skipped_row_or_a_trailing_separator_does_not_make_data_multi_label(tmp_path: Path) -> None:
+    squares(tmp_path, n=12)
+    rows = "".join(f"photos/{i}.png,{'red' if i % 2 else 'blue;'}\n" for i in range(12))  # 'blue;' is one label
+    (tmp_path / "one.csv").write_text("image,label\n" + rows + "photos/gone.png,red;blue\n", encoding="utf-8")
+    ds = load_dataset(str(tmp_path / "one.csv"), image_size=8, on_bad_image="skip")
+    assert not ds.multi_label and ds.classes == ("blue", "red") and ds.train.labels.dim() == 1
+    assert ds.train.resize == "crop" and any("the data is single-label" in n for n in ds.notes)
+    both = tmp_path / "both.csv"
+    both.write_text("Picture File,Tags Here\n" + rows, encoding="utf-8")
+    named = load_dataset(str(both), image_size=8, csv_image_column="picturefile", csv_label_column="TAGSHERE")
+    assert not named.multi_label and len(named.train) + len(named.test) == 12
+    with pytest.raises(OptionError, match="names the same column as csv_image_column"):
+        load_dataset(str(both), csv_image_column="Tags Here", csv_label_column="tags here")
+
+
+def test_evaluation_json_has_null_where_a_number_is_undefined() -> None:
+    from cnnlab.cli_use import _finite
+
+    assert _finite({"ap": [0.5, float("nan")], "x": float("inf"), "n": 3}) == {"ap": [0.5, None], "x": None, "n": 3}
+
+
 def test_csv_column_options_are_refused_for_other_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["train", "--data", "mnist-mini", "--csv-image-column", "f", "--runs-dir", str(tmp_path)])
     assert code == 2 and "--csv-image-column names a column of a CSV labels file" in capsys.readouterr().err
@@ -193,6 +214,38 @@ def test_training_records_multi_label_and_thresholds(trained: Any) -> None:
     assert all(0 < t < 1 for t in doc["thresholds"].values())
     assert "val_mAP" in (run.dir / "metrics.csv").read_text().splitlines()[0]
     assert run.result.headline().startswith("test mAP")
+    ev = run.evaluate()  # the run's own test numbers are evaluate's: exact match at the chosen thresholds
+    assert ev.exact_match == pytest.approx(run.result.test_acc) and ev.mAP == pytest.approx(run.result.test_map)
+    assert ev.exact_match > 0.5 and max(r["train_acc"] for r in run.metrics) > 0.5  # exact match counts images
+
+
+def test_epoch_progress_counts_images_not_labels() -> None:
+    from cnnlab.engine.state import EpochProgress
+
+    zero = torch.zeros(())
+    prog = EpochProgress(torch.arange(4), 0, zero, zero.long(), zero.long() - 1, 0, 1e-3)
+    y = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.uint8)
+    logits = torch.where(y > 0, 2.0, -2.0)
+    logits[3, 0] = 1.0  # one wrong label: three of the four images are right
+    prog.add(torch.tensor(0.5), logits, y, 1)
+    assert prog.seen == 4 and int(prog.correct) == 3 and float(prog.loss_sum) == pytest.approx(2.0)
+
+
+def test_a_hostile_or_partial_thresholds_file_is_one_line(tmp_path: Path) -> None:
+    from cnnlab.engine.rundir import read_thresholds
+
+    assert read_thresholds(tmp_path, ("a", "b"))[0] == [0.5, 0.5]
+    cases = (('{"thresholds": {"a": 0.3}}', "no threshold for label 'b'"), ("{", "unreadable"),
+             ('{"thresholds": {"a": 0.3, "b": NaN}}', "between 0 and 1"),
+             ('{"thresholds": [0.3, 0.4]}', "no threshold for label 'a'"))  # fmt: skip
+    for text, needle in cases:
+        (tmp_path / "thresholds.json").write_text(text)
+        with pytest.raises(UsageError, match=needle):
+            read_thresholds(tmp_path, ("a", "b"))
+    (tmp_path / "thresholds.json").unlink()
+    (tmp_path / "thresholds.json").mkdir()
+    with pytest.raises(UsageError, match="unreadable"):
+        read_thresholds(tmp_path, ("a", "b"))
 
 
 def test_evaluate_json_map_is_scikit_learns(trained: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     worst = "images with a wrong label, highest loss first" if ev.multi_label else "most confident mistakes"
     files["misclassified"] = plot_image_grid(ev.images, ev.mistake_captions(), out / f"misclassified{suffix}.png",
                                              title=f"{worst}: {title}")  # fmt: skip
-    doc = {**ev.to_dict(), "files": {k: str(v) for k, v in files.items()}}
+    doc = _finite({**ev.to_dict(), "files": {k: str(v) for k, v in files.items()}})
     files["json"] = atomic_write_json(out / f"evaluation{suffix}.json", doc)
     doc["files"]["json"] = str(files["json"])
     if args.json:
@@ -83,6 +84,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return EXIT_OK
     _print_evaluation(ev, files)
     return EXIT_OK
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (the AP of a label without test images) as null: JSON has no NaN, strict parsers refuse it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _print_evaluation(ev: Any, files: dict[str, Path]) -> None:
@@ -340,6 +352,8 @@ def _gradcam(args: argparse.Namespace, loaded: Any, out: Path) -> list[Path]:
         probs = loaded.probabilities(logits_of(loaded, image[None]))[0]
         above = (probs >= loaded.thresholds).nonzero().flatten()
         targets = sorted(above.tolist(), key=lambda k: -float(probs[k])) or [int(probs.argmax())]
+        if not len(above):
+            print(f"no label reaches its threshold: Grad-CAM of the most probable, {loaded.classes[targets[0]]}")
     paths = []
     for k in targets:
         cam = grad_cam(loaded.model, loaded.prepare(image[None]), layers[0], k, multi_label=loaded.multi_label)

@@ -33,7 +33,7 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
     )
     if row.get("val_loss") is not None:
         text += f"  val loss {row['val_loss']:.4f} {acc} {row['val_acc']:.2%}"
-    if row.get("val_mAP") is not None:
+    if row.get("val_mAP") is not None and row.get("val_loss") is not None:
         text += f" mAP {row['val_mAP']:.3f}"
     return text + f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
 

@@ -51,9 +51,9 @@ def _named(path: Path, header: list[str], name: str, option: str) -> int:
     """The index of the column the user named (exactly, else ignoring case and spaces); an error lists the columns."""
     if name in header:
         return header.index(name)
-    lowered = [h.strip().lower() for h in header]
-    if name.strip().lower() in lowered:
-        return lowered.index(name.strip().lower())
+    loose = ["".join(h.split()).lower() for h in header]
+    if "".join(name.split()).lower() in loose:
+        return loose.index("".join(name.split()).lower())
     shown = ", ".join(repr(h) for h in header[:12]) + (" ..." if len(header) > 12 else "")
     raise OptionError(option, f"{name[:40]!r}: {path} has no such column (its columns: {shown})")
 
@@ -63,6 +63,8 @@ def _columns(path: Path, header: list[str], image_column: str | None, label_colu
     """The (image, label, split) column indices of a header: as named by the user, by known names, or by position."""
     file_col = _named(path, header, image_column, "csv_image_column") if image_column else _find(header, FILE_COLUMNS)
     label_col = _named(path, header, label_column, "csv_label_column") if label_column else _find(header, LABEL_COLUMNS)
+    if image_column and label_column and file_col == label_col:
+        raise OptionError("csv_label_column", f"{label_column[:40]!r} names the same column as {{csv_image_column}}")
     if file_col is None and label_col is None and len(header) >= 2:
         file_col, label_col = 0, 1  # no known names: image and label are the first two columns
     if file_col is None or label_col is None or file_col == label_col:
@@ -79,7 +81,8 @@ def read_rows(
     """The usable rows, the bad ones as (line, why), a note on the columns used, and whether it is multi-label.
 
     A bad row (too few cells, an empty image or label cell) is one a skipping run can leave out; a file that is not a
-    CSV, or a split name it does not know, is an error naming the file and line.
+    CSV, or a split name it does not know, is an error naming the file and line. The data is multi-label when a usable
+    row holds two or more labels (`cat;` is the single label cat).
     """
     if not path.is_file():
         raise OptionError("data", f"{path}: no such CSV file")
@@ -110,8 +113,8 @@ def read_rows(
         split = cells[split_col].strip().lower() if split_col is not None else "train"
         if split not in SPLIT_ALIASES:
             raise UsageError(f"{path}: line {line}: split {split[:20]!r} is not train, val or test")
-        multi = multi or LABEL_SEPARATOR in cell
         labels = tuple(dict.fromkeys(s.strip() for s in cell.split(LABEL_SEPARATOR) if s.strip()))
+        multi = multi or len(labels) > 1
         if not file or not labels:
             bad.append((line, f"empty {'image' if not file else 'label'} cell"))
             continue
@@ -142,6 +145,7 @@ def load_csv_labels(
     csv_path = Path(path).expanduser()
     rows, bad, used, multi = read_rows(csv_path, image_column, label_column)
     notes = []
+    resize_default = resize is None
     if resize is None:
         resize = "squash" if multi else "crop"
         if multi:
@@ -155,6 +159,7 @@ def load_csv_labels(
     splits: dict[str, list[tuple[Path, int]]] = {}
     hot: dict[str, list[list[int]]] = {}  # multi-label: the class indices of each listed image, per split
     seen: dict[Path, int] = {}
+    kept: list[Row] = []
     for r in rows:
         unseen = [label for label in r.labels if label not in index]
         if unseen:
@@ -167,6 +172,7 @@ def load_csv_labels(
         if not image.is_file():
             bad.append((r.line, f"{r.file[:200]}: no such image file (paths are relative to {root})"))
             continue
+        kept.append(r)
         # Multi-label images are cached under label 0: the decoded pixels do not depend on the labels.
         splits.setdefault(r.split, []).append((image, 0 if multi else index[r.labels[0]]))
         hot.setdefault(r.split, []).append([index[label] for label in r.labels])
@@ -182,6 +188,16 @@ def load_csv_labels(
                      + (" ..." if len(bad) > BAD_ROWS_LISTED else ""))  # fmt: skip
     if "train" not in splits:
         raise UsageError(f"{csv_path}: no usable training rows")
+    if multi and not any(len(r.labels) > 1 for r in kept):  # the rows with several labels were all left out
+        multi = False
+        notes.append("every row with several labels was left out: the data is single-label")
+        splits = {
+            s: [(p, index[r.labels[0]]) for (p, _), r in zip(items, [r for r in kept if r.split == s], strict=True)]
+            for s, items in splits.items()
+        }
+        if resize_default:
+            resize = "crop"
+            notes[:] = [n for n in notes if not n.startswith("multi-label data: resize=squash")]
     multi_hot = None
     if multi:
         multi_hot = {}

@@ -33,6 +33,7 @@ def evaluate_batches(
     weight: torch.Tensor | None = None,
     keep: bool = False,
     multi_label: bool | None = None,
+    thresholds: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Mean loss (with class `weight`s if given), top-1 and top-5 accuracy of `model` (in eval mode) over the batches.
 
@@ -40,6 +41,7 @@ def evaluate_batches(
     evaluation: BCE loss, "acc" is the exact-match ratio at probability 1/2, "top5" is NaN, and "mAP" is added;
     with `keep`, also the probabilities and labels (N, K) on the CPU (to choose thresholds on them). Data-parallel
     callers say `multi_label` (a process whose shard is empty sees no labels, yet must join the gathering).
+    `thresholds` (K,): exact match at each label's own probability threshold instead of 1/2.
     """
     model.eval()
     loss_sum = correct1 = correct5 = None
@@ -53,7 +55,7 @@ def evaluate_batches(
         multi = multi if multi_label is not None else y.dim() == 2
         loss = class_loss(logits, y, label_smoothing, weight, reduction="sum", multi_label=multi)
         if multi:
-            c1 = c5 = exact_match(logits, y)
+            c1 = c5 = exact_match(logits, y, thresholds)
             probs.append(logits.sigmoid().cpu())
             truth.append(y.cpu())
         else:

@@ -136,13 +136,21 @@ def export_run(
         "layout": "NCHW float32",
         "image_size": loaded.image_size, "channels": loaded.channels, "mean": list(loaded.norm.mean),
         "std": list(loaded.norm.std), "pixel_scale": "divide 8-bit values by 255, then (x - mean) / std",
-        "resize": "shorter side to image_size, centre crop", "classes": list(loaded.classes),
+        "resize": EVAL_RESIZE.get(loaded.resize, EVAL_RESIZE[None]), "classes": list(loaded.classes),
         "parity_max_abs_diff": worst, "run": str(loaded.path),
     }  # fmt: skip
     if loaded.multi_label:
         meta["thresholds"] = dict(zip(loaded.classes, loaded.thresholds.tolist(), strict=True))
     meta_path = atomic_write_json(path.with_name(path.name + ".json"), meta)
     return ExportResult(path, meta_path, fmt, worst, sizes, exporter)
+
+
+EVAL_RESIZE = {  # how evaluation cuts an image to the model's square, per the run's resize policy (data.resize)
+    None: "shorter side to image_size, centre crop",
+    "crop": "the centre square of 87.5% of the shorter side, resized to image_size (antialiased)",
+    "squash": "the whole image resized to image_size x image_size, aspect ignored (antialiased)",
+    "pad": "the whole image, longer side to image_size, centred on black (antialiased)",
+}
 
 
 def _line(e: BaseException) -> str:

@@ -236,7 +236,8 @@ class MultiLabelEvaluation:
     def headline(self) -> str:
         """The first line `cnnlab evaluate` prints: mAP, exact match, micro and macro F1, loss."""
         absent = sum(1 for r in self.report["per_class"] if r["support"] == 0)
-        left_out = f" (over the labels present; {absent} have no {self.split} image)" if absent else ""
+        left_out = (f" (over the labels present; {absent} {'has' if absent == 1 else 'have'} no {self.split} image)"
+                    if absent else "")  # fmt: skip
         return (f"{self.data} {self.split} split, {self.n:,} images: mAP {self.mAP:.3f}{left_out}, exact match "
                 f"{self.exact_match:.2%}, micro-F1 {self.report['micro']['f1']:.3f}, macro-F1 "
                 f"{self.report['macro']['f1']:.3f}, loss {self.loss:.4f} (thresholds: {self.thresholds})")  # fmt: skip
@@ -373,8 +374,8 @@ def training_batch(loaded: LoadedRun, count: int = 32, seed: int = 0) -> tuple[t
         captions = [classes[int(i)] for i in y]
     if mixer is not None:
         x, target = mixer(x, y, g)
-        # The two largest weights: the two classes blended (multi-label: the two labels that weigh most).
-        top = target.topk(min(2, target.shape[1]), dim=1)
+        # The two largest weights: the two classes blended (multi-label: every label of both sets, by weight).
+        top = target.topk(target.shape[1] if y.dim() == 2 else min(2, target.shape[1]), dim=1)
         captions = [" / ".join(f"{classes[int(k)]} {v:.0%}" for v, k in zip(vals, idx, strict=True) if v > 0.005)
                     for vals, idx in zip(top.values.tolist(), top.indices.tolist(), strict=True)]  # fmt: skip
     mean = torch.tensor(loaded.norm.mean).view(1, -1, 1, 1)

@@ -90,9 +90,11 @@ def most_confused(cm: torch.Tensor, classes: Sequence[str], n: int = 5) -> list[
 # --- multi-label: each image has a set of labels, each label a yes/no decision ------------------------------------
 
 
-def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Images whose every label is decided right at probability 1/2 (logit 0): logits (B, K), multi-hot (B, K)."""
-    return ((logits > 0) == (labels > 0)).all(dim=1).sum()
+def exact_match(logits: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    """Images whose every label is decided right: logits (B, K), multi-hot (B, K); a label is predicted at probability
+    1/2 (logit 0), or at its own `thresholds` (K,) probability."""
+    pred = logits > 0 if thresholds is None else logits.sigmoid() >= thresholds.to(logits.device)[None, :]
+    return (pred == (labels > 0)).all(dim=1).sum()
 
 
 def _ranked(scores: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

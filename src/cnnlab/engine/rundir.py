@@ -132,15 +132,18 @@ def read_thresholds(run: Path, classes: tuple[str, ...]) -> tuple[list[float], s
     The file is checked as any input is: one number in (0, 1) per class of the run, or a one-line error.
     """
     path = run / THRESHOLDS
-    if not path.is_file():
+    if not path.exists():
         return [0.5] * len(classes), f"no {THRESHOLDS} (the run has not finished): 1/2 for every label"
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         given = doc["thresholds"]
-        values = [given[c] for c in classes]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:80]}); one threshold per class "
                          "is expected") from None  # fmt: skip
+    missing = [c for c in classes if not isinstance(given, dict) or c not in given]
+    if missing:
+        raise UsageError(f"{path}: no threshold for label {missing[0][:40]!r}")
+    values = [given[c] for c in classes]
     if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1 for v in values):
         raise UsageError(f"{path}: every threshold must be a number between 0 and 1")
     return [float(v) for v in values], str(doc.get("chosen", ""))[:200]

@@ -25,12 +25,12 @@ class EpochProgress:
         self.first_bad = torch.where(
             (self.first_bad < 0) & ~torch.isfinite(loss), torch.full_like(self.first_bad, step), self.first_bad
         )
-        self.loss_sum = self.loss_sum + loss * y.numel()
+        self.loss_sum = self.loss_sum + loss * len(y)  # images, also for multi-hot labels (B, K)
         # Multi-hot labels (B, K): an image counts when every label is decided right at probability 1/2.
         hit = ((logits > 0) == (y > 0)).all(1) if y.dim() == 2 else logits.argmax(1) == y
         self.correct = self.correct + hit.sum()
         self.batch += 1
-        self.seen += y.numel()
+        self.seen += len(y)
 
     def state(self) -> dict[str, Any]:
         """Plain tensors and numbers for the checkpoint."""

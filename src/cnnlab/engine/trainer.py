@@ -244,7 +244,9 @@ class Trainer:
         if self.multi_label and cfg.sampler == "balanced":
             raise OptionError("sampler", MULTI_LABEL_SAMPLER)
         note = imbalance_note(labels, classes)
-        if note and cfg.class_weights == "none" and cfg.sampler == "shuffle":
+        if note and cfg.class_weights == "none" and cfg.sampler == "shuffle" and self.multi_label:
+            note += "; class_weights='auto' (--class-weights auto) weighs each label's rare positives up"
+        elif note and cfg.class_weights == "none" and cfg.sampler == "shuffle":
             note += ("; class_weights='auto' or sampler='balanced' (--class-weights auto, --sampler balanced) "
                      "counter it, and `cnnlab evaluate` reports balanced accuracy and macro-F1")  # fmt: skip
         if note:
@@ -656,6 +658,8 @@ class Trainer:
                 row.update(val_loss=val["loss"], val_acc=val["acc"])
                 if self.multi_label:
                     row["val_mAP"] = val["mAP"]
+            elif self.multi_label:
+                row["val_mAP"] = None  # the column says the run is multi-label (its acc is exact match)
             self.epoch += 1
             row["seconds"] = time.perf_counter() - t0
             self.elapsed += row["seconds"]
@@ -698,13 +702,14 @@ class Trainer:
             load_weights(self.model, run / rundir.BEST)
         elif self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+        if self.multi_label:
+            self._choose_thresholds()  # first: the test's exact match uses them, as `cnnlab evaluate` does
         test_loader = self.eval_loader("test")
         test: dict[str, Any] = {"loss": float("nan"), "acc": float("nan"), "top5": float("nan"), "mAP": float("nan")}
         if test_loader:
             test = evaluate_batches(self.model, iter(test_loader), self.cfg.label_smoothing, self.dtype, self.cfg.tta,
-                                    self.class_weight, multi_label=self.multi_label)  # fmt: skip
-        if self.multi_label:
-            self._choose_thresholds()
+                                    self.class_weight, multi_label=self.multi_label,
+                                    thresholds=self.thresholds if self.multi_label else None)  # fmt: skip
         result = TrainResult(
             run_dir=run, model=self.cfg.model, data=self.data.name, test_acc=test["acc"], test_loss=test["loss"],
             test_top5=test["top5"], best_epoch=self.best_epoch, epochs_run=self.epoch, stopped_early=stopped_early,

@@ -146,7 +146,7 @@ class Explorer:
                 "path": str(run.path), "name": run.path.name, "model": record.model.name,
                 "data": record.data.name, "classes": list(run.classes), "channels": run.channels,
                 "image_size": run.image_size, "digits": run.channels == 1 and run.image_size <= 32,
-                "test_size": record.data.test_size, "layers": self.layers(),
+                "test_size": record.data.test_size, "layers": self.layers(), "multi_label": run.multi_label,
             }  # fmt: skip
         return out
 
@@ -187,7 +187,13 @@ class Explorer:
             th = run.thresholds
             for t, i in zip(top, idx.tolist(), strict=True):
                 t.update(threshold=float(th[i]), predicted=bool(t["prob"] >= th[i]))
-        return {"top": top, "input": png_data_url(shown), "layers": layers, "multi_label": run.multi_label}
+        out = {"top": top, "input": png_data_url(shown), "layers": layers, "multi_label": run.multi_label}
+        if test_index is not None:  # the page shows the test image's true label next to the prediction
+            label = self.test_split().labels[test_index]
+            names = [run.classes[k] for k in label.nonzero().flatten().tolist()] if label.dim() else [
+                run.classes[int(label)]]  # fmt: skip
+            out["truth"] = ";".join(names)
+        return out
 
     def explain(self, image: str | None, test_index: int | None, center: bool, layer: str, channel: int, x: int,
                 y: int) -> dict[str, Any]:  # fmt: skip
@@ -264,6 +270,8 @@ class Explorer:
         run = self.need_run()
         if what not in ("curves", "confusion", "misclassified"):
             raise LookupError(f"no picture {short(what)}")
+        if what == "confusion" and run.multi_label:  # no single predicted class per image
+            raise LookupError("a multi-label run has no confusion matrix (`cnnlab evaluate` reports each label)")
         if what not in self._pictures:
             self._pictures.update(self._make_pictures(run, what))
         return self._pictures[what]
@@ -282,6 +290,9 @@ class Explorer:
                 plot_curves(rows, d / "x.png", title=title, best_epoch=rundir.best_epoch(rows))
                 return {"curves": (d / "x.png").read_bytes()}
             ev = evaluate_run(run)
+            if ev.multi_label:  # no single predicted class per image: no confusion matrix
+                plot_image_grid(ev.images, ev.mistake_captions(), d / "m.png", title="images with a wrong label")
+                return {"misclassified": (d / "m.png").read_bytes()}
             plot_confusion(ev.confusion, ev.classes, d / "c.png", title=f"confusion matrix ({ev.n:,} test images)")
             plot_image_grid(ev.images, ev.mistake_captions(), d / "m.png", title="most confident mistakes")
             return {"confusion": (d / "c.png").read_bytes(), "misclassified": (d / "m.png").read_bytes()}

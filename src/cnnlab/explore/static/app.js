@@ -2,7 +2,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, source: null, selected: null, pending: false, again: false };
+// source: "pad", {image}, or {test_index}; padShows: "drawing" or "image" (a test image or upload drawn onto the pad);
+// mark: the explained pixel [x, y] of the selected map (recomputed for every new input).
+const state = { info: null, source: null, selected: null, pending: false, again: false, padShows: "drawing", mark: null };
 
 async function api(path, body) {
   const opts = body === undefined ? {} : {
@@ -36,7 +38,9 @@ function padPoint(e) {
   return [(e.clientX - r.left) * pad.width / r.width, (e.clientY - r.top) * pad.height / r.height];
 }
 pad.addEventListener("pointerdown", (e) => {
-  drawing = true; last = padPoint(e); pad.setPointerCapture(e.pointerId); stroke(last); state.source = "pad";
+  if (state.padShows === "image") clearPad();  // drawing replaces the test image or upload shown on the pad
+  state.padShows = "drawing";
+  drawing = true; last = padPoint(e); pad.setPointerCapture(e.pointerId); state.source = "pad"; stroke(last);
 });
 pad.addEventListener("pointermove", (e) => { if (drawing) stroke(padPoint(e)); });
 ["pointerup", "pointercancel"].forEach((t) => pad.addEventListener(t, () => { drawing = false; last = null; predict(); }));
@@ -46,7 +50,7 @@ function stroke(p) {
   last = p;
   predict();  // live: at most one request in flight, the latest drawing follows
 }
-$("clear").addEventListener("click", () => { clearPad(); state.source = "pad"; predict(); });
+$("clear").addEventListener("click", () => { clearPad(); state.padShows = "drawing"; state.source = "pad"; predict(); });
 
 // --- other inputs -----------------------------------------------------------------------------------------------------
 function readFile(file) {
@@ -84,8 +88,9 @@ async function predict() {
   state.pending = true;
   const t0 = performance.now();
   try {
+    const source = state.source;
     const out = await api("/api/predict", currentInput());
-    showPrediction(out);
+    showPrediction(out, source);
     $("status").textContent = `round trip ${Math.round(performance.now() - t0)} ms`;
   } catch (err) {
     $("status").textContent = err.message;
@@ -95,8 +100,32 @@ async function predict() {
   }
 }
 
-function showPrediction(out) {
+// What the pad shows and what is predicted agree: a test image or upload is drawn onto the pad, with a line saying
+// what it is (and a test image's true label).
+function showSource(out, source) {
+  if (source === "pad" || source === null) {
+    $("source-line").textContent = "your drawing";
+    return;
+  }
+  const img = new Image();
+  img.onload = () => {
+    if (state.source !== source) return;  // the user started drawing meanwhile
+    ctx.imageSmoothingEnabled = false; clearPad(); ctx.drawImage(img, 0, 0, pad.width, pad.height);
+    state.padShows = "image";
+  };
+  img.src = out.input;
+  $("source-line").textContent = source.test_index !== undefined
+    ? `test image ${source.test_index}, true label: ${out.truth}. Draw on the pad to replace it.`
+    : "your image. Draw on the pad to replace it.";
+}
+
+function showPrediction(out, source) {
   $("seen").src = out.input;
+  showSource(out, source);
+  const chosen = out.multi_label ? out.top.filter((t) => t.predicted) : out.top.slice(0, 1);
+  $("top1").textContent = chosen.length
+    ? `prediction: ${chosen.map((t) => `${t.label} (${(100 * t.prob).toFixed(1)}%)`).join(", ")}`
+    : "prediction: no label reaches its threshold";
   // A multi-label run: each bar is its own yes/no (a sigmoid); the labels that reach their thresholds are marked.
   const mark = (t, i) => (out.multi_label ? t.predicted : i === 0);
   $("bars").innerHTML = out.top.map((t, i) => `
@@ -117,7 +146,8 @@ function showPrediction(out) {
       img.src = src; img.alt = `${layer.name} map ${c}`; img.title = `${layer.name} map ${c}`;
       img.dataset.layer = layer.name; img.dataset.channel = c;
       if (state.selected && state.selected.layer === layer.name && state.selected.channel === c) {
-        img.classList.add("selected"); showDetail(layer, c, src, false);
+        img.classList.add("selected"); showDetail(layer, c, src, false, state.mark);
+        if (state.mark) explainPixel(...state.mark);  // the weighted sum of the new input, never the old one's
       }
       img.addEventListener("click", () => {
         document.querySelectorAll(".maps img").forEach((m) => m.classList.remove("selected"));
@@ -146,6 +176,7 @@ function showDetail(layer, channel, src, fresh, mark = null) {
   };
   img.src = src;
   if (!fresh) return;
+  state.mark = null;
   $("explain").innerHTML = layer.kind === "Conv2d"
     ? `<p class="hint">Click a pixel of the map to see the weighted sum behind it.</p>` : "";
   if (layer.kind !== "Conv2d") { $("kernel-view").innerHTML = `<p class="hint">${esc(layer.kind)}: no weights.</p>`; return; }
@@ -158,15 +189,23 @@ function showDetail(layer, channel, src, fresh, mark = null) {
   }).catch((err) => { $("kernel-view").textContent = err.message; });
 }
 
-$("big").addEventListener("click", async (e) => {
+$("big").addEventListener("click", (e) => {
   const sel = state.selected;
   if (!sel || sel.kind !== "Conv2d") return;
   const r = e.target.getBoundingClientRect();
   const x = Math.floor((e.clientX - r.left) / r.width * sel.shape[2]);
   const y = Math.floor((e.clientY - r.top) / r.height * sel.shape[1]);
+  state.mark = [x, y];
   showDetail({ name: sel.layer, kind: sel.kind, shape: sel.shape }, sel.channel, sel.src, false, [x, y]);
+  explainPixel(x, y);
+});
+
+let explainSeq = 0;  // only the newest answer is shown: an older one may arrive later
+async function explainPixel(x, y) {
+  const sel = state.selected, seq = ++explainSeq;
   try {
     const ex = await api("/api/explain", { ...currentInput(), layer: sel.layer, channel: sel.channel, x, y });
+    if (seq !== explainSeq) return;
     const first = ex.terms.slice(0, 3);
     $("explain").innerHTML = `<h3>pixel (x=${x}, y=${y}) of map ${sel.channel}</h3>`
       + `<p class="hint">window: the layer's input under the kernel (for the first layer: the normalised pixels); `
@@ -179,11 +218,12 @@ $("big").addEventListener("click", async (e) => {
       + `<p class="explain-total">${ex.terms.map((t) => fmt(t.subtotal)).slice(0, 8).join(" + ")}`
       + `${ex.terms.length > 8 ? " + …" : ""} + bias ${fmt(ex.bias)} = <b>${fmt(ex.total)}</b> `
       + `<span class="hint">(the layer's output there: ${fmt(ex.output)})</span></p>`;
-  } catch (err) { $("explain").textContent = err.message; }
-});
+  } catch (err) { if (seq === explainSeq) $("explain").textContent = err.message; }
+}
 
 // --- kernel playground ---------------------------------------------------------------------------------------------
 let kImage = null, kTimer = null, kNamed = null;  // kNamed: a named kernel, sent by name (composites need it)
+let kNote = "";  // what stays under the controls while it holds (a composite kernel's note); errors replace it
 function scheduleKernel() { clearTimeout(kTimer); kTimer = setTimeout(runKernel, 150); }
 // One row per line (blank lines and a trailing ';' ignored) -> rows joined by ';'; an empty row typed as ';;' stays
 // (the server refuses it by name rather than guessing what was meant).
@@ -198,17 +238,19 @@ async function runKernel() {
     });
     $("k-in").src = out.input; $("k-out").src = out.output;
     $("k-caption").textContent = `output ${out.shape.join("×")}`;
+    $("k-status").textContent = kNote;  // a fixed error, or a note that no longer holds, goes away
   } catch (err) { $("k-status").textContent = err.message; }
 }
 $("kernel-name").addEventListener("change", () => {
   const k = state.info.kernels.find((k) => k.name === $("kernel-name").value);
   kNamed = k ? k.name : null;
   $("k-matrix").value = k ? k.matrix.map((r) => r.map((v) => +v.toFixed(4)).join(" ")).join("\n") : "";
-  $("k-status").textContent = k && k.matrices > 1
+  kNote = k && k.matrices > 1
     ? `${k.name} combines ${k.matrices} matrices as a gradient magnitude; the first is shown. Edit it to use it alone.` : "";
+  $("k-status").textContent = kNote;
   scheduleKernel();
 });
-$("k-matrix").addEventListener("input", () => { kNamed = null; $("kernel-name").value = ""; scheduleKernel(); });
+$("k-matrix").addEventListener("input", () => { kNamed = null; kNote = ""; $("kernel-name").value = ""; scheduleKernel(); });
 ["k-pool", "k-size", "k-mode", "k-gray"].forEach((id) => $(id).addEventListener("input", scheduleKernel));
 $("k-upload").addEventListener("change", async (e) => { if (e.target.files[0]) { kImage = await readFile(e.target.files[0]); runKernel(); } });
 $("k-sample").addEventListener("click", () => { kImage = null; runKernel(); });
@@ -229,7 +271,12 @@ async function loadRunTab() {
       + `<th>${s.macs.toLocaleString()}</th></tr></table>`;
   } catch (err) { $("summary").textContent = err.message; }
   $("curves").src = "/api/picture/curves";
-  $("confusion").src = "/api/picture/confusion";
+  if (state.info.run.multi_label) {  // no single predicted class per image: no confusion matrix
+    $("confusion-card").hidden = true;
+    $("mistakes-title").textContent = "Images with a wrong label";
+  } else {
+    $("confusion").src = "/api/picture/confusion";
+  }
   $("mistakes").src = "/api/picture/misclassified";
 }
 
@@ -248,10 +295,13 @@ function matrix(m, title) {
   $("kernel-name").value = "sharpen";
   $("kernel-name").dispatchEvent(new Event("change"));
   const run = state.info.run;
-  if (!run) {
-    $("run-line").textContent = "no run: the kernel playground works; give a run to look inside a network";
-    $("no-run").hidden = false; $("network-body").hidden = true;
+  if (!run) {  // the playground is all there is: open on it, with nothing that needs a network or the pad
+    $("run-line").textContent = "no run: the kernel playground works; start `cnnlab explore runs/NAME` to look "
+      + "inside a trained network";
+    $("no-run").hidden = false; $("network-body").hidden = true; $("k-drawn").hidden = true;
     document.querySelector('[data-tab="run"]').hidden = true;
+    $("tab-network").hidden = true;
+    document.querySelector('[data-tab="kernels"]').click();
     return;
   }
   $("run-line").textContent = `${run.model} trained on ${run.data} (${run.classes.length} classes, `
