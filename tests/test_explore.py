@@ -26,6 +26,7 @@ from PIL import Image
 from cnnlab.engine.inference import eval_data, load_run
 from cnnlab.explore.app import create_app
 from cnnlab.explore.service import MAX_UPLOAD_BYTES, center_digit
+from cnnlab.inspect.features import layer_inputs_and_outputs
 
 
 def data_url(img: Image.Image, fmt: str = "PNG") -> str:
@@ -90,6 +91,47 @@ def test_explain_is_the_layers_own_output(client: TestClient) -> None:
     assert len(body["terms"]) == 6, "a conv of the 6 maps below it: six windows"
 
 
+def test_pooling_windows_are_explained_with_their_winner(client: TestClient) -> None:
+    for x, y in ((3, 4), (0, 0), (6, 6)):
+        body = client.post("/api/explain", json={"test_index": 0, "layer": "features.3", "channel": 2, "x": x,
+                                                 "y": y}).json()  # fmt: skip
+        window = np.array(body["window"])
+        assert body["kind"] == "max" and body["total"] == pytest.approx(body["output"], abs=1e-5)
+        assert window[tuple(body["winner"])] == pytest.approx(window.max()) == pytest.approx(body["total"])
+        assert body["origin"] == [2 * y, 2 * x] and body["size"] == [2, 2] and len(body["inputs"]) == 1
+    conv = client.post("/api/explain", json={"test_index": 0, "layer": "features.4", "channel": 1, "x": 0,
+                                             "y": 0}).json()  # fmt: skip
+    assert len(conv["inputs"]) == 6 and conv["input_shape"] == [6, 14, 14] and conv["origin"] == [0, 0]
+
+
+def test_one_diverging_colour_scale_per_map_layer_or_all(client: TestClient) -> None:
+    info = client.get("/api/info").json()
+    assert len(info["colormap"]) == 11 and info["colormap"][5].lower() in ("#f7f7f7", "#f6f6f6", "#f7f6f6")
+    per = {s: client.post("/api/predict", json={"test_index": 1, "scale": s}).json()["layers"]
+           for s in ("map", "layer", "global")}  # fmt: skip
+    for own, layer in zip(per["map"], per["layer"], strict=True):
+        assert layer["bounds"] == [max(own["bounds"])] * len(own["bounds"])
+    assert len({b for layer in per["global"] for b in layer["bounds"]}) == 1
+    assert per["global"][0]["bounds"][0] == max(b for layer in per["map"] for b in layer["bounds"])
+    assert len(set(per["map"][0]["bounds"])) > 1
+    assert per["layer"][0]["post"]["kind"] == "ReLU" and per["layer"][1]["post"] is None  # conv, then pooling
+    assert client.post("/api/predict", json={"test_index": 1, "scale": "loud"}).status_code == 422
+
+
+def test_the_maps_after_an_activation_are_the_activations_output(digit_run: Path) -> None:
+    from cnnlab.inspect.features import activations_after
+
+    run = load_run(digit_run)
+    x = run.prepare(eval_data(run, None, None, "test")[0].images[:1])
+    _, outs, _ = layer_inputs_and_outputs(run.model, x, ["features.1", "features.4"])
+    post = activations_after(run.model, x, ["features.1", "features.4", "features.3"])
+    assert set(post) == {"features.1", "features.4"}, "a pooling layer has no activation after it"
+    for name in ("features.1", "features.4"):
+        act, after = post[name]
+        assert isinstance(run.model.get_submodule(act), torch.nn.ReLU)
+        assert torch.equal(after, torch.relu(outs[name]))
+
+
 def test_kernel_weights_and_playground(client: TestClient) -> None:
     w = client.get("/api/kernel-weights", params={"layer": "features.1", "channel": 0}).json()
     assert np.array(w["weights"]).shape == (1, 5, 5) and "bias" in w
@@ -127,8 +169,10 @@ def _bomb_url() -> str:
         ("post", "/api/predict", {"test_index": -1}, 422, "test_index"),
         ("post", "/api/predict", "not json", 422, "malformed request"),
         ("post", "/api/explain", {"test_index": 0, "layer": "x", "channel": 0, "x": 0, "y": 0}, 400, "not one of"),
-        ("post", "/api/explain", {"test_index": 0, "layer": "features.3", "channel": 0, "x": 0, "y": 0}, 400,
-         "MaxPool2d, not a convolution"),
+        ("post", "/api/explain", {"test_index": 0, "layer": "features.3", "channel": 6, "x": 0, "y": 0}, 400,
+         "channel 6 outside 0..5"),
+        ("post", "/api/explain", {"test_index": 0, "layer": "features.3", "channel": 0, "x": 14, "y": 0}, 400,
+         "outside the 14x14 output"),
         ("post", "/api/explain", {"test_index": 0, "layer": "features.1", "channel": 0, "x": 99, "y": 0}, 400,
          "outside the 28x28 output"),
         ("post", "/api/kernel", {"kernel": "1,2;3"}, 400, "kernel"),
@@ -323,7 +367,7 @@ def test_the_weighted_sum_follows_every_new_input(server: str) -> None:
 
     with browser_page(server, DESKTOP) as page:
         expect(page.locator(".maps img")).to_have_count(44, timeout=20_000)
-        layer = page.locator(".maps img").first.get_attribute("data-layer")  # conv1, map 0 (28x28 on a 280 canvas)
+        layer = page.locator(".maps .map").first.get_attribute("data-layer")  # conv1, map 0 (28x28 on a 280 canvas)
         where = {"layer": layer, "channel": 0, "center": False}
         # A pixel whose sum differs between test images 0 and 7 (on the background both are the bias alone).
         x, y = next((x, y) for y in range(6, 22, 2) for x in range(6, 22, 2)
@@ -431,3 +475,84 @@ def test_without_a_run_the_page_opens_on_the_playground() -> None:
         expect(page.locator("#k-out")).to_have_attribute("src", re.compile(r"^data:image/png"), timeout=20_000)
         assert page.locator("#k-drawn").is_hidden() and page.locator("#tab-network").is_hidden()
         assert page.locator("#network").is_hidden()
+
+
+# --- the weighted sum you can see, honest colour, keyboard and screen reader ----------------------------------------
+
+AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
+
+
+def serious_violations(page: Any) -> list[str]:
+    """axe-core's serious and critical accessibility violations of the page as it is now: 'rule: element'."""
+    page.add_script_tag(path=str(AXE))
+    script = ("async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
+              ".filter(v => v.impact === 'serious' || v.impact === 'critical')"
+              ".map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).slice(0, 3).join(', '))")  # fmt: skip
+    return page.evaluate(script)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_hover_and_arrow_keys_move_the_explained_pixel(server: str) -> None:
+    from playwright.sync_api import expect
+
+    with browser_page(server, DESKTOP) as page:
+        expect(page.locator(".maps .map")).to_have_count(44, timeout=20_000)
+        page.locator(".maps .map").first.click()  # conv1 map 0: a 28x28 map on a 280 px canvas
+        expect(page.locator("#post-figure")).to_be_visible()
+        expect(page.locator("#post-caption")).to_have_text("after features.2 (ReLU)")
+        expect(page.locator("#detail-colorbar .colorbar")).to_be_visible()
+        big = page.locator("#big")
+        big.scroll_into_view_if_needed()
+        box = big.bounding_box()
+        page.mouse.move(box["x"] + 105, box["y"] + 105)  # hover, no click: pixel (10, 10)
+        expect(page.locator("#explain h3")).to_have_text("pixel (x=10, y=10) of map 0", timeout=20_000)
+        expect(page.locator("#explain canvas.input-map")).to_have_count(1)  # conv1 reads the one input channel
+        total, output = explained(page)
+        assert total == pytest.approx(output, abs=2e-3)
+        big.focus()
+        page.keyboard.press("ArrowRight")
+        expect(page.locator("#explain h3")).to_have_text("pixel (x=11, y=10) of map 0", timeout=20_000)
+        page.keyboard.press("ArrowDown")
+        expect(page.locator("#explain h3")).to_have_text("pixel (x=11, y=11) of map 0", timeout=20_000)
+        assert page.locator("#explain td[style*='background']").count() >= 3 * 25, "coloured window, kernel, products"
+        # A pooling map: its window, and which value won.
+        page.locator('.maps .map[data-layer="features.3"]').first.click()
+        expect(page.locator("#post-figure")).to_be_hidden()
+        box = big.bounding_box()
+        page.mouse.move(box["x"] + 50, box["y"] + 50)
+        expect(page.locator("#explain .explain-total")).to_contain_text("the largest value of the window",
+                                                                        timeout=20_000)  # fmt: skip
+        expect(page.locator("#explain td.winner")).to_have_count(1)
+        pooled, pooled_output = explained(page)
+        assert pooled == pytest.approx(pooled_output, abs=2e-3)
+        # One colour bar for every layer: each layer's heading then names the same bound.
+        page.select_option("#scale", "global")
+        expect(page.locator(".layer h3 .hint:last-child").first).to_contain_text("colour ±", timeout=20_000)
+        page.wait_for_function("new Set([...document.querySelectorAll('.layer h3 .hint:last-child')]"
+                               ".map(e => e.textContent)).size === 1", timeout=20_000)  # fmt: skip
+        page.select_option("#scale", "map")
+        expect(page.locator(".layer h3 .hint:last-child").first).to_have_text("colour: each map its own",
+                                                                              timeout=20_000)  # fmt: skip
+
+
+@pytest.mark.slow
+@needs_browser
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_no_serious_accessibility_violations(server: str, viewport: dict[str, int]) -> None:
+    from playwright.sync_api import expect
+
+    with browser_page(server, viewport) as page:
+        expect(page.locator(".maps .map")).to_have_count(44, timeout=20_000)
+        page.locator(".maps .map").first.click()
+        expect(page.locator("#kernel-view")).to_contain_text("kernel of this map", timeout=20_000)
+        assert serious_violations(page) == []
+        tab = page.locator("#tab-network")
+        tab.focus()
+        page.keyboard.press("ArrowRight")  # the tab list's keys
+        expect(page.locator("#tab-kernels")).to_have_attribute("aria-selected", "true")
+        expect(page.locator("#k-out")).to_have_attribute("src", re.compile(r"^data:image/png"), timeout=20_000)
+        assert serious_violations(page) == []
+        page.keyboard.press("ArrowRight")
+        expect(page.locator("#summary table")).to_be_visible(timeout=20_000)
+        assert serious_violations(page) == []

@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection
 from importlib.resources import files
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Body, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -71,8 +71,14 @@ class ImageRequest(BaseModel):
     top_k: int = Field(default=5, ge=1, le=100)
 
 
+class PredictRequest(ImageRequest):
+    """An image, and the colour scale of its maps: one per map, per layer, or one for every layer."""
+
+    scale: Literal["map", "layer", "global"] = "layer"
+
+
 class ExplainRequest(ImageRequest):
-    """One pixel of one conv layer's map."""
+    """One pixel of one conv (or pooling) layer's map."""
 
     layer: str = Field(max_length=200)
     channel: int = Field(ge=0)
@@ -288,9 +294,10 @@ def create_app(loaded: LoadedRun | None, *, allowed_hosts: Collection[str] = LOO
         return compute(explorer.info)
 
     @app.post("/api/predict", responses=ERRORS)
-    def predict(req: Annotated[ImageRequest, Body(openapi_examples=_examples(
-        {"test_index": 0, "top_k": 3}, {"image": TINY_PNG, "center": True}))]) -> dict[str, Any]:  # fmt: skip
-        return compute(explorer.predict, req.image, req.test_index, req.center, req.top_k)
+    def predict(req: Annotated[PredictRequest, Body(openapi_examples=_examples(
+        {"test_index": 0, "top_k": 3},
+        {"image": TINY_PNG, "center": True, "scale": "global"}))]) -> dict[str, Any]:  # fmt: skip
+        return compute(explorer.predict, req.image, req.test_index, req.center, req.top_k, req.scale)
 
     @app.post("/api/explain", responses=ERRORS)
     def explain(req: Annotated[ExplainRequest, Body(openapi_examples=_examples(

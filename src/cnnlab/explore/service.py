@@ -21,7 +21,13 @@ from cnnlab.data.images import decode_image, sample_image_path
 from cnnlab.data.sources import ImageSet
 from cnnlab.engine.inference import LoadedRun, eval_data, evaluate_run
 from cnnlab.errors import UsageError
-from cnnlab.inspect.features import explain_conv_pixel, layer_inputs_and_outputs, stage_layers
+from cnnlab.inspect.features import (
+    activations_after,
+    explain_conv_pixel,
+    explain_pool_pixel,
+    layer_inputs_and_outputs,
+    stage_layers,
+)
 from cnnlab.kernels import short
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # a decoded upload larger than this is refused (413)
@@ -56,12 +62,30 @@ def png_data_url(pixels: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def map_to_png(a: torch.Tensor) -> str:
-    """One activation map (H, W) as a viridis PNG, scaled to its own min..max."""
-    lo, hi = float(a.min()), float(a.max())
-    x = (a - lo) / (hi - lo) if hi > lo else torch.zeros_like(a)
-    rgb = (colormaps["viridis"](x.numpy())[..., :3] * 255).round().astype(np.uint8)
+COLORMAP = "RdBu_r"  # one diverging map for every value shown: blue negative, white zero, red positive
+SCALES = ("map", "layer", "global")  # what one colour bar spans: each map, each layer, or every shown layer
+MAX_INPUT_MAPS = 8  # input channels drawn under an explained window (the first ones of the kernel's group)
+
+
+def map_to_png(a: torch.Tensor, bound: float | None = None) -> str:
+    """One map (H, W) as a PNG on the diverging colour map: -bound blue, 0 white, +bound red (default: max |a|)."""
+    bound = float(a.abs().max()) if bound is None else bound
+    x = (0.5 + a / (2 * bound)).clamp(0, 1) if bound > 0 else torch.full_like(a, 0.5)
+    rgb = (colormaps[COLORMAP](x.numpy())[..., :3] * 255).round().astype(np.uint8)
     return png_data_url(rgb)
+
+
+def colormap_stops(n: int = 11) -> list[str]:
+    """The diverging colour map as n CSS colours from -bound to +bound, for the page's colour bars."""
+    cmap = colormaps[COLORMAP]
+    return ["#" + "".join(f"{round(255 * v):02x}" for v in cmap(i / (n - 1))[:3]) for i in range(n)]
+
+
+def bounds(maps: torch.Tensor, scale: str, shared: float) -> list[float]:
+    """The colour bound of each of `maps` (C, H, W): its own max |value|, the layer's, or `shared` (every layer's)."""
+    if scale == "map":
+        return [float(m.abs().max()) for m in maps]
+    return [float(maps.abs().max()) if scale == "layer" else shared] * len(maps)
 
 
 def center_digit(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -138,7 +162,7 @@ class Explorer:
         named = [resolve_kernel(n) for n in list_kernels()]
         kernels = [{"name": k.name, "description": k.description, "matrix": k.matrix.tolist(),
                     "matrices": len(k.matrices)} for k in named]  # fmt: skip
-        out: dict[str, Any] = {"run": None, "kernels": kernels}
+        out: dict[str, Any] = {"run": None, "kernels": kernels, "colormap": colormap_stops(), "scales": list(SCALES)}
         if self.loaded is not None:
             run = self.loaded
             record = run.record
@@ -166,21 +190,32 @@ class Explorer:
             return torch.from_numpy(pixels)[None]
         return run.model_input(img)
 
-    def predict(self, image: str | None, test_index: int | None, center: bool, top_k: int = 5) -> dict[str, Any]:
-        """Top-k classes and the activation maps of every shown layer for one image."""
+    def predict(self, image: str | None, test_index: int | None, center: bool, top_k: int = 5,
+                scale: str = "layer") -> dict[str, Any]:  # fmt: skip
+        """Top-k classes and the maps of every shown layer for one image, on one diverging colour scale per map, per
+        layer or for all layers (`scale`); a conv followed by an activation also gives the maps after it."""
+        if scale not in SCALES:
+            raise UsageError(f"scale {short(scale)}: expected one of {', '.join(SCALES)}")
         run = self.need_run()
         pixels = self.input_image(image, test_index, center)
         x = run.prepare(pixels[None])
         _, outs, logits = layer_inputs_and_outputs(run.model, x, self.layers())
+        post = activations_after(run.model, x, self.layers())
+        shared = max((float(a[:MAX_MAPS].abs().max()) for a in outs.values()), default=0.0)
         probs = run.probabilities(logits)[0]  # softmax; a multi-label run: a sigmoid per label
         values, idx = probs.topk(min(top_k, len(run.classes)))
         layers = []
         for name, a in outs.items():
             module = run.model.get_submodule(name)
-            layers.append({
-                "name": name, "kind": type(module).__name__, "shape": list(a.shape),
-                "maps": [map_to_png(a[c]) for c in range(min(MAX_MAPS, a.shape[0]))],
-            })  # fmt: skip
+            a = a[:MAX_MAPS]
+            bound = bounds(a, scale, shared)  # the maps after the activation share it: ReLU's effect stays visible
+            row = {"name": name, "kind": type(module).__name__, "shape": list(outs[name].shape), "bounds": bound,
+                   "maps": [map_to_png(m, b) for m, b in zip(a, bound, strict=True)], "post": None}  # fmt: skip
+            if name in post:
+                act, p = post[name]
+                maps = [map_to_png(m, b) for m, b in zip(p[:MAX_MAPS], bound, strict=True)]
+                row["post"] = {"name": act, "kind": type(run.model.get_submodule(act)).__name__, "maps": maps}
+            layers.append(row)
         shown = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
         top = [{"label": run.classes[i], "prob": float(v)} for v, i in zip(values.tolist(), idx.tolist(), strict=True)]
         if run.multi_label:  # each label is a yes/no of its own: say which reach their thresholds
@@ -197,18 +232,31 @@ class Explorer:
 
     def explain(self, image: str | None, test_index: int | None, center: bool, layer: str, channel: int, x: int,
                 y: int) -> dict[str, Any]:  # fmt: skip
-        """The weighted sum behind one pixel of one conv layer's map, with the layer's actual output there."""
+        """The weighted sum behind one pixel of one conv layer's map (or a pooling layer's window and its max or mean),
+        with the layer's actual output there and the input maps the window slides over."""
         run = self.need_run()
         if layer not in self.layers():
             raise UsageError(f"layer {short(layer)} is not one of the shown layers")
         module = run.model.get_submodule(layer)
-        if not isinstance(module, nn.Conv2d):
-            raise UsageError(f"{layer} is a {type(module).__name__}, not a convolution: it has no weighted sum")
+        if not isinstance(module, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
+            raise UsageError(f"{layer} is a {type(module).__name__}: neither a convolution nor a pooling window")
         x_in = run.prepare(self.input_image(image, test_index, center)[None])
         ins, outs, _ = layer_inputs_and_outputs(run.model, x_in, [layer])
-        result = explain_conv_pixel(module, ins[layer], channel, y, x)
+        if not 0 <= channel < outs[layer].shape[0]:
+            raise UsageError(f"channel {channel} outside 0..{outs[layer].shape[0] - 1}")
+        if isinstance(module, nn.Conv2d):
+            result = explain_conv_pixel(module, ins[layer], channel, y, x)
+            channels = [t["input_channel"] for t in result["terms"]]
+        else:
+            result = explain_pool_pixel(module, ins[layer], channel, y, x)
+            channels = [channel]  # pooling looks at its own channel only
         result["output"] = float(outs[layer][channel, y, x])
         result["layer"] = layer
+        inp = ins[layer]
+        bound = float(inp.abs().max())
+        result["input_shape"] = list(inp.shape)
+        result["inputs"] = [{"channel": c, "map": map_to_png(inp[c], bound)} for c in channels[:MAX_INPUT_MAPS]]
+        result["input_bound"] = bound
         return result
 
     def kernel_weights(self, layer: str, channel: int) -> dict[str, Any]:

@@ -167,6 +167,79 @@ def layer_inputs_and_outputs(
     return ins, outs, logits
 
 
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid)  # fmt: skip
+PASS_THROUGH = (nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d)  # between a conv and its activation
+
+
+def activations_after(model: nn.Module, x: torch.Tensor, layers: Sequence[str]
+                      ) -> dict[str, tuple[str, torch.Tensor]]:  # fmt: skip
+    """For each named conv whose output goes (through batch norm at most) into an activation module, that module's
+    name and output (first sample, CPU): the map after ReLU (or tanh, ...) next to the conv's own.
+
+    Found from the order of the leaf modules' calls: an activation applied as a function (F.relu) is not seen.
+    """
+    wanted = set(layers)
+    names = {m: n for n, m in model.named_modules()}
+    post: dict[str, tuple[str, torch.Tensor]] = {}
+    pending: list[str | None] = [None]  # the shown conv whose activation is awaited
+
+    def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        name, waiting = names[module], pending[0]
+        if waiting is not None and isinstance(module, ACTIVATIONS) and isinstance(output, torch.Tensor):
+            post.setdefault(waiting, (name, output.detach()[0].float().cpu().clone()))
+            pending[0] = None
+        elif waiting is not None and not isinstance(module, PASS_THROUGH):
+            pending[0] = None
+        if name in wanted and isinstance(module, nn.Conv2d) and name not in post:
+            pending[0] = name
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return post
+
+
+def explain_pool_pixel(pool: nn.Module, inp: torch.Tensor, channel: int, y: int, x: int) -> dict:
+    """What output pixel (channel, y, x) of a max or average pooling layer is, given its input (C, H, W): the window
+    and, for max pooling, which value won (its row and column in the window); for average pooling the mean."""
+    if not isinstance(pool, nn.MaxPool2d | nn.AvgPool2d):
+        raise UsageError(f"{type(pool).__name__}: only MaxPool2d and AvgPool2d windows are shown")
+    pair = nn.modules.utils._pair
+    (kh, kw), (sh, sw), (ph, pw) = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size), pair(pool.padding)
+    if (isinstance(pool, nn.MaxPool2d) and pair(pool.dilation) != (1, 1)) or pool.ceil_mode:
+        raise UsageError("this pooling layer is dilated or rounds its output size up: its windows are not shown")
+    if not 0 <= channel < inp.shape[0]:
+        raise UsageError(f"channel {channel} outside 0..{inp.shape[0] - 1}")
+    is_max = isinstance(pool, nn.MaxPool2d)
+    fill = float("-inf") if is_max else 0.0  # max pooling pads with -inf, average pooling with zeros
+    padded = F.pad(inp[channel].double(), (pw, pw, ph, ph), value=fill)
+    out_h, out_w = (padded.shape[0] - kh) // sh + 1, (padded.shape[1] - kw) // sw + 1
+    if not (0 <= y < out_h and 0 <= x < out_w):
+        raise UsageError(f"pixel ({x}, {y}) outside the {out_w}x{out_h} output")
+    window = padded[y * sh : y * sh + kh, x * sw : x * sw + kw]
+    shown = torch.where(torch.isfinite(window), window, torch.zeros_like(window))  # -inf padding shown as 0
+    result = {"channel": channel, "x": x, "y": y, "kind": "max" if is_max else "mean", "window": shown.tolist(),
+              "origin": [y * sh - ph, x * sw - pw], "size": [kh, kw]}  # fmt: skip
+    if is_max:
+        flat = int(window.flatten().argmax())
+        result.update(winner=[flat // kw, flat % kw], total=float(window.max()))
+    else:
+        inside = torch.ones_like(window)
+        if not pool.count_include_pad:  # the mean over the window's real pixels only
+            inside = F.pad(torch.ones_like(inp[channel]).double(), (pw, pw, ph, ph))[
+                y * sh : y * sh + kh, x * sw : x * sw + kw
+            ]
+        divisor = pool.divisor_override or float(inside.sum())
+        result.update(count=divisor, total=float(window.sum()) / divisor)
+    return result
+
+
 def explain_conv_pixel(conv: nn.Conv2d, inp: torch.Tensor, channel: int, y: int, x: int) -> dict:
     """The weighted sum behind output pixel (channel, y, x) of a conv layer, given its input (C_in, H, W).
 
@@ -195,5 +268,7 @@ def explain_conv_pixel(conv: nn.Conv2d, inp: torch.Tensor, channel: int, y: int,
         terms.append({"input_channel": first + i, "window": e.window.tolist(), "kernel": e.kernel.tolist(),
                       "products": e.products.tolist(), "subtotal": e.total})  # fmt: skip
     bias = float(conv.bias.detach()[channel]) if conv.bias is not None else 0.0
-    return {"channel": channel, "x": x, "y": y, "terms": terms, "bias": bias,
-            "total": sum(t["subtotal"] for t in terms) + bias}  # fmt: skip
+    # origin: the window's top-left in the (unpadded) input, negative where it overlaps the zero padding.
+    return {"channel": channel, "x": x, "y": y, "terms": terms, "bias": bias, "kind": "conv",
+            "total": sum(t["subtotal"] for t in terms) + bias, "origin": [y * sh - ph, x * sw - pw],
+            "size": [kh, kw]}  # fmt: skip

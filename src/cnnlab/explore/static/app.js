@@ -4,7 +4,8 @@
 const $ = (id) => document.getElementById(id);
 // source: "pad", {image}, or {test_index}; padShows: "drawing" or "image" (a test image or upload drawn onto the pad);
 // mark: the explained pixel [x, y] of the selected map (recomputed for every new input).
-const state = { info: null, source: null, selected: null, pending: false, again: false, padShows: "drawing", mark: null };
+const state = { info: null, source: null, selected: null, pending: false, again: false, padShows: "drawing", mark: null,
+  scale: "layer", layers: [] };
 
 async function api(path, body) {
   const opts = body === undefined ? {} : {
@@ -17,8 +18,19 @@ async function api(path, body) {
 }
 
 // --- tabs -----------------------------------------------------------------------------------------------------------
+function visibleTabs() { return [...document.querySelectorAll(".tab")].filter((t) => !t.hidden); }
+document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("keydown", (e) => {
+  // The tab list's keys (WAI-ARIA): left and right move between tabs.
+  const tabs = visibleTabs(), step = { ArrowLeft: -1, ArrowRight: 1 }[e.key];
+  if (!step) return;
+  const next = tabs[(tabs.indexOf(tab) + step + tabs.length) % tabs.length];
+  next.focus(); next.click();
+}));
 document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click", () => {
-  document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t === tab));
+  document.querySelectorAll(".tab").forEach((t) => {
+    t.classList.toggle("active", t === tab); t.setAttribute("aria-selected", String(t === tab));
+    t.tabIndex = t === tab ? 0 : -1;
+  });
   document.querySelectorAll(".panel").forEach((p) => p.classList.toggle("active", p.id === tab.dataset.tab));
   if (tab.dataset.tab === "run") loadRunTab();
   if (tab.dataset.tab === "kernels" && !$("k-out").src) runKernel();
@@ -72,6 +84,7 @@ document.addEventListener("paste", (e) => {
   const item = [...(e.clipboardData || {}).items || []].find((i) => i.type.startsWith("image/"));
   if (item) useUpload(item.getAsFile());
 });
+$("scale").addEventListener("change", () => { state.scale = $("scale").value; predict(); });
 $("load-test").addEventListener("click", () => { state.source = { test_index: +$("test-index").value }; predict(); });
 
 function currentInput() {
@@ -89,7 +102,7 @@ async function predict() {
   const t0 = performance.now();
   try {
     const source = state.source;
-    const out = await api("/api/predict", currentInput());
+    const out = await api("/api/predict", { ...currentInput(), scale: state.scale });
     showPrediction(out, source);
     $("status").textContent = `round trip ${Math.round(performance.now() - t0)} ms`;
   } catch (err) {
@@ -132,54 +145,88 @@ function showPrediction(out, source) {
     <div class="bar${mark(t, i) ? " first" : ""}"><span class="label" title="${esc(t.label)}">${esc(t.label)}</span>
       <div class="track"><div class="fill" style="width:${(100 * t.prob).toFixed(1)}%"></div></div>
       <span>${(100 * t.prob).toFixed(1)}%${out.multi_label ? (t.predicted ? " ✓" : "") : ""}</span></div>`).join("");
+  state.layers = out.layers;
   const layers = $("layers");
   layers.innerHTML = "";
   for (const layer of out.layers) {
     const div = document.createElement("div");
     div.className = "layer";
     const more = layer.shape[0] > layer.maps.length ? ` (first ${layer.maps.length} maps)` : "";
-    div.innerHTML = `<h3>${esc(layer.name)} <span class="hint">${esc(layer.kind)}</span> ${layer.shape.join("×")}${more}</h3>`;
+    const scale = state.scale === "map" ? "colour: each map its own" : `colour ±${fmt(layer.bounds[0])}`;
+    div.innerHTML = `<h3>${esc(layer.name)} <span class="hint">${esc(layer.kind)}</span> ${layer.shape.join("×")}${more}`
+      + ` <span class="hint">${scale}</span></h3>`;
     const maps = document.createElement("div");
     maps.className = "maps";
     layer.maps.forEach((src, c) => {
+      // A button per map: focusable, named for screen readers, opened with Enter or a click.
+      const button = document.createElement("button");
+      button.className = "map"; button.type = "button";
+      button.setAttribute("aria-label", `${layer.name} map ${c} of ${layer.shape[0]}, colour ±${fmt(layer.bounds[c])}`);
+      button.title = `${layer.name} map ${c}`;
+      button.dataset.layer = layer.name; button.dataset.channel = c;
       const img = new Image();
-      img.src = src; img.alt = `${layer.name} map ${c}`; img.title = `${layer.name} map ${c}`;
-      img.dataset.layer = layer.name; img.dataset.channel = c;
+      img.src = src; img.alt = "";
+      button.appendChild(img);
       if (state.selected && state.selected.layer === layer.name && state.selected.channel === c) {
-        img.classList.add("selected"); showDetail(layer, c, src, false, state.mark);
+        button.classList.add("selected"); showDetail(layer, c, false);
         if (state.mark) explainPixel(...state.mark);  // the weighted sum of the new input, never the old one's
       }
-      img.addEventListener("click", () => {
-        document.querySelectorAll(".maps img").forEach((m) => m.classList.remove("selected"));
-        img.classList.add("selected");
-        showDetail(layer, c, src, true);
+      button.addEventListener("click", () => {
+        document.querySelectorAll(".maps .map").forEach((m) => m.classList.remove("selected"));
+        button.classList.add("selected");
+        showDetail(layer, c, true);
       });
-      maps.appendChild(img);
+      maps.appendChild(button);
     });
     div.appendChild(maps);
     layers.appendChild(div);
   }
 }
 
-function showDetail(layer, channel, src, fresh, mark = null) {
-  state.selected = { layer: layer.name, channel, kind: layer.kind, shape: layer.shape, src };
-  $("detail").hidden = false;
-  $("detail-title").textContent = `${layer.name} map ${channel} (${layer.shape[1]}×${layer.shape[2]})`;
-  const big = $("big"), g = big.getContext("2d");
-  const img = new Image();
+const EXPLAINED = ["Conv2d", "MaxPool2d", "AvgPool2d"];  // layers whose pixels the page explains
+
+// Draw a map's PNG on a canvas, pixelated, with the explained pixel outlined.
+function paint(canvas, src, shape, mark) {
+  const g = canvas.getContext("2d"), img = new Image();
   img.onload = () => {
-    g.imageSmoothingEnabled = false; g.drawImage(img, 0, 0, big.width, big.height);
-    if (mark) {  // the explained pixel
-      const cw = big.width / layer.shape[2], ch = big.height / layer.shape[1];
-      g.strokeStyle = "#ff3b30"; g.lineWidth = 2; g.strokeRect(mark[0] * cw + 1, mark[1] * ch + 1, cw - 2, ch - 2);
+    g.imageSmoothingEnabled = false; g.drawImage(img, 0, 0, canvas.width, canvas.height);
+    if (mark) {
+      const cw = canvas.width / shape[2], ch = canvas.height / shape[1];
+      g.strokeStyle = "#111"; g.lineWidth = 2; g.strokeRect(mark[0] * cw + 1, mark[1] * ch + 1, cw - 2, ch - 2);
     }
   };
   img.src = src;
+}
+
+function colorbar(bound) {
+  return `<div class="colorbar" role="img" aria-label="colour scale from ${fmt(-bound)} (blue) through 0 (white) to `
+    + `${fmt(bound)} (red)"><div class="ramp" style="background: linear-gradient(to right, `
+    + `${state.info.colormap.join(", ")})"></div><div class="ticks"><span>${fmt(-bound)}</span><span>0</span>`
+    + `<span>${fmt(bound)}</span></div></div>`;
+}
+
+function showDetail(layer, channel, fresh) {
+  state.selected = { layer: layer.name, channel, kind: layer.kind, shape: layer.shape };
+  $("detail").hidden = false;
+  $("detail-title").textContent = `${layer.name} map ${channel} (${layer.shape[1]}×${layer.shape[2]})`;
+  if (fresh) state.mark = null;
+  paint($("big"), layer.maps[channel], layer.shape, state.mark);
+  $("big-caption").textContent = `${layer.kind} output`;
+  $("post-figure").hidden = !layer.post;
+  if (layer.post) {  // the same map after the activation that follows, on the same colours: ReLU's effect shows
+    paint($("big-post"), layer.post.maps[channel], layer.shape, null);
+    $("post-caption").textContent = `after ${layer.post.name} (${layer.post.kind})`;
+  }
+  $("detail-colorbar").innerHTML = colorbar(layer.bounds[channel]);
   if (!fresh) return;
-  state.mark = null;
-  $("explain").innerHTML = layer.kind === "Conv2d"
-    ? `<p class="hint">Click a pixel of the map to see the weighted sum behind it.</p>` : "";
-  if (layer.kind !== "Conv2d") { $("kernel-view").innerHTML = `<p class="hint">${esc(layer.kind)}: no weights.</p>`; return; }
+  $("explain").innerHTML = EXPLAINED.includes(layer.kind)
+    ? `<p class="hint">Move over the map (or focus it and use the arrow keys) to see how each pixel is computed.</p>`
+    : "";
+  if (layer.kind !== "Conv2d") {
+    $("kernel-view").innerHTML = `<p class="hint">${esc(layer.kind)}: no weights${layer.kind.includes("Pool")
+      ? "; each pixel is the " + (layer.kind === "MaxPool2d" ? "largest" : "mean") + " value of its window" : ""}.</p>`;
+    return;
+  }
   api(`/api/kernel-weights?layer=${encodeURIComponent(layer.name)}&channel=${channel}`).then((k) => {
     const shown = k.weights.slice(0, 4);
     $("kernel-view").innerHTML = `<p class="hint">kernel of this map: ${k.in_channels} input channel(s) of `
@@ -189,36 +236,96 @@ function showDetail(layer, channel, src, fresh, mark = null) {
   }).catch((err) => { $("kernel-view").textContent = err.message; });
 }
 
-$("big").addEventListener("click", (e) => {
+// The explained pixel follows the pointer (hover, or a tap on a phone) and the arrow keys.
+function pointAt(x, y) {
   const sel = state.selected;
-  if (!sel || sel.kind !== "Conv2d") return;
-  const r = e.target.getBoundingClientRect();
-  const x = Math.floor((e.clientX - r.left) / r.width * sel.shape[2]);
-  const y = Math.floor((e.clientY - r.top) / r.height * sel.shape[1]);
+  if (!sel || !EXPLAINED.includes(sel.kind)) return;
+  x = Math.max(0, Math.min(sel.shape[2] - 1, x)); y = Math.max(0, Math.min(sel.shape[1] - 1, y));
+  if (state.mark && state.mark[0] === x && state.mark[1] === y) return;
   state.mark = [x, y];
-  showDetail({ name: sel.layer, kind: sel.kind, shape: sel.shape }, sel.channel, sel.src, false, [x, y]);
+  const layer = state.layers.find((l) => l.name === sel.layer);
+  paint($("big"), layer.maps[sel.channel], sel.shape, state.mark);
   explainPixel(x, y);
+}
+function eventPixel(e) {
+  const sel = state.selected, r = $("big").getBoundingClientRect();
+  return [Math.floor((e.clientX - r.left) / r.width * sel.shape[2]),
+    Math.floor((e.clientY - r.top) / r.height * sel.shape[1])];
+}
+$("big").addEventListener("pointermove", (e) => { if (state.selected) pointAt(...eventPixel(e)); });
+$("big").addEventListener("click", (e) => { if (state.selected) pointAt(...eventPixel(e)); });
+$("big").addEventListener("keydown", (e) => {
+  const step = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] }[e.key];
+  if (!step || !state.selected) return;
+  e.preventDefault();
+  const [x, y] = state.mark || [0, 0];
+  pointAt(state.mark ? x + step[0] : 0, state.mark ? y + step[1] : 0);
 });
 
-let explainSeq = 0;  // only the newest answer is shown: an older one may arrive later
+// One request at a time: while one is out, only the newest pixel waits (a fast pointer sends no backlog).
+let explainSeq = 0, explainBusy = false, explainNext = null;
 async function explainPixel(x, y) {
-  const sel = state.selected, seq = ++explainSeq;
+  if (explainBusy) { explainNext = [x, y]; return; }
+  explainBusy = true;
+  const sel = state.selected, seq = ++explainSeq, t0 = performance.now();
   try {
     const ex = await api("/api/explain", { ...currentInput(), layer: sel.layer, channel: sel.channel, x, y });
-    if (seq !== explainSeq) return;
-    const first = ex.terms.slice(0, 3);
-    $("explain").innerHTML = `<h3>pixel (x=${x}, y=${y}) of map ${sel.channel}</h3>`
-      + `<p class="hint">window: the layer's input under the kernel (for the first layer: the normalised pixels); `
-      + `zero padding included</p>`
-      + first.map((t) => `<p class="hint">input channel ${t.input_channel}: window × kernel, products sum to `
-        + `${fmt(t.subtotal)}</p><div class="row">${matrix(t.window, "window")}${matrix(t.kernel, "kernel")}`
-        + `${matrix(t.products, "products")}</div>`).join("")
-      + (ex.terms.length > first.length ? `<p class="hint">… ${ex.terms.length - first.length} more input channels: `
-        + ex.terms.slice(first.length).map((t) => fmt(t.subtotal)).join(" + ") + "</p>" : "")
-      + `<p class="explain-total">${ex.terms.map((t) => fmt(t.subtotal)).slice(0, 8).join(" + ")}`
-      + `${ex.terms.length > 8 ? " + …" : ""} + bias ${fmt(ex.bias)} = <b>${fmt(ex.total)}</b> `
-      + `<span class="hint">(the layer's output there: ${fmt(ex.output)})</span></p>`;
-  } catch (err) { if (seq === explainSeq) $("explain").textContent = err.message; }
+    if (seq === explainSeq && !explainNext) showExplain(ex, sel, x, y, performance.now() - t0);
+  } catch (err) {
+    if (seq === explainSeq && !explainNext) $("explain").textContent = err.message;
+  } finally {
+    explainBusy = false;
+    if (explainNext) { const next = explainNext; explainNext = null; explainPixel(...next); }
+  }
+}
+
+// The input maps the window slides over, the window outlined on each (the part outside is zero padding).
+function inputMaps(ex) {
+  const [, h, w] = ex.input_shape, side = 112;
+  return `<div class="inputs">` + ex.inputs.map((m) => `<figure><canvas class="input-map" width="${side}" `
+    + `height="${side}" data-src="${m.map}" role="img" aria-label="input channel ${m.channel} with the window `
+    + `outlined"></canvas><figcaption>input ${m.channel}</figcaption></figure>`).join("") + "</div>"
+    + `<p class="hint">window at rows ${ex.origin[0]}..${ex.origin[0] + ex.size[0] - 1}, columns `
+    + `${ex.origin[1]}..${ex.origin[1] + ex.size[1] - 1} of the ${h}×${w} input (outside it: zero padding); `
+    + `input colours ±${fmt(ex.input_bound)}</p>`;
+}
+function drawInputWindows(ex) {
+  const [, h, w] = ex.input_shape;
+  document.querySelectorAll("#explain canvas.input-map").forEach((c) => {
+    const g = c.getContext("2d"), img = new Image(), cw = c.width / w, ch = c.height / h;
+    img.onload = () => {
+      g.imageSmoothingEnabled = false; g.drawImage(img, 0, 0, c.width, c.height);
+      g.strokeStyle = "#111"; g.lineWidth = 2;
+      g.strokeRect(ex.origin[1] * cw, ex.origin[0] * ch, ex.size[1] * cw, ex.size[0] * ch);
+    };
+    img.src = c.dataset.src;
+  });
+}
+
+function showExplain(ex, sel, x, y, ms) {
+  const head = `<h3>pixel (x=${x}, y=${y}) of map ${sel.channel}</h3>`;
+  const tail = ` <span class="hint">(the layer's output there: ${fmt(ex.output)})</span>`
+    + ` <span class="hint timing">${Math.round(ms)} ms</span></p>`;
+  if (ex.kind !== "conv") {
+    $("explain").innerHTML = head + inputMaps(ex)
+      + `<div class="row">${matrix(ex.window, "window", ex.winner ? [ex.winner] : null)}</div>`
+      + `<p class="explain-total">${ex.kind === "max" ? "the largest value of the window (outlined)"
+        : `the mean of ${ex.count} values`} = <b>${fmt(ex.total)}</b>${tail}`;
+    drawInputWindows(ex);
+    return;
+  }
+  const first = ex.terms.slice(0, 3);
+  $("explain").innerHTML = head + inputMaps(ex)
+    + `<p class="hint">window: the layer's input under the kernel (for the first layer: the normalised pixels); `
+    + `zero padding included. Each grid's cells are coloured on the diverging scale, centred at zero.</p>`
+    + first.map((t) => `<p class="hint">input channel ${t.input_channel}: window × kernel, products sum to `
+      + `${fmt(t.subtotal)}</p><div class="row">${matrix(t.window, "window")}${matrix(t.kernel, "kernel")}`
+      + `${matrix(t.products, "products")}</div>`).join("")
+    + (ex.terms.length > first.length ? `<p class="hint">… ${ex.terms.length - first.length} more input channels: `
+      + ex.terms.slice(first.length).map((t) => fmt(t.subtotal)).join(" + ") + "</p>" : "")
+    + `<p class="explain-total">${ex.terms.map((t) => fmt(t.subtotal)).slice(0, 8).join(" + ")}`
+    + `${ex.terms.length > 8 ? " + …" : ""} + bias ${fmt(ex.bias)} = <b>${fmt(ex.total)}</b>${tail}`;
+  drawInputWindows(ex);
 }
 
 // --- kernel playground ---------------------------------------------------------------------------------------------
@@ -283,9 +390,21 @@ async function loadRunTab() {
 // --- helpers and start ----------------------------------------------------------------------------------------------
 function esc(s) { return String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`); }
 function fmt(v) { return Math.abs(v) >= 1000 || (Math.abs(v) < 0.001 && v !== 0) ? v.toExponential(2) : (+v.toFixed(3)).toString(); }
-function matrix(m, title) {
+// A grid of numbers, each cell coloured on the diverging map centred at zero (the grid's own max |value|);
+// `marked` cells ([row, column]) are outlined (max pooling's winner).
+function matrix(m, title, marked = null) {
+  const bound = Math.max(...m.flat().map(Math.abs)) || 1;
+  const stops = state.info.colormap, last = stops.length - 1;
+  const color = (v) => stops[Math.round((0.5 + v / (2 * bound)) * last)];
+  const isMarked = (r, c) => marked && marked.some(([mr, mc]) => mr === r && mc === c);
   return `<table class="grid">${title ? `<caption class="hint">${title}</caption>` : ""}`
-    + m.map((row) => `<tr>${row.map((v) => `<td>${fmt(v)}</td>`).join("")}</tr>`).join("") + "</table>";
+    + m.map((row, r) => `<tr>${row.map((v, c) => `<td style="background:${color(v)};color:${ink(color(v))}"`
+      + `${isMarked(r, c) ? ' class="winner"' : ""}>${fmt(v)}</td>`).join("")}</tr>`).join("") + "</table>";
+}
+// Black or white text, whichever reads on this background (WCAG contrast: white below luminance 0.18).
+function ink(hex) {
+  const lin = (i) => { const c = parseInt(hex.slice(i, i + 2), 16) / 255; return c <= 0.04045 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; };
+  return 0.2126 * lin(1) + 0.7152 * lin(3) + 0.0722 * lin(5) < 0.18 ? "#fff" : "#000";
 }
 
 (async function start() {
