@@ -234,7 +234,9 @@ def serving(app: Any) -> Iterator[str]:
     """`app` served by uvicorn on a free local port, in a background thread: its address."""
     import uvicorn
 
-    sock = socket.socket()
+    from cnnlab.explore.server import no_delay
+
+    sock = no_delay(socket.socket())
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)

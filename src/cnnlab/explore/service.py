@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import tempfile
 from pathlib import Path
@@ -71,8 +72,13 @@ def map_to_png(a: torch.Tensor, bound: float | None = None) -> str:
     """One map (H, W) as a PNG on the diverging colour map: -bound blue, 0 white, +bound red (default: max |a|)."""
     bound = float(a.abs().max()) if bound is None else bound
     x = (0.5 + a / (2 * bound)).clamp(0, 1) if bound > 0 else torch.full_like(a, 0.5)
-    rgb = (colormaps[COLORMAP](x.numpy())[..., :3] * 255).round().astype(np.uint8)
-    return png_data_url(rgb)
+    return png_data_url(_lut()[(x * 255).round().long().numpy()])  # (H, W, 3) uint8
+
+
+@functools.cache
+def _lut() -> np.ndarray:
+    """The colour map as 256 RGB rows, uint8 (256, 3): a lookup per pixel (matplotlib rebuilds its table per call)."""
+    return (colormaps[COLORMAP](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
 def colormap_stops(n: int = 11) -> list[str]:
@@ -120,6 +126,9 @@ class Explorer:
         self._pictures: dict[str, bytes] = {}
         self._layers: list[str] | None = None
         self._test: ImageSet | None = None
+        # The last explained input: its key, every shown layer's input and output, and the input maps already drawn
+        # per layer. A pointer moving over one map asks for many pixels of the same input: one forward pass serves all.
+        self._last: tuple[tuple, dict, dict, dict] | None = None
 
     def warm_up(self) -> None:
         """Compute once before the server answers, so that lazy imports and library start-up never run in a request.
@@ -240,8 +249,11 @@ class Explorer:
         module = run.model.get_submodule(layer)
         if not isinstance(module, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
             raise UsageError(f"{layer} is a {type(module).__name__}: neither a convolution nor a pooling window")
-        x_in = run.prepare(self.input_image(image, test_index, center)[None])
-        ins, outs, _ = layer_inputs_and_outputs(run.model, x_in, [layer])
+        key = (image, test_index, center)
+        if self._last is None or self._last[0] != key:
+            x_in = run.prepare(self.input_image(image, test_index, center)[None])
+            self._last = (key, *layer_inputs_and_outputs(run.model, x_in, self.layers())[:2], {})
+        _, ins, outs, drawn = self._last
         if not 0 <= channel < outs[layer].shape[0]:
             raise UsageError(f"channel {channel} outside 0..{outs[layer].shape[0] - 1}")
         if isinstance(module, nn.Conv2d):
@@ -254,8 +266,12 @@ class Explorer:
         result["layer"] = layer
         inp = ins[layer]
         bound = float(inp.abs().max())
+        maps = drawn.setdefault(layer, {})
+        for c in channels[:MAX_INPUT_MAPS]:
+            if c not in maps:
+                maps[c] = map_to_png(inp[c], bound)
         result["input_shape"] = list(inp.shape)
-        result["inputs"] = [{"channel": c, "map": map_to_png(inp[c], bound)} for c in channels[:MAX_INPUT_MAPS]]
+        result["inputs"] = [{"channel": c, "map": maps[c]} for c in channels[:MAX_INPUT_MAPS]]
         result["input_bound"] = bound
         return result
 
