@@ -130,6 +130,13 @@ def test_the_maps_after_an_activation_are_the_activations_output(digit_run: Path
         act, after = post[name]
         assert isinstance(run.model.get_submodule(act), torch.nn.ReLU)
         assert torch.equal(after, torch.relu(outs[name]))
+    import torchvision
+
+    resnet = torchvision.models.resnet18(num_classes=3).eval()  # in-place ReLUs, a residual sum added in place
+    paired = activations_after(resnet, torch.randn(1, 3, 32, 32), ["conv1", "layer1.0.conv1", "layer1.0.conv2"])
+    assert {k: v[0] for k, v in paired.items()} == {"conv1": "relu", "layer1.0.conv1": "layer1.0.relu"}, (
+        "the ReLU after a residual sum is not the conv's own activation"
+    )
 
 
 def test_kernel_weights_and_playground(client: TestClient) -> None:

@@ -177,25 +177,40 @@ def activations_after(model: nn.Module, x: torch.Tensor, layers: Sequence[str]
     """For each named conv whose output goes (through batch norm at most) into an activation module, that module's
     name and output (first sample, CPU): the map after ReLU (or tanh, ...) next to the conv's own.
 
-    Found from the order of the leaf modules' calls: an activation applied as a function (F.relu) is not seen.
+    Found from the leaf modules' calls: the activation must take the very tensor the conv (or its batch norm) gave,
+    so a ReLU applied after a residual sum (ResNet's blocks) is not passed off as the conv's own. An activation
+    applied as a function (F.relu) is not seen.
     """
     wanted = set(layers)
     names = {m: n for n, m in model.named_modules()}
     post: dict[str, tuple[str, torch.Tensor]] = {}
-    pending: list[str | None] = [None]  # the shown conv whose activation is awaited
+    # The shown conv whose activation is awaited, the tensor that activation must take, and a copy of its values
+    # (an in-place residual sum, `out += identity`, keeps the tensor but changes them).
+    pending: list = [None, None, None]
+    taking: list[bool] = [False]  # whether the module being called takes exactly that tensor
 
-    def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
-        name, waiting = names[module], pending[0]
-        if waiting is not None and isinstance(module, ACTIVATIONS) and isinstance(output, torch.Tensor):
-            post.setdefault(waiting, (name, output.detach()[0].float().cpu().clone()))
-            pending[0] = None
-        elif waiting is not None and not isinstance(module, PASS_THROUGH):
-            pending[0] = None
-        if name in wanted and isinstance(module, nn.Conv2d) and name not in post:
-            pending[0] = name
+    def before(module: nn.Module, inputs: tuple) -> None:
+        given = inputs[0] if inputs else None
+        taking[0] = (pending[0] is not None and given is pending[1] and isinstance(given, torch.Tensor)
+                     and torch.equal(given, pending[2]))  # fmt: skip
+
+    def after(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        name = names[module]
+        if pending[0] is not None and taking[0] and isinstance(output, torch.Tensor):
+            if isinstance(module, ACTIVATIONS):
+                post.setdefault(pending[0], (name, output.detach()[0].float().cpu().clone()))
+                pending[:] = [None, None, None]
+            elif isinstance(module, PASS_THROUGH):  # batch norm between the conv and its activation
+                pending[1:] = [output, output.detach().clone()]
+            else:
+                pending[:] = [None, None, None]
+        elif pending[0] is not None:
+            pending[:] = [None, None, None]
+        if name in wanted and isinstance(module, nn.Conv2d) and name not in post and isinstance(output, torch.Tensor):
+            pending[:] = [name, output, output.detach().clone()]
 
     leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
+    handles = [m.register_forward_pre_hook(before) for m in leaves] + [m.register_forward_hook(after) for m in leaves]
     try:
         with torch.no_grad():
             model(x)

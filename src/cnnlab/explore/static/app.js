@@ -286,7 +286,8 @@ function inputMaps(ex) {
     + `height="${side}" data-src="${m.map}" role="img" aria-label="input channel ${m.channel} with the window `
     + `outlined"></canvas><figcaption>input ${m.channel}</figcaption></figure>`).join("") + "</div>"
     + `<p class="hint">window at rows ${ex.origin[0]}..${ex.origin[0] + ex.size[0] - 1}, columns `
-    + `${ex.origin[1]}..${ex.origin[1] + ex.size[1] - 1} of the ${h}×${w} input (outside it: zero padding); `
+    + `${ex.origin[1]}..${ex.origin[1] + ex.size[1] - 1} of the ${h}×${w} input`
+    + `${ex.kind === "conv" ? " (outside it: zero padding)" : ex.kind === "max" ? " (padding, if any, never wins)" : ""}; `
     + `input colours ±${fmt(ex.input_bound)}</p>`;
 }
 function drawInputWindows(ex) {
