@@ -565,3 +565,34 @@ def test_no_serious_accessibility_violations(server: str, viewport: dict[str, in
         page.keyboard.press("ArrowRight")
         expect(page.locator("#summary table")).to_be_visible(timeout=20_000)
         assert serious_violations(page) == []
+
+
+@pytest.mark.slow
+@needs_browser
+def test_the_output_size_widget_is_torchs_formula(server: str) -> None:
+    from playwright.sync_api import expect
+
+    from cnnlab.arithmetic import conv_output_size
+
+    with browser_page(server, DESKTOP) as page:
+        page.locator('[data-tab="kernels"]').click()
+        for n, k, p, s, d in ((7, 3, 1, 2, 1), (28, 5, 0, 1, 1), (32, 3, 1, 1, 2), (5, 4, 0, 3, 1), (13, 3, 2, 3, 2),
+                              (4, 5, 0, 1, 1)):  # fmt: skip
+            for name, value in zip("nkpsd", (n, k, p, s, d), strict=True):
+                page.fill(f"#sz-{name}", str(value))
+            text = page.locator("#sz-formula").inner_text()
+            if n + 2 * p >= d * (k - 1) + 1:
+                assert text.endswith(f"= {conv_output_size(n, k, s, p, d)}"), text
+            else:
+                assert "no output" in text, text
+        for name, value in zip("nkpsd", (7, 3, 1, 2, 1), strict=True):
+            page.fill(f"#sz-{name}", str(value))
+        expect(page.locator("#sz-where")).to_contain_text("(x=0, y=0) of 4×4: the window covers input rows -1..1, "
+                                                          "columns -1..1")  # fmt: skip
+        page.click("#sz-step")
+        expect(page.locator("#sz-where")).to_contain_text("(x=1, y=0) of 4×4: the window covers input rows -1..1, "
+                                                          "columns 1..3")  # fmt: skip
+        page.click("#sz-play")
+        expect(page.locator("#sz-where")).to_contain_text("(x=3, y=0)", timeout=10_000)
+        page.click("#sz-play")
+        expect(page.locator("#sz-play")).to_have_attribute("aria-pressed", "false")

@@ -364,6 +364,60 @@ $("k-upload").addEventListener("change", async (e) => { if (e.target.files[0]) {
 $("k-sample").addEventListener("click", () => { kImage = null; runKernel(); });
 $("k-drawn").addEventListener("click", () => { kImage = pad.toDataURL("image/png"); runKernel(); });
 
+// --- output size: padding, stride, dilation --------------------------------------------------------------------------
+// torch's formula, out = floor((n + 2p - d(k - 1) - 1) / s) + 1, drawn: the padded input with the kernel's window at
+// one output position, and the output grid. Step or play through the positions.
+const size = { pos: 0, timer: null };
+function sizeValues() {
+  const get = (id) => { const el = $(id), v = parseInt(el.value, 10);
+    return Math.max(+el.min, Math.min(+el.max, Number.isNaN(v) ? +el.min : v)); };
+  return { n: get("sz-n"), k: get("sz-k"), p: get("sz-p"), s: get("sz-s"), d: get("sz-d") };
+}
+function drawSize() {
+  const { n, k, p, s, d } = sizeValues();
+  const out = Math.floor((n + 2 * p - d * (k - 1) - 1) / s) + 1;
+  const math = `out = ⌊(n + 2p − d(k − 1) − 1) / s⌋ + 1 = ⌊(${n} + 2·${p} − ${d}·(${k} − 1) − 1) / ${s}⌋ + 1`;
+  const gin = $("sz-in").getContext("2d"), gout = $("sz-out").getContext("2d");
+  gin.clearRect(0, 0, 300, 300); gout.clearRect(0, 0, 300, 300);
+  if (out < 1) {
+    $("sz-formula").textContent = `${math}: no output. The window spans d(k − 1) + 1 = ${d * (k - 1) + 1} pixels, `
+      + `the padded input n + 2p = ${n + 2 * p}.`;
+    $("sz-where").textContent = "";
+    return;
+  }
+  $("sz-formula").textContent = `${math} = ${out}`;
+  size.pos %= out * out;
+  const oy = Math.floor(size.pos / out), ox = size.pos % out, m = n + 2 * p, cell = 300 / m;
+  for (let r = 0; r < m; r++) for (let c = 0; c < m; c++) {
+    const padding = r < p || c < p || r >= p + n || c >= p + n;
+    gin.fillStyle = padding ? "#d9dde5" : "#fff"; gin.fillRect(c * cell, r * cell, cell, cell);
+    gin.strokeStyle = "#b8bfcc"; gin.strokeRect(c * cell, r * cell, cell, cell);
+  }
+  gin.fillStyle = "rgba(47, 111, 222, 0.55)";
+  for (let i = 0; i < k; i++) for (let j = 0; j < k; j++) {
+    gin.fillRect((ox * s + j * d) * cell + 1, (oy * s + i * d) * cell + 1, cell - 2, cell - 2);
+  }
+  const oc = 300 / out;
+  for (let r = 0; r < out; r++) for (let c = 0; c < out; c++) {
+    const done = r * out + c < size.pos;
+    gout.fillStyle = r === oy && c === ox ? "#2f6fde" : done ? "#c9d7f3" : "#fff";
+    gout.fillRect(c * oc, r * oc, oc, oc); gout.strokeStyle = "#b8bfcc"; gout.strokeRect(c * oc, r * oc, oc, oc);
+  }
+  const top = oy * s - p, left = ox * s - p, span = d * (k - 1);
+  $("sz-where").textContent = `output pixel (x=${ox}, y=${oy}) of ${out}×${out}: the window covers input rows `
+    + `${top}..${top + span}, columns ${left}..${left + span}${d > 1 ? `, every ${d}th` : ""} (negative or ≥ ${n}: padding)`;
+}
+["sz-n", "sz-k", "sz-p", "sz-s", "sz-d"].forEach((id) => $(id).addEventListener("input", () => { size.pos = 0; drawSize(); }));
+$("sz-step").addEventListener("click", () => { size.pos += 1; drawSize(); });
+$("sz-play").addEventListener("click", () => {
+  const playing = size.timer === null;
+  if (playing) size.timer = setInterval(() => { size.pos += 1; drawSize(); }, 500);
+  else { clearInterval(size.timer); size.timer = null; }
+  $("sz-play").textContent = playing ? "Pause" : "Play";
+  $("sz-play").setAttribute("aria-pressed", String(playing));
+});
+drawSize();
+
 // --- the run tab ----------------------------------------------------------------------------------------------------
 let runLoaded = false;
 async function loadRunTab() {
