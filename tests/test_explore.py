@@ -139,6 +139,28 @@ def test_the_maps_after_an_activation_are_the_activations_output(digit_run: Path
     )
 
 
+def test_the_confusion_matrix_and_its_cells_list_the_test_images(client: TestClient, digit_run: Path) -> None:
+    run = load_run(digit_run)
+    test, _ = eval_data(run, None, None, "test")
+    with torch.no_grad():
+        pred = torch.cat([run.model(run.prepare(test.images[i : i + 500])).argmax(1) for i in range(0, len(test), 500)])
+    c = client.get("/api/confusion").json()
+    cm = torch.tensor(c["confusion"])
+    assert cm.sum() == c["n"] == len(test) and torch.equal(cm.sum(1), torch.bincount(test.labels, minlength=10))
+    assert c["mistakes"], "a briefly trained LeNet-5 makes mistakes"
+    for m in c["mistakes"]:
+        assert m["true"] == str(int(test.labels[m["index"]])) and m["predicted"] == str(int(pred[m["index"]]))
+        assert m["true"] != m["predicted"] and m["image"].startswith("data:image/png")
+    confidences = [m["confidence"] for m in c["mistakes"]]
+    assert confidences == sorted(confidences, reverse=True)
+    t, p = divmod(int(torch.argmax(cm - torch.diag(torch.diag(cm)))), 10)  # the largest off-diagonal cell
+    cell = client.get("/api/cell", params={"true": t, "predicted": p}).json()
+    assert cell["count"] == cm[t, p] and len(cell["images"]) == min(24, int(cm[t, p]))
+    assert all(int(test.labels[i["index"]]) == t and int(pred[i["index"]]) == p for i in cell["images"])
+    assert client.get("/api/cell", params={"true": 10, "predicted": 0}).status_code == 400
+    assert client.get("/api/cell", params={"true": -1, "predicted": 0}).status_code == 422
+
+
 def test_kernel_weights_and_playground(client: TestClient) -> None:
     w = client.get("/api/kernel-weights", params={"layer": "features.1", "channel": 0}).json()
     assert np.array(w["weights"]).shape == (1, 5, 5) and "bias" in w
@@ -467,10 +489,14 @@ def test_the_page_on_a_phone(server: str) -> None:
         assert page.evaluate(fits), "the layer table overflows the page"
         card = page.locator("#summary").bounding_box()
         assert card["x"] + card["width"] <= PHONE["width"]
-        page.wait_for_function("document.getElementById('mistakes').naturalWidth > 0", timeout=60_000)
-        shown = page.locator("#mistakes").bounding_box()["width"]
-        natural = page.evaluate("document.getElementById('mistakes').naturalWidth")
-        assert shown >= 0.5 * natural, f"mistake captions shrunk to {shown / natural:.0%} of their size"
+        expect(page.locator("#mistake-list .thumb").first).to_be_visible(timeout=60_000)
+        size = page.evaluate("parseFloat(getComputedStyle(document.querySelector('#mistake-list .thumb span'))"
+                             ".fontSize)")  # fmt: skip
+        assert size >= 11, f"mistake captions are {size} px high"
+        page.wait_for_function("document.getElementById('curves').naturalWidth > 0", timeout=60_000)
+        shown = page.locator("#curves").bounding_box()["width"]
+        natural = page.evaluate("document.getElementById('curves').naturalWidth")
+        assert shown >= 0.5 * natural, f"the curves' labels shrunk to {shown / natural:.0%} of their size"
         assert page.evaluate(fits)
 
 
@@ -596,3 +622,27 @@ def test_the_output_size_widget_is_torchs_formula(server: str) -> None:
         expect(page.locator("#sz-where")).to_contain_text("(x=3, y=0)", timeout=10_000)
         page.click("#sz-play")
         expect(page.locator("#sz-play")).to_have_attribute("aria-pressed", "false")
+
+
+@pytest.mark.slow
+@needs_browser
+def test_a_mistake_or_a_confusion_cell_opens_in_the_network_view(server: str) -> None:
+    from playwright.sync_api import expect
+
+    with browser_page(server, DESKTOP) as page:
+        expect(page.locator(".maps .map")).to_have_count(44, timeout=20_000)
+        page.locator('[data-tab="run"]').click()
+        first = page.locator("#mistake-list .thumb").first
+        expect(first).to_be_visible(timeout=60_000)
+        index = first.get_attribute("data-index")
+        true, predicted = first.locator("span").first.inner_text().split(" ")[0:3:2]
+        first.click()
+        expect(page.locator("#tab-network")).to_have_attribute("aria-selected", "true")
+        expect(page.locator("#source-line")).to_contain_text(f"test image {index}, true label: {true}.",
+                                                             timeout=20_000)  # fmt: skip
+        expect(page.locator("#top1")).to_contain_text(f"prediction: {predicted} (")
+        page.locator('[data-tab="run"]').click()
+        page.locator('#confusion button[data-t="3"][data-p="3"]').click()
+        expect(page.locator("#cell-title")).to_contain_text("true 3, predicted 3:", timeout=20_000)
+        page.locator("#cell-images .thumb").first.click()
+        expect(page.locator("#top1")).to_contain_text("prediction: 3 (", timeout=20_000)

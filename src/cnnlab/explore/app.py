@@ -314,6 +314,15 @@ def create_app(loaded: LoadedRun | None, *, allowed_hosts: Collection[str] = LOO
         {"image": TINY_PNG, "kernel": "0,-1,0;-1,5,-1;0,-1,0", "mode": "abs"}))]) -> dict[str, Any]:  # fmt: skip
         return compute(explorer.playground, req.image, req.kernel, req.pool, req.size, req.mode, req.gray)
 
+    @app.get("/api/confusion", responses=ERRORS)
+    def confusion() -> dict[str, Any]:
+        return compute(explorer.confusion)
+
+    @app.get("/api/cell", responses=ERRORS)
+    def cell(true: Annotated[int, Query(ge=0, le=100_000)], predicted: Annotated[int, Query(ge=0, le=100_000)]
+             ) -> dict[str, Any]:  # fmt: skip
+        return compute(explorer.cell, true, predicted)
+
     @app.get("/api/summary", responses=ERRORS)
     def summary() -> dict[str, Any]:
         return compute(explorer.summary)

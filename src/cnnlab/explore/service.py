@@ -20,7 +20,8 @@ from torch import nn
 
 from cnnlab.data.images import decode_image, sample_image_path
 from cnnlab.data.sources import ImageSet
-from cnnlab.engine.inference import LoadedRun, eval_data, evaluate_run
+from cnnlab.engine.inference import LoadedRun, eval_data, evaluate_run, logits_of
+from cnnlab.engine.metrics import confusion_matrix
 from cnnlab.errors import UsageError
 from cnnlab.inspect.features import (
     activations_after,
@@ -65,6 +66,7 @@ def png_data_url(pixels: np.ndarray) -> str:
 
 COLORMAP = "RdBu_r"  # one diverging map for every value shown: blue negative, white zero, red positive
 SCALES = ("map", "layer", "global")  # what one colour bar spans: each map, each layer, or every shown layer
+MISTAKES_SHOWN = 24  # test images listed per confusion cell, and most confident mistakes
 MAX_INPUT_MAPS = 8  # input channels drawn under an explained window (the first ones of the kernel's group)
 
 
@@ -129,6 +131,7 @@ class Explorer:
         # The last explained input: its key, every shown layer's input and output, and the input maps already drawn
         # per layer. A pointer moving over one map asks for many pixels of the same input: one forward pass serves all.
         self._last: tuple[tuple, dict, dict, dict] | None = None
+        self._verdicts: tuple[torch.Tensor, torch.Tensor] | None = None  # test split: (probabilities, predictions)
 
     def warm_up(self) -> None:
         """Compute once before the server answers, so that lazy imports and library start-up never run in a request.
@@ -328,6 +331,53 @@ class Explorer:
                  for r in rows]  # fmt: skip
         return {"rows": table, "params": sum(p.numel() for p in run.model.parameters()),
                 "macs": sum(r.macs for r in rows)}  # fmt: skip
+
+    def verdicts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's probabilities (N, K) and predicted classes (N,) on the whole test split, computed once."""
+        if self._verdicts is None:
+            run, test = self.need_run(), self.test_split()
+            probs = run.probabilities(logits_of(run, test))
+            self._verdicts = probs, probs.argmax(1)
+        return self._verdicts
+
+    def confusion(self) -> dict[str, Any]:
+        """The test split's confusion counts (K, K; rows true) and its most confident mistakes with their pictures,
+        for a page that loads any of them into the network view."""
+        run, test = self.need_run(), self.test_split()
+        if run.multi_label:
+            raise LookupError("a multi-label run has no confusion matrix (`cnnlab evaluate` reports each label)")
+        probs, pred = self.verdicts()
+        k = len(run.classes)
+        cm = confusion_matrix(pred, test.labels.cpu(), k)
+        conf = probs.max(1).values
+        wrong = (pred != test.labels.cpu()).nonzero().flatten()
+        worst = wrong[torch.argsort(conf[wrong], descending=True, stable=True)][:MISTAKES_SHOWN]
+        return {"classes": list(run.classes), "confusion": cm.tolist(), "n": len(test),
+                "mistakes": self._thumbnails(worst, probs, pred)}  # fmt: skip
+
+    def cell(self, true: int, predicted: int) -> dict[str, Any]:
+        """The test images of one confusion-matrix cell (true class, predicted class), most confident first."""
+        run, test = self.need_run(), self.test_split()
+        k = len(run.classes)
+        if not (0 <= true < k and 0 <= predicted < k):
+            raise UsageError(f"true and predicted must be class indices 0..{k - 1}")
+        probs, pred = self.verdicts()
+        if run.multi_label:
+            raise LookupError("a multi-label run has no confusion matrix")
+        hits = ((test.labels.cpu() == true) & (pred == predicted)).nonzero().flatten()
+        order = hits[torch.argsort(probs[hits, predicted], descending=True, stable=True)][:MISTAKES_SHOWN]
+        return {"true": run.classes[true], "predicted": run.classes[predicted], "count": len(hits),
+                "images": self._thumbnails(order, probs, pred)}  # fmt: skip
+
+    def _thumbnails(self, index: torch.Tensor, probs: torch.Tensor, pred: torch.Tensor) -> list[dict[str, Any]]:
+        run, test = self.need_run(), self.test_split()
+        pixels = test.final(index) if len(index) else torch.empty(0)
+        out = []
+        for i, img in zip(index.tolist(), pixels, strict=True):
+            shown = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+            out.append({"index": i, "true": run.classes[int(test.labels[i])], "predicted": run.classes[int(pred[i])],
+                        "confidence": float(probs[i, pred[i]]), "image": png_data_url(shown)})  # fmt: skip
+        return out
 
     def picture(self, what: str) -> bytes:
         """curves / confusion / misclassified as PNG bytes, made once (in memory, never written into the run)."""

@@ -40,7 +40,9 @@ def curves_figure(rows: Sequence[dict[str, Any]], title: str = "", best_epoch: i
     epochs = [r["epoch"] for r in rows]
     fig = Figure(figsize=(10, 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
-    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy (%)")):
+    multi = any("val_mAP" in r for r in rows)  # multi-label: acc is the share of images with every label right
+    acc = "exact match" if multi else "accuracy"
+    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", f"{acc} (%)")):
         scale = 100.0 if key == "acc" else 1.0
         for split, style in (("train", "-o"), ("val", "-s")):
             ys = [_num(r.get(f"{split}_{key}")) * scale for r in rows]
@@ -54,7 +56,7 @@ def curves_figure(rows: Sequence[dict[str, Any]], title: str = "", best_epoch: i
         ax.grid(alpha=0.3)
         ax.legend()
     ax_loss.set_title("loss")
-    ax_acc.set_title("accuracy")
+    ax_acc.set_title(acc + (" (every label right at 1/2)" if multi else ""))
     if title:
         fig.suptitle(title)
     return fig

@@ -436,10 +436,60 @@ async function loadRunTab() {
   if (state.info.run.multi_label) {  // no single predicted class per image: no confusion matrix
     $("confusion-card").hidden = true;
     $("mistakes-title").textContent = "Images with a wrong label";
-  } else {
-    $("confusion").src = "/api/picture/confusion";
+    $("mistakes-scroll").hidden = false;
+    $("mistakes").src = "/api/picture/misclassified";
+    return;
   }
-  $("mistakes").src = "/api/picture/misclassified";
+  try {
+    const c = await api("/api/confusion");
+    $("confusion").innerHTML = confusionTable(c);
+    $("confusion").querySelectorAll("button").forEach((b) => b.addEventListener("click", () => openCell(+b.dataset.t, +b.dataset.p)));
+    $("mistake-list").innerHTML = c.mistakes.length ? thumbs(c.mistakes) : `<p class="hint">no mistakes on the test split</p>`;
+    wireThumbs($("mistake-list"));
+  } catch (err) { $("confusion").textContent = err.message; }
+}
+
+// The confusion matrix as a table of buttons, each cell shaded by its share of the row (the class's recall there).
+function confusionTable(c) {
+  const head = `<tr><th class="name" scope="col">true \\ predicted</th>`
+    + c.classes.map((k) => `<th scope="col">${esc(k)}</th>`).join("") + "</tr>";
+  const rows = c.confusion.map((row, t) => {
+    const total = row.reduce((a, b) => a + b, 0) || 1;
+    return `<tr><th class="name" scope="row">${esc(c.classes[t])}</th>` + row.map((n, p) => {
+      const share = n / total, bg = t === p ? blend("#1f4fa8", share) : blend("#b2182b", Math.min(1, 3 * share));
+      return `<td><button type="button" data-t="${t}" data-p="${p}" style="background:${bg};color:${ink(bg)}" `
+        + `aria-label="true ${esc(c.classes[t])}, predicted ${esc(c.classes[p])}: ${n} images">${n || ""}</button></td>`;
+    }).join("") + "</tr>";
+  }).join("");
+  return `<table class="confusion">${head}${rows}</table>`;
+}
+async function openCell(t, p) {
+  try {
+    const cell = await api(`/api/cell?true=${t}&predicted=${p}`);
+    $("cell-title").textContent = `true ${cell.true}, predicted ${cell.predicted}: ${cell.count} test image(s)`
+      + (cell.count > cell.images.length ? `, the ${cell.images.length} most confident shown` : "");
+    $("cell-images").innerHTML = thumbs(cell.images);
+    wireThumbs($("cell-images"));
+  } catch (err) { $("cell-title").textContent = err.message; }
+}
+function thumbs(items) {
+  // The accessible name starts with the visible text (WCAG's label-in-name), then says it in words.
+  return items.map((m) => {
+    const shown = `${esc(m.true)} → ${esc(m.predicted)} ${(100 * m.confidence).toFixed(0)}%`;
+    return `<button type="button" class="thumb" data-index="${m.index}" aria-label="${shown} #${m.index}: test `
+      + `image ${m.index}, true ${esc(m.true)}, predicted ${esc(m.predicted)}; open it in the network view">`
+      + `<img src="${m.image}" alt=""><span>${shown}</span><span class="hint">#${m.index}</span></button>`;
+  }).join("");
+}
+// A test image chosen on the run tab goes through the network: its maps, prediction and true label.
+function wireThumbs(root) {
+  root.querySelectorAll(".thumb").forEach((b) => b.addEventListener("click", () => {
+    $("test-index").value = b.dataset.index;
+    document.querySelector('[data-tab="network"]').click();
+    state.source = { test_index: +b.dataset.index };
+    predict();
+    $("pad").scrollIntoView({ block: "center" });
+  }));
 }
 
 // --- helpers and start ----------------------------------------------------------------------------------------------
@@ -455,6 +505,11 @@ function matrix(m, title, marked = null) {
   return `<table class="grid">${title ? `<caption class="hint">${title}</caption>` : ""}`
     + m.map((row, r) => `<tr>${row.map((v, c) => `<td style="background:${color(v)};color:${ink(color(v))}"`
       + `${isMarked(r, c) ? ' class="winner"' : ""}>${fmt(v)}</td>`).join("")}</tr>`).join("") + "</table>";
+}
+// White blended towards `hex` by `share` (0..1), as a hex colour.
+function blend(hex, share) {
+  return "#" + [1, 3, 5].map((i) => Math.round(255 + (parseInt(hex.slice(i, i + 2), 16) - 255) * share)
+    .toString(16).padStart(2, "0")).join("");
 }
 // Black or white text, whichever reads on this background (WCAG contrast: white below luminance 0.18).
 function ink(hex) {
