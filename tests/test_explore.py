@@ -161,6 +161,26 @@ def test_the_confusion_matrix_and_its_cells_list_the_test_images(client: TestCli
     assert client.get("/api/cell", params={"true": -1, "predicted": 0}).status_code == 422
 
 
+@pytest.mark.parametrize("kernel", ["sharpen", "sobel", "0,-1,0;-1,5,-1;0,-1,0"])
+def test_a_playground_pixel_is_explained_as_cnnlab_filter_explains_it(client: TestClient, kernel: str) -> None:
+    from cnnlab.data.images import sample_image_path
+    from cnnlab.filtering import run_filter
+
+    for gray, (x, y) in ((True, (100, 80)), (False, (0, 5))):
+        body = client.post("/api/kernel-explain", json={"kernel": kernel, "gray": gray, "x": x, "y": y}).json()
+        cli = run_filter(str(sample_image_path()), [kernel], gray=gray, explain=(x, y)).explain_data
+        channels = body["channels"]
+        assert len(channels) == (1 if gray else 3) and body["composite"] == (kernel == "sobel")
+        parts = [p for ch in channels for p in ch["parts"]]
+        assert [p["total"] for p in parts] == pytest.approx([d["sum"] for d in cli])
+        assert [p["window"] for p in parts] == [d["window"] for d in cli]
+        for ch in channels:
+            assert 0 <= ch["shown"] <= 255
+            if not body["composite"]:
+                assert ch["value"] == ch["parts"][0]["total"]
+    assert client.post("/api/kernel-explain", json={"kernel": "sharpen", "x": 5000, "y": 0}).status_code == 400
+
+
 def test_kernel_weights_and_playground(client: TestClient) -> None:
     w = client.get("/api/kernel-weights", params={"layer": "features.1", "channel": 0}).json()
     assert np.array(w["weights"]).shape == (1, 5, 5) and "bias" in w
@@ -646,3 +666,23 @@ def test_a_mistake_or_a_confusion_cell_opens_in_the_network_view(server: str) ->
         expect(page.locator("#cell-title")).to_contain_text("true 3, predicted 3:", timeout=20_000)
         page.locator("#cell-images .thumb").first.click()
         expect(page.locator("#top1")).to_contain_text("prediction: 3 (", timeout=20_000)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_the_playground_explains_a_clicked_pixel_and_takes_a_grid(server: str) -> None:
+    from playwright.sync_api import expect
+
+    with browser_page(server, DESKTOP) as page:
+        page.locator('[data-tab="kernels"]').click()
+        expect(page.locator("#k-out")).to_have_attribute("src", re.compile(r"^data:image/png"), timeout=20_000)
+        page.locator("#k-out").click(position={"x": 60, "y": 60})
+        expect(page.locator("#k-explain .explain-total")).to_have_count(1, timeout=20_000)  # grayscale: one channel
+        expect(page.locator("#k-explain")).to_contain_text("sum of the products")
+        page.click("#k-grid3")
+        expect(page.locator("#k-grid input")).to_have_count(9)
+        before = page.locator("#k-out").get_attribute("src")
+        page.locator('#k-grid input[data-r="0"][data-c="0"]').fill("-1")
+        expect(page.locator("#k-matrix")).to_have_value(re.compile(r"^-1 "))
+        expect(page.locator("#k-out")).not_to_have_attribute("src", before, timeout=20_000)
+        assert serious_violations(page) == []

@@ -98,6 +98,18 @@ class KernelRequest(BaseModel):
     gray: bool = False
 
 
+class KernelPixelRequest(BaseModel):
+    """One output pixel of the playground (column x, row y of the filtered image, before any pooling)."""
+
+    model_config = ConfigDict(strict=True)
+    image: str | None = None
+    kernel: str = Field(default="", max_length=10_000)
+    mode: str = Field(default="clip", pattern="^(clip|abs|normalize)$")
+    gray: bool = False
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+
+
 def _examples(*bodies: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Request examples for the API schema (the schema-driven fuzz test starts from them)."""
     return {f"example {i + 1}": {"value": body} for i, body in enumerate(bodies)}
@@ -322,6 +334,11 @@ def create_app(loaded: LoadedRun | None, *, allowed_hosts: Collection[str] = LOO
     def cell(true: Annotated[int, Query(ge=0, le=100_000)], predicted: Annotated[int, Query(ge=0, le=100_000)]
              ) -> dict[str, Any]:  # fmt: skip
         return compute(explorer.cell, true, predicted)
+
+    @app.post("/api/kernel-explain", responses=ERRORS)
+    def kernel_explain(req: Annotated[KernelPixelRequest, Body(openapi_examples=_examples(
+            {"kernel": "sharpen", "gray": True, "x": 100, "y": 80}))]) -> dict[str, Any]:  # fmt: skip
+        return compute(explorer.playground_explain, req.image, req.kernel, req.mode, req.gray, req.x, req.y)
 
     @app.get("/api/summary", responses=ERRORS)
     def summary() -> dict[str, Any]:

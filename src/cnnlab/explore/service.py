@@ -293,6 +293,38 @@ class Explorer:
 
     # --- the kernel playground -----------------------------------------------------------------------------------
 
+    @staticmethod
+    def _playground_image(image: str | None, gray: bool) -> tuple[np.ndarray, torch.Tensor]:
+        """The playground's picture: an upload or the sample photo, shrunk to the side limit; (H, W[, C]) and float
+        (C, H, W) in 0..255."""
+        img = decode_data_url(image) if image else decode_image(sample_image_path(), "sample")
+        if max(img.size) > MAX_PLAYGROUND_SIDE:
+            img.thumbnail((MAX_PLAYGROUND_SIDE, MAX_PLAYGROUND_SIDE))
+        img = img.convert("L" if gray else "RGB")
+        arr = np.asarray(img, dtype=np.float32)
+        return arr, torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
+
+    def playground_explain(self, image: str | None, kernel: str, mode: str, gray: bool, x: int, y: int
+                           ) -> dict[str, Any]:  # fmt: skip
+        """The weighted sum behind output pixel (x, y) of the playground, per channel, as `cnnlab filter --explain`
+        computes it (zero padding, the same code); a composite kernel's parts and their magnitude; the shown value."""
+        from cnnlab.kernels import apply_kernel, explain_pixel, resolve_kernel, to_display_range
+
+        _, img = self._playground_image(image, gray)
+        if not kernel.strip():
+            raise UsageError("no kernel: choose or type one to explain a pixel")
+        k = resolve_kernel(kernel, allow_files=False)  # never a path from a request
+        shown = to_display_range(apply_kernel(img, k, max_work=PLAYGROUND_WORK), 255, mode)
+        per_matrix = [explain_pixel(img, m, x, y, "zero") for m in k.matrices]
+        names = ["gray"] if img.shape[0] == 1 else ["red", "green", "blue"]
+        channels = []
+        for c, name in enumerate(names):
+            parts = [{"window": e[c].window.tolist(), "kernel": e[c].kernel.tolist(),
+                      "products": e[c].products.tolist(), "total": e[c].total + 0.0} for e in per_matrix]  # fmt: skip
+            value = parts[0]["total"] if len(parts) == 1 else float(np.sqrt(sum(p["total"] ** 2 for p in parts)))
+            channels.append({"name": name, "parts": parts, "value": value, "shown": float(shown[c, y, x])})
+        return {"kernel": k.name, "x": x, "y": y, "mode": mode, "channels": channels, "composite": len(parts) > 1}
+
     def playground(
         self, image: str | None, kernel: str, pool: str | None, size: int, mode: str, gray: bool
     ) -> dict[str, Any]:
@@ -300,12 +332,7 @@ class Explorer:
         from cnnlab.kernels import apply_kernel, resolve_kernel, to_display_range
         from cnnlab.kernels import pool as pool_image
 
-        img = decode_data_url(image) if image else decode_image(sample_image_path(), "sample")
-        if max(img.size) > MAX_PLAYGROUND_SIDE:
-            img.thumbnail((MAX_PLAYGROUND_SIDE, MAX_PLAYGROUND_SIDE))
-        img = img.convert("L" if gray else "RGB")
-        arr = np.asarray(img, dtype=np.float32)
-        x = torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())  # (C, H, W) 0..255
+        arr, x = self._playground_image(image, gray)
         k = resolve_kernel(kernel, allow_files=False) if kernel.strip() else None  # never a path from a request
         out = apply_kernel(x, k, max_work=PLAYGROUND_WORK) if k is not None else x
         out = to_display_range(out, 255, mode)

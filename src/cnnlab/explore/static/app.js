@@ -358,7 +358,58 @@ $("kernel-name").addEventListener("change", () => {
   $("k-status").textContent = kNote;
   scheduleKernel();
 });
-$("k-matrix").addEventListener("input", () => { kNamed = null; kNote = ""; $("kernel-name").value = ""; scheduleKernel(); });
+$("k-matrix").addEventListener("input", () => {
+  kNamed = null; kNote = ""; $("kernel-name").value = ""; scheduleKernel(); syncGrid();
+});
+
+// The kernel as a grid of number fields, kept in step with the matrix text.
+function syncGrid() {
+  const grid = $("k-grid");
+  if (!grid.rows.length) return;
+  const rows = $("k-matrix").value.split("\n").map((l) => l.trim().split(/[\s,]+/).filter((v) => v));
+  [...grid.querySelectorAll("input")].forEach((inp) => {
+    const v = (rows[+inp.dataset.r] || [])[+inp.dataset.c];
+    if (document.activeElement !== inp) inp.value = v === undefined ? "0" : v;
+  });
+}
+function makeGrid(n) {
+  const rows = $("k-matrix").value.split("\n").map((l) => l.trim().split(/[\s,]+/).filter((v) => v));
+  $("k-grid").innerHTML = Array.from({ length: n }, (_, r) => "<tr>" + Array.from({ length: n }, (_, c) => {
+    const v = rows.length === n && rows[r] && rows[r][c] !== undefined ? rows[r][c] : (r === (n - 1) / 2 && c === r ? "1" : "0");
+    return `<td><input type="text" inputmode="decimal" data-r="${r}" data-c="${c}" value="${esc(v)}" `
+      + `aria-label="kernel row ${r + 1}, column ${c + 1}"></td>`;
+  }).join("") + "</tr>").join("");
+  $("k-grid").querySelectorAll("input").forEach((inp) => inp.addEventListener("input", gridToText));
+  gridToText();
+}
+function gridToText() {
+  const n = $("k-grid").rows.length, cells = [...$("k-grid").querySelectorAll("input")];
+  $("k-matrix").value = Array.from({ length: n }, (_, r) => cells.slice(r * n, r * n + n).map((i) => i.value.trim() || "0").join(" ")).join("\n");
+  kNamed = null; kNote = ""; $("kernel-name").value = ""; scheduleKernel();
+}
+$("k-grid3").addEventListener("click", () => makeGrid(3));
+$("k-grid5").addEventListener("click", () => makeGrid(5));
+
+// Click a pixel of the output: its weighted sum, per channel, as `cnnlab filter --explain` prints it.
+$("k-out").addEventListener("click", async (e) => {
+  if ($("k-pool").value) { $("k-explain").innerHTML = `<p class="hint">Set pool to none to explain a pixel: with `
+    + `pooling each output pixel is a window of filtered pixels.</p>`; return; }
+  const r = e.target.getBoundingClientRect(), img = e.target;
+  const x = Math.floor((e.clientX - r.left) / r.width * img.naturalWidth);
+  const y = Math.floor((e.clientY - r.top) / r.height * img.naturalHeight);
+  try {
+    const ex = await api("/api/kernel-explain", { image: kImage, kernel: kNamed || matrixText($("k-matrix").value),
+      mode: $("k-mode").value, gray: $("k-gray").checked, x, y });
+    $("k-explain").innerHTML = `<h3>output pixel (x=${x}, y=${y})</h3>` + ex.channels.map((ch) =>
+      `<p class="hint">${ch.name}: window × kernel${ex.composite ? " for each part" : ""} (zero padding)</p>`
+      + ch.parts.map((p) => `<div class="row">${matrix(p.window, "window")}${matrix(p.kernel, "kernel")}`
+        + `${matrix(p.products, "products")}</div><p>sum of the products = <b>${fmt(p.total)}</b></p>`).join("")
+      + (ex.composite ? `<p>magnitude = √(${ch.parts.map((p) => `(${fmt(p.total)})²`).join(" + ")}) = `
+        + `<b>${fmt(ch.value)}</b></p>` : "")
+      + `<p class="explain-total">${ch.name} = <b>${fmt(ch.value)}</b>, shown as ${fmt(ch.shown)} `
+      + `<span class="hint">(range ${esc(ex.mode)})</span></p>`).join("");
+  } catch (err) { $("k-explain").textContent = err.message; }
+});
 ["k-pool", "k-size", "k-mode", "k-gray"].forEach((id) => $(id).addEventListener("input", scheduleKernel));
 $("k-upload").addEventListener("change", async (e) => { if (e.target.files[0]) { kImage = await readFile(e.target.files[0]); runKernel(); } });
 $("k-sample").addEventListener("click", () => { kImage = null; runKernel(); });
