@@ -181,6 +181,21 @@ def test_a_playground_pixel_is_explained_as_cnnlab_filter_explains_it(client: Te
     assert client.post("/api/kernel-explain", json={"kernel": "sharpen", "x": 5000, "y": 0}).status_code == 400
 
 
+def test_what_a_channel_detects(client: TestClient, digit_run: Path) -> None:
+    run = load_run(digit_run)
+    test, _ = eval_data(run, None, None, "test")
+    v = client.get("/api/channel", params={"layer": "features.4", "channel": 5}).json()
+    peaks = [t["peak"] for t in v["top"]]
+    assert len(peaks) == 9 and peaks == sorted(peaks, reverse=True) and v["scanned"] == min(2000, len(test))
+    _, outs, _ = layer_inputs_and_outputs(run.model, run.prepare(test.images[v["top"][0]["index"]][None]),
+                                          ["features.4"])  # fmt: skip
+    assert float(outs["features.4"][5].max()) == pytest.approx(peaks[0], abs=1e-4)
+    assert v["reached"] > v["start"] + 0.5, "the optimised input excites the channel more than the noise it began as"
+    assert v["visualisation"].startswith("data:image/png")
+    assert client.get("/api/channel", params={"layer": "features.4", "channel": 16}).status_code == 400
+    assert client.get("/api/channel", params={"layer": "nope", "channel": 0}).status_code == 400
+
+
 def test_kernel_weights_and_playground(client: TestClient) -> None:
     w = client.get("/api/kernel-weights", params={"layer": "features.1", "channel": 0}).json()
     assert np.array(w["weights"]).shape == (1, 5, 5) and "bias" in w
@@ -686,3 +701,20 @@ def test_the_playground_explains_a_clicked_pixel_and_takes_a_grid(server: str) -
         expect(page.locator("#k-matrix")).to_have_value(re.compile(r"^-1 "))
         expect(page.locator("#k-out")).not_to_have_attribute("src", before, timeout=20_000)
         assert serious_violations(page) == []
+
+
+@pytest.mark.slow
+@needs_browser
+def test_what_a_channel_detects_in_the_page(server: str) -> None:
+    from playwright.sync_api import expect
+
+    with browser_page(server, DESKTOP) as page:
+        expect(page.locator(".maps .map")).to_have_count(44, timeout=20_000)
+        page.locator('.maps .map[data-layer="features.4"]').nth(5).click()
+        page.click("#detects")
+        expect(page.locator("#channel-view .thumb")).to_have_count(9, timeout=60_000)
+        expect(page.locator("#channel-view .vis img")).to_be_visible()
+        assert serious_violations(page) == []
+        index = page.locator("#channel-view .thumb").first.get_attribute("data-index")
+        page.locator("#channel-view .thumb").first.click()
+        expect(page.locator("#source-line")).to_contain_text(f"test image {index}, true label:", timeout=20_000)

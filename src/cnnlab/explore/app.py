@@ -326,6 +326,11 @@ def create_app(loaded: LoadedRun | None, *, allowed_hosts: Collection[str] = LOO
         {"image": TINY_PNG, "kernel": "0,-1,0;-1,5,-1;0,-1,0", "mode": "abs"}))]) -> dict[str, Any]:  # fmt: skip
         return compute(explorer.playground, req.image, req.kernel, req.pool, req.size, req.mode, req.gray)
 
+    @app.get("/api/channel", responses=ERRORS)
+    def channel(layer: Annotated[str, Query(max_length=200, examples=["features.1"])],
+                channel: Annotated[int, Query(ge=0, le=100_000)] = 0) -> dict[str, Any]:  # fmt: skip
+        return compute(explorer.channel_view, layer, channel)
+
     @app.get("/api/confusion", responses=ERRORS)
     def confusion() -> dict[str, Any]:
         return compute(explorer.confusion)

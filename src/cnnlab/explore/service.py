@@ -66,6 +66,9 @@ def png_data_url(pixels: np.ndarray) -> str:
 
 COLORMAP = "RdBu_r"  # one diverging map for every value shown: blue negative, white zero, red positive
 SCALES = ("map", "layer", "global")  # what one colour bar spans: each map, each layer, or every shown layer
+TOP_IMAGES = 9  # test images shown per channel, the most exciting first
+TOP_IMAGES_SCANNED = 2000  # test images searched for them (a pass over more would keep a large model busy)
+VIS_STEPS = 128  # gradient steps of a feature visualisation (32 for inputs larger than 64 px)
 MISTAKES_SHOWN = 24  # test images listed per confusion cell, and most confident mistakes
 MAX_INPUT_MAPS = 8  # input channels drawn under an explained window (the first ones of the kernel's group)
 
@@ -81,6 +84,59 @@ def map_to_png(a: torch.Tensor, bound: float | None = None) -> str:
 def _lut() -> np.ndarray:
     """The colour map as 256 RGB rows, uint8 (256, 3): a lookup per pixel (matplotlib rebuilds its table per call)."""
     return (colormaps[COLORMAP](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def feature_visualisation(run: LoadedRun, layer: str, channel: int, seed: int = 0) -> tuple[torch.Tensor, float, float]:
+    """An input that excites one channel of `layer`: gradient ascent on its mean activation from faint noise, with
+    the regularisers of the feature-visualisation literature (Olah et al. 2017): random jitter each step, an L2
+    penalty on the pixels, a slight blur every few steps, pixels kept in the valid range.
+
+    Returns the image as uint8 (C, S, S), the channel's mean activation reached, and the noise's at the start.
+    """
+    model, size = run.model, run.image_size
+    steps = VIS_STEPS if size <= 64 else VIS_STEPS // 4
+    mean = torch.tensor(run.norm.mean).view(1, -1, 1, 1)
+    std = torch.tensor(run.norm.std).view(1, -1, 1, 1)
+    lo, hi = (0 - mean) / std, (1 - mean) / std  # the normalised range of real pixels
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    x = ((0.5 - mean) / std + 0.1 * torch.randn(1, run.channels, size, size, generator=g)).to(device)
+    x.requires_grad_(True)
+    lo, hi = lo.to(device), hi.to(device)
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o[:, channel].mean()))
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)  # gradients for the input only
+    blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], device=device) / 16
+    blur = blur.expand(run.channels, 1, 3, 3)
+    opt = torch.optim.Adam([x], lr=0.05)
+    try:
+        with torch.no_grad():
+            model(x)
+        start = float(seen[-1])
+        for step in range(steps):
+            shift = torch.randint(-2, 3, (2,), generator=g).tolist()
+            seen.clear()
+            model(torch.roll(x, shifts=shift, dims=(2, 3)))
+            loss = -seen[-1] + 1e-3 * x.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                if step % 4 == 3:
+                    x.copy_(torch.nn.functional.conv2d(x, blur, padding=1, groups=run.channels))
+                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+        seen.clear()
+        with torch.no_grad():
+            model(x)
+        reached = float(seen[-1])
+    finally:
+        handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+    pixels = ((x.detach().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)[0]
+    return pixels, reached, start
 
 
 def colormap_stops(n: int = 11) -> list[str]:
@@ -132,6 +188,7 @@ class Explorer:
         # per layer. A pointer moving over one map asks for many pixels of the same input: one forward pass serves all.
         self._last: tuple[tuple, dict, dict, dict] | None = None
         self._verdicts: tuple[torch.Tensor, torch.Tensor] | None = None  # test split: (probabilities, predictions)
+        self._peaks: dict[str, torch.Tensor] = {}  # per shown layer: each test image's peak per channel (N, C)
 
     def warm_up(self) -> None:
         """Compute once before the server answers, so that lazy imports and library start-up never run in a request.
@@ -395,6 +452,43 @@ class Explorer:
         order = hits[torch.argsort(probs[hits, predicted], descending=True, stable=True)][:MISTAKES_SHOWN]
         return {"true": run.classes[true], "predicted": run.classes[predicted], "count": len(hits),
                 "images": self._thumbnails(order, probs, pred)}  # fmt: skip
+
+    def peaks(self, layer: str) -> torch.Tensor:
+        """Each of the first TOP_IMAGES_SCANNED test images' peak activation per channel of `layer`: (N, C), once."""
+        if layer not in self._peaks:
+            run, test = self.need_run(), self.test_split()
+            n = min(len(test), TOP_IMAGES_SCANNED)
+            module = run.model.get_submodule(layer)
+            found: list[torch.Tensor] = []
+            handle = module.register_forward_hook(lambda m, i, o: found.append(o.detach().float().amax((2, 3)).cpu()))
+            try:
+                with torch.no_grad():
+                    for start in range(0, n, 256):
+                        run.model(run.prepare(test.final(torch.arange(start, min(n, start + 256)))))
+            finally:
+                handle.remove()
+            self._peaks[layer] = torch.cat(found)[:n]
+        return self._peaks[layer]
+
+    def channel_view(self, layer: str, channel: int) -> dict[str, Any]:
+        """What one channel of a shown layer detects: the test images that excite it most (their peak, the map), and
+        a feature visualisation (an input optimised to excite it)."""
+        run = self.need_run()
+        if layer not in self.layers():
+            raise UsageError(f"layer {short(layer)} is not one of the shown layers")
+        peaks = self.peaks(layer)
+        if not 0 <= channel < peaks.shape[1]:
+            raise UsageError(f"channel {channel} outside 0..{peaks.shape[1] - 1}")
+        order = torch.argsort(peaks[:, channel], descending=True, stable=True)[:TOP_IMAGES]
+        probs, pred = self.verdicts()
+        top = self._thumbnails(order, probs, pred)
+        for item, i in zip(top, order.tolist(), strict=True):
+            item["peak"] = float(peaks[i, channel])
+        pixels, reached, start = feature_visualisation(run, layer, channel)
+        shown = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+        return {"layer": layer, "channel": channel, "scanned": len(peaks), "top": top,
+                "visualisation": png_data_url(shown), "reached": reached, "start": start,
+                "best_test_peak": float(peaks[order[0], channel]) if len(order) else None}  # fmt: skip
 
     def _thumbnails(self, index: torch.Tensor, probs: torch.Tensor, pred: torch.Tensor) -> list[dict[str, Any]]:
         run, test = self.need_run(), self.test_split()

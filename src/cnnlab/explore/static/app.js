@@ -219,6 +219,7 @@ function showDetail(layer, channel, fresh) {
   }
   $("detail-colorbar").innerHTML = colorbar(layer.bounds[channel]);
   if (!fresh) return;
+  $("channel-view").innerHTML = ""; $("detects-status").textContent = "";
   $("explain").innerHTML = EXPLAINED.includes(layer.kind)
     ? `<p class="hint">Move over the map (or focus it and use the arrow keys) to see how each pixel is computed.</p>`
     : "";
@@ -235,6 +236,23 @@ function showDetail(layer, channel, fresh) {
       + shown.map((m, i) => `<p class="hint">input channel ${i}</p>` + matrix(m)).join("");
   }).catch((err) => { $("kernel-view").textContent = err.message; });
 }
+
+// What a channel detects: the test images that excite it most, and an input optimised to excite it.
+$("detects").addEventListener("click", async () => {
+  const sel = state.selected;
+  if (!sel) return;
+  $("detects-status").textContent = "searching the test images and optimising an input…";
+  try {
+    const v = await api(`/api/channel?layer=${encodeURIComponent(sel.layer)}&channel=${sel.channel}`);
+    $("detects-status").textContent = "";
+    $("channel-view").innerHTML = `<h3>${esc(v.layer)} map ${v.channel}: what excites it</h3><div class="row">`
+      + `<figure class="vis"><img src="${v.visualisation}" alt="an input optimised to excite this channel">`
+      + `<figcaption class="hint">an input optimised for it: mean activation ${fmt(v.start)} → ${fmt(v.reached)}`
+      + `</figcaption></figure><div><p class="hint">the ${v.top.length} test images (of the first ${v.scanned}) `
+      + `where it peaks highest, its peak under each:</p><div class="thumbs">${thumbs(v.top, "peak")}</div></div></div>`;
+    wireThumbs($("channel-view"));
+  } catch (err) { $("detects-status").textContent = err.message; }
+});
 
 // The explained pixel follows the pointer (hover, or a tap on a phone) and the arrow keys.
 function pointAt(x, y) {
@@ -523,10 +541,11 @@ async function openCell(t, p) {
     wireThumbs($("cell-images"));
   } catch (err) { $("cell-title").textContent = err.message; }
 }
-function thumbs(items) {
+function thumbs(items, show = "verdict") {
   // The accessible name starts with the visible text (WCAG's label-in-name), then says it in words.
   return items.map((m) => {
-    const shown = `${esc(m.true)} → ${esc(m.predicted)} ${(100 * m.confidence).toFixed(0)}%`;
+    const shown = show === "peak" ? `peak ${fmt(m.peak)}`
+      : `${esc(m.true)} → ${esc(m.predicted)} ${(100 * m.confidence).toFixed(0)}%`;
     return `<button type="button" class="thumb" data-index="${m.index}" aria-label="${shown} #${m.index}: test `
       + `image ${m.index}, true ${esc(m.true)}, predicted ${esc(m.predicted)}; open it in the network view">`
       + `<img src="${m.image}" alt=""><span>${shown}</span><span class="hint">#${m.index}</span></button>`;
