@@ -196,6 +196,49 @@ def test_what_a_channel_detects(client: TestClient, digit_run: Path) -> None:
     assert client.get("/api/channel", params={"layer": "nope", "channel": 0}).status_code == 400
 
 
+def test_the_whole_pipeline_from_the_input_to_every_class(client: TestClient, digit_run: Path) -> None:
+    run = load_run(digit_run)
+    test, _ = eval_data(run, None, None, "test")
+    p = client.post("/api/pipeline", json={"test_index": 4}).json()
+    rows = p["rows"]
+    assert [r["name"] for r in rows] == ["input", *(f"features.{i}" for i in range(7)),
+                                         *(f"classifier.{i}" for i in range(6))]  # fmt: skip
+    lecture = {r["name"]: r["lecture"] for r in rows if r["lecture"]}
+    assert lecture == {"features.1": "C1", "features.3": "S2", "features.4": "C3", "features.6": "S4",
+                       "classifier.1": "C5", "classifier.3": "F6", "classifier.5": "output"}  # fmt: skip
+    c1 = rows[2]
+    assert c1["kernel"] == [5, 5] and c1["stride"] == [1, 1] and c1["padding"] == [0, 0] and c1["params"] == 156
+    assert rows[1]["shape"] == [1, 32, 32] and rows[1]["kind"] == "ZeroPad2d", "the padding is a stage of its own"
+    assert sum(r["params"] for r in rows) == 61_706 and not any(r["collapsible"] for r in rows)
+    with torch.no_grad():
+        logits = run.model(run.prepare(test.images[4:5]))[0]
+    assert rows[-1]["values"] == pytest.approx(logits.tolist(), abs=1e-4)
+    assert [b["prob"] for b in p["probabilities"]] == pytest.approx(logits.softmax(0).tolist(), abs=1e-5)
+    one = client.post("/api/pipeline", json={"test_index": 4, "scale": "global"}).json()["rows"]
+    assert len({r["bound"] for r in one}) == 1
+
+
+def test_a_deep_network_folds_its_long_stages(digit_run: Path) -> None:
+    import dataclasses
+
+    from cnnlab.engine.inference import LoadedRun
+    from cnnlab.explore.service import Explorer
+    from cnnlab.inspect.features import stages
+    from cnnlab.models.registry import create_model
+
+    assert stages([(3, 8, 8), (4, 8, 8), (4, 4, 4), (10,), (5,)]) == [0, 0, 1, 2, 2]
+    run = load_run(digit_run)
+    record = dataclasses.replace(run.record, model=dataclasses.replace(run.record.model, name="resnet18"))
+    model = create_model("resnet18", num_classes=10, in_channels=1, image_size=28)
+    rows = Explorer(LoadedRun.of(run.path, record, model, run.weights, "cpu")).pipeline_view(None, 0, False)["rows"]
+    assert len(rows) > 24 and not any(r["lecture"] for r in rows)
+    for stage in {r["stage"] for r in rows}:
+        members = [r for r in rows if r["stage"] == stage]
+        assert not members[-1]["collapsible"], "a stage's last row always shows"
+        assert [r["collapsible"] for r in members[:-1]] == [len(members) > 4] * (len(members) - 1)
+    assert any(r["collapsible"] for r in rows)
+
+
 def test_kernel_weights_and_playground(client: TestClient) -> None:
     w = client.get("/api/kernel-weights", params={"layer": "features.1", "channel": 0}).json()
     assert np.array(w["weights"]).shape == (1, 5, 5) and "bias" in w
@@ -718,3 +761,26 @@ def test_what_a_channel_detects_in_the_page(server: str) -> None:
         index = page.locator("#channel-view .thumb").first.get_attribute("data-index")
         page.locator("#channel-view .thumb").first.click()
         expect(page.locator("#source-line")).to_contain_text(f"test image {index}, true label:", timeout=20_000)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_the_pipeline_tab_draws_every_cell_at_one_size(server: str) -> None:
+    from playwright.sync_api import expect
+
+    with browser_page(server, DESKTOP) as page:
+        expect(page.locator(".maps .map")).to_have_count(44, timeout=20_000)
+        page.locator('[data-tab="pipeline"]').click()
+        expect(page.locator("#pipeline-rows .stage-row")).to_have_count(15, timeout=20_000)  # 14 stages + softmax
+        c1 = page.locator('#pipeline-rows .stage-row[data-name="features.1"] img').first.bounding_box()
+        s4 = page.locator('#pipeline-rows .stage-row[data-name="features.6"] img').first.bounding_box()
+        assert c1["width"] / s4["width"] == pytest.approx(28 / 5, rel=0.05), "one cell size in every row"
+        expect(page.locator("#pipeline-rows")).to_contain_text("C3")
+        expect(page.locator("#pipeline-rows .bar")).to_have_count(10)
+        assert serious_violations(page) == []
+        page.locator('[data-tab="network"]').click()
+        page.fill("#test-index", "9")
+        page.click("#load-test")
+        expect(page.locator("#source-line")).to_contain_text("test image 9", timeout=20_000)
+        page.locator('[data-tab="pipeline"]').click()  # the pipeline follows the current input
+        expect(page.locator("#pipeline-rows .stage-row")).to_have_count(15, timeout=20_000)

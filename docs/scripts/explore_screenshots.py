@@ -3,8 +3,9 @@
     python docs/scripts/explore_screenshots.py [RUN]   (default: trains lenet5-modern on mnist-mini first, ~15 s)
 
 Writes explore.png (a drawn 7, its prediction, the maps, and the weighted sum behind one pixel of C3 with its input
-windows), explore-pool.png (a max-pooling window and its winner), explore-kernels.jpg (the playground: Sobel on the
-sample photo) and explore-phone.png (the page at a phone's 390x844). Needs Playwright and a chromium executable.
+windows), explore-pipeline.png (the whole computation, every cell one size), explore-pool.png (a max-pooling window
+and its winner), explore-kernels.jpg (the playground: Sobel on the sample photo) and explore-phone.png (the page at
+a phone's 390x844). Needs Playwright and a chromium executable.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def shoot(url: str, chromium: str) -> list[Path]:
         hover(page, "features.3", 2, 6, 4, 14)
         made.append(IMAGES / "explore-pool.png")
         page.locator("#detail").screenshot(path=str(made[-1]))
+        page.locator('[data-tab="pipeline"]').click()
+        page.wait_for_selector("#pipeline-rows .bar")
+        page.wait_for_timeout(500)
+        made.append(IMAGES / "explore-pipeline.png")
+        page.screenshot(path=str(made[-1]), full_page=True)
         page.locator('[data-tab="kernels"]').click()
         page.select_option("#kernel-name", "sobel")
         page.wait_for_function("document.getElementById('k-caption').textContent.startsWith('output')")

@@ -311,6 +311,11 @@ def create_app(loaded: LoadedRun | None, *, allowed_hosts: Collection[str] = LOO
         {"image": TINY_PNG, "center": True, "scale": "global"}))]) -> dict[str, Any]:  # fmt: skip
         return compute(explorer.predict, req.image, req.test_index, req.center, req.top_k, req.scale)
 
+    @app.post("/api/pipeline", responses=ERRORS)
+    def pipeline(req: Annotated[PredictRequest, Body(openapi_examples=_examples(
+            {"test_index": 0}, {"image": TINY_PNG, "center": True, "scale": "map"}))]) -> dict[str, Any]:  # fmt: skip
+        return compute(explorer.pipeline_view, req.image, req.test_index, req.center, req.scale)
+
     @app.post("/api/explain", responses=ERRORS)
     def explain(req: Annotated[ExplainRequest, Body(openapi_examples=_examples(
         {"test_index": 0, "layer": "features.1", "channel": 0, "x": 3, "y": 4}))]) -> dict[str, Any]:  # fmt: skip

@@ -28,7 +28,10 @@ from cnnlab.inspect.features import (
     explain_conv_pixel,
     explain_pool_pixel,
     layer_inputs_and_outputs,
+    lecture_names,
+    pipeline,
     stage_layers,
+    stages,
 )
 from cnnlab.kernels import short
 
@@ -66,6 +69,10 @@ def png_data_url(pixels: np.ndarray) -> str:
 
 COLORMAP = "RdBu_r"  # one diverging map for every value shown: blue negative, white zero, red positive
 SCALES = ("map", "layer", "global")  # what one colour bar spans: each map, each layer, or every shown layer
+MAX_PIPELINE_MAPS = 16  # maps drawn per row of the whole-pipeline view
+MAX_PIPELINE_VALUES = 512  # values drawn per vector row (flatten, linear)
+ROWS_UNFOLDED = 24  # a network with more rows than this has its long stages folded
+STAGE_ROWS_SHOWN = 4  # a stage (one spatial size) with more rows is folded to its last row until expanded
 TOP_IMAGES = 9  # test images shown per channel, the most exciting first
 TOP_IMAGES_SCANNED = 2000  # test images searched for them (a pass over more would keep a large model busy)
 VIS_STEPS = 128  # gradient steps of a feature visualisation (32 for inputs larger than 64 px)
@@ -452,6 +459,46 @@ class Explorer:
         order = hits[torch.argsort(probs[hits, predicted], descending=True, stable=True)][:MISTAKES_SHOWN]
         return {"true": run.classes[true], "predicted": run.classes[predicted], "count": len(hits),
                 "images": self._thumbnails(order, probs, pred)}  # fmt: skip
+
+    def pipeline_view(self, image: str | None, test_index: int | None, center: bool, scale: str = "layer"
+                      ) -> dict[str, Any]:  # fmt: skip
+        """The whole forward pass for one image, stage by stage: the input, every conv, activation, pooling, flatten
+        and linear layer (maps or vectors on the diverging colours, one bound per row, per map or for all), the
+        probabilities of every class; LeNet-5's stage names; stages of one spatial size grouped for collapsing."""
+        if scale not in SCALES:
+            raise UsageError(f"scale {short(scale)}: expected one of {', '.join(SCALES)}")
+        run = self.need_run()
+        x = run.prepare(self.input_image(image, test_index, center)[None])
+        rows = [{"name": "input", "kind": "input (normalised)", "output": x[0].float().cpu(), "params": 0}]
+        rows += pipeline(run.model, x)
+        logits = rows[-1]["output"]
+        names = [None, *lecture_names(rows[1:], run.record.model.name)]
+        stage = stages([tuple(r["output"].shape) for r in rows])
+        shared = max(float(r["output"].abs().max()) for r in rows)
+        out = []
+        for i, (row, lecture) in enumerate(zip(rows, names, strict=True)):
+            a = row.pop("output")
+            item = {**row, "lecture": lecture, "stage": stage[i], "shape": list(a.shape)}
+            if a.dim() == 3:
+                shown = a[:MAX_PIPELINE_MAPS]
+                bound = bounds(shown, scale, shared)
+                item["maps"] = [map_to_png(m, b) for m, b in zip(shown, bound, strict=True)]
+                item["bound"] = max(bound)
+            else:
+                values = a.flatten()[:MAX_PIPELINE_VALUES]
+                item["values"] = [round(v, 5) for v in values.tolist()]
+                item["bound"] = float(values.abs().max()) if scale != "global" else shared
+            out.append(item)
+        sizes = {}
+        for item in out:
+            sizes[item["stage"]] = sizes.get(item["stage"], 0) + 1
+        for i, item in enumerate(out):  # every row of a long stage but its last can be folded away
+            last = i + 1 == len(out) or out[i + 1]["stage"] != item["stage"]
+            deep = len(out) > ROWS_UNFOLDED  # LeNet-5's 14 rows all stay: they are the lecture
+            item["collapsible"] = deep and sizes[item["stage"]] > STAGE_ROWS_SHOWN and not last
+        probs = run.probabilities(logits[None])[0].tolist()
+        bars = [{"label": c, "prob": float(p)} for c, p in zip(run.classes, probs, strict=True)]
+        return {"rows": out, "multi_label": run.multi_label, "probabilities": bars}
 
     def peaks(self, layer: str) -> torch.Tensor:
         """Each of the first TOP_IMAGES_SCANNED test images' peak activation per channel of `layer`: (N, C), once."""

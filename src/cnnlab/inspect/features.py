@@ -220,6 +220,66 @@ def activations_after(model: nn.Module, x: torch.Tensor, layers: Sequence[str]
     return post
 
 
+SKIPPED_IN_PIPELINE = (nn.Dropout, nn.Dropout2d, nn.Identity)  # the identity at evaluation: no stage of its own
+LENET_NAMES = ("C1", "S2", "C3", "S4", "C5", "F6", "output")  # LeCun et al. (1998)'s names, in forward order
+
+
+def pipeline(model: nn.Module, x: torch.Tensor) -> list[dict]:
+    """Every stage of the forward pass for one input x (1, C, H, W), in order: each leaf module called (dropout and
+    identities left out, a module called twice shown once) with its name, type, output (first sample, CPU),
+    parameter count and, for convolution and pooling, kernel, stride and padding."""
+    names = {m: n for n, m in model.named_modules()}
+    rows: list[dict] = []
+    seen: set[str] = set()
+
+    def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        name = names[module]
+        if name in seen or isinstance(module, SKIPPED_IN_PIPELINE) or not isinstance(output, torch.Tensor):
+            return
+        seen.add(name)
+        row = {"name": name, "kind": type(module).__name__, "output": output.detach()[0].float().cpu().clone(),
+               "params": sum(p.numel() for p in module.parameters())}  # fmt: skip
+        if isinstance(module, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
+            pair = nn.modules.utils._pair
+            pad = module.padding if isinstance(module.padding, str) else list(pair(module.padding))
+            row.update(kernel=list(pair(module.kernel_size)), stride=list(pair(module.stride or module.kernel_size)),
+                       padding=pad)  # fmt: skip
+        rows.append(row)
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def lecture_names(rows: list[dict], model_name: str) -> list[str | None]:
+    """LeNet-5's stage names (C1, S2, C3, S4, C5, F6, output) on its convolutions, poolings and linear layers."""
+    if not model_name.startswith("lenet5"):
+        return [None] * len(rows)
+    out: list[str | None] = []
+    named = iter(LENET_NAMES)
+    for row in rows:
+        weighted = row["kind"] in ("Conv2d", "MaxPool2d", "AvgPool2d", "Linear")
+        out.append(next(named, None) if weighted else None)
+    return out
+
+
+def stages(shapes: list[tuple[int, ...]]) -> list[int]:
+    """A stage index per row: consecutive rows with the same spatial size (or all the vectors) form one stage."""
+    out, stage, last = [], -1, None
+    for shape in shapes:
+        key = tuple(shape[1:]) if len(shape) == 3 else ("vector",)
+        if key != last:
+            stage, last = stage + 1, key
+        out.append(stage)
+    return out
+
+
 def explain_pool_pixel(pool: nn.Module, inp: torch.Tensor, channel: int, y: int, x: int) -> dict:
     """What output pixel (channel, y, x) of a max or average pooling layer is, given its input (C, H, W): the window
     and, for max pooling, which value won (its row and column in the window); for average pooling the mean."""

@@ -33,6 +33,7 @@ document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click",
   });
   document.querySelectorAll(".panel").forEach((p) => p.classList.toggle("active", p.id === tab.dataset.tab));
   if (tab.dataset.tab === "run") loadRunTab();
+  if (tab.dataset.tab === "pipeline") loadPipeline();
   if (tab.dataset.tab === "kernels" && !$("k-out").src) runKernel();
 }));
 
@@ -104,6 +105,7 @@ async function predict() {
     const source = state.source;
     const out = await api("/api/predict", { ...currentInput(), scale: state.scale });
     showPrediction(out, source);
+    if ($("pipeline").classList.contains("active")) loadPipeline();
     $("status").textContent = `round trip ${Math.round(performance.now() - t0)} ms`;
   } catch (err) {
     $("status").textContent = err.message;
@@ -486,6 +488,80 @@ $("sz-play").addEventListener("click", () => {
   $("sz-play").setAttribute("aria-pressed", String(playing));
 });
 drawSize();
+
+// --- the whole pipeline -------------------------------------------------------------------------------------------------
+let pipelineSeq = 0;
+async function loadPipeline() {
+  if (!state.info || !state.info.run) return;
+  const seq = ++pipelineSeq;
+  try {
+    const p = await api("/api/pipeline", { ...currentInput(), scale: state.scale });
+    if (seq === pipelineSeq) showPipeline(p);
+  } catch (err) { $("pipeline-status").textContent = err.message; }
+}
+function showPipeline(p) {
+  // One cell size for every row: the widest map fits in about 300 px.
+  const widest = Math.max(...p.rows.filter((r) => r.shape.length === 3).map((r) => r.shape[2]), 8);
+  const px = Math.max(2, Math.min(8, Math.floor(300 / widest)));
+  const folded = p.rows.filter((r) => r.collapsible).length;
+  $("pipeline-status").textContent = `${p.rows.length} stages, each cell ${px}×${px} pixels`
+    + (folded ? `; ${folded} rows of long stages folded (expand them on the stage's last row)` : "");
+  const root = $("pipeline-rows");
+  root.innerHTML = "";
+  p.rows.forEach((r, i) => {
+    const row = document.createElement("div");
+    row.className = "stage-row" + (r.collapsible ? " folded" : "");
+    row.dataset.stage = r.stage; row.dataset.name = r.name;
+    const geometry = r.kernel ? `, kernel ${r.kernel.join("×")}, stride ${r.stride.join("×")}, padding `
+      + (Array.isArray(r.padding) ? r.padding.join("×") : esc(r.padding)) : "";
+    const hidden = p.rows.filter((q, j) => j < i && q.stage === r.stage && q.collapsible).length;
+    row.innerHTML = `<div class="meta">${r.lecture ? `<b>${esc(r.lecture)}</b> ` : ""}${esc(r.name)} `
+      + `<span class="hint">${esc(r.kind)}${geometry}</span><br>→ ${r.shape.join("×")}`
+      + `${r.params ? `, ${r.params.toLocaleString()} parameters` : ""}`
+      + `${r.maps && r.shape[0] > r.maps.length ? ` <span class="hint">(first ${r.maps.length} maps)</span>` : ""}`
+      + `${hidden && !r.collapsible ? `<br><button type="button" class="expand" data-stage="${r.stage}" `
+        + `aria-expanded="false">show the ${hidden} rows before it</button>` : ""}</div><div class="cells"></div>`;
+    const cells = row.querySelector(".cells");
+    if (r.maps) {
+      r.maps.forEach((src, c) => {
+        const img = new Image();
+        img.src = src; img.alt = `${r.name} map ${c}`;
+        img.width = r.shape[2] * px; img.height = r.shape[1] * px;
+        cells.appendChild(img);
+      });
+    } else {
+      cells.appendChild(vectorCanvas(r.values, r.bound, widest, px, r.name));
+    }
+    root.appendChild(row);
+  });
+  const bars = document.createElement("div");
+  bars.className = "stage-row";
+  bars.innerHTML = `<div class="meta"><b>${p.multi_label ? "sigmoid" : "softmax"}</b><br>→ the probability of every `
+    + `class</div><div>` + p.probabilities.map((t) => `<div class="bar"><span class="label">${esc(t.label)}</span>`
+      + `<div class="track"><div class="fill" style="width:${(100 * t.prob).toFixed(1)}%"></div></div>`
+      + `<span>${(100 * t.prob).toFixed(1)}%</span></div>`).join("") + "</div>";
+  root.appendChild(bars);
+  root.querySelectorAll(".expand").forEach((b) => b.addEventListener("click", () => {
+    const open = b.getAttribute("aria-expanded") !== "true";
+    root.querySelectorAll(`.stage-row[data-stage="${b.dataset.stage}"]`).forEach((r) => {
+      if (r.querySelector(".expand") !== b) r.classList.toggle("folded", !open);
+    });
+    b.setAttribute("aria-expanded", String(open));
+  }));
+}
+// A vector (flatten, linear) as cells of the same size as the maps', wrapped at the widest map's width.
+function vectorCanvas(values, bound, widest, px, name) {
+  const perRow = Math.max(widest, 10), rows = Math.ceil(values.length / perRow);
+  const c = document.createElement("canvas");
+  c.width = perRow * px; c.height = rows * px;
+  c.setAttribute("role", "img"); c.setAttribute("aria-label", `${name}: ${values.length} values`);
+  const g = c.getContext("2d"), stops = state.info.colormap, last = stops.length - 1, b = bound || 1;
+  values.forEach((v, i) => {
+    g.fillStyle = stops[Math.round((0.5 + Math.max(-1, Math.min(1, v / b)) / 2) * last)];
+    g.fillRect((i % perRow) * px, Math.floor(i / perRow) * px, px, px);
+  });
+  return c;
+}
 
 // --- the run tab ----------------------------------------------------------------------------------------------------
 let runLoaded = false;
