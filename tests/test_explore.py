@@ -556,8 +556,9 @@ def test_the_page_on_a_phone(server: str) -> None:
         expect(page.locator(".maps img")).to_have_count(44, timeout=20_000)
         fits = "document.documentElement.scrollWidth <= window.innerWidth"
         assert page.evaluate(fits), "the page is wider than the phone"
-        tops = {round(page.locator(".tab").nth(i).bounding_box()["y"]) for i in range(3)}
-        assert len(tops) == 1, f"the tabs wrap onto {len(tops)} rows"
+        tabs = [page.locator(".tab").nth(i).bounding_box() for i in range(page.locator(".tab").count())]
+        assert len({round(t["y"]) for t in tabs}) == 1, "the tabs wrap onto several rows"
+        assert all(t["x"] + t["width"] <= PHONE["width"] for t in tabs), "a tab is cut off at the phone's edge"
         draw(page, ((80, 70), (200, 70), (130, 220)))
         expect(page.locator("#top1")).to_contain_text("prediction: ", timeout=20_000)
         box = page.locator("#top1").bounding_box()
@@ -612,7 +613,9 @@ def test_hover_and_arrow_keys_move_the_explained_pixel(server: str) -> None:
     with browser_page(server, DESKTOP) as page:
         expect(page.locator(".maps .map")).to_have_count(44, timeout=20_000)
         page.locator(".maps .map").first.click()  # conv1 map 0: a 28x28 map on a 280 px canvas
+        expect(page.locator("#big")).to_be_focused()  # the keyboard lands on the enlarged map
         expect(page.locator("#post-figure")).to_be_visible()
+        expect(page.locator(".layer h3").first).to_contain_text("C1 · features.1")
         expect(page.locator("#post-caption")).to_have_text("after features.2 (ReLU)")
         expect(page.locator("#detail-colorbar .colorbar")).to_be_visible()
         big = page.locator("#big")
@@ -632,6 +635,7 @@ def test_hover_and_arrow_keys_move_the_explained_pixel(server: str) -> None:
         # A pooling map: its window, and which value won.
         page.locator('.maps .map[data-layer="features.3"]').first.click()
         expect(page.locator("#post-figure")).to_be_hidden()
+        big.scroll_into_view_if_needed()
         box = big.bounding_box()
         page.mouse.move(box["x"] + 50, box["y"] + 50)
         expect(page.locator("#explain .explain-total")).to_contain_text("the largest value of the window",
@@ -663,6 +667,10 @@ def test_no_serious_accessibility_violations(server: str, viewport: dict[str, in
         tab = page.locator("#tab-network")
         tab.focus()
         page.keyboard.press("ArrowRight")  # the tab list's keys
+        expect(page.locator("#tab-pipeline")).to_have_attribute("aria-selected", "true")
+        expect(page.locator("#pipeline-rows .bar")).to_have_count(10, timeout=20_000)
+        assert serious_violations(page) == []
+        page.keyboard.press("ArrowRight")
         expect(page.locator("#tab-kernels")).to_have_attribute("aria-selected", "true")
         expect(page.locator("#k-out")).to_have_attribute("src", re.compile(r"^data:image/png"), timeout=20_000)
         assert serious_violations(page) == []
@@ -737,6 +745,10 @@ def test_the_playground_explains_a_clicked_pixel_and_takes_a_grid(server: str) -
         page.locator("#k-out").click(position={"x": 60, "y": 60})
         expect(page.locator("#k-explain .explain-total")).to_have_count(1, timeout=20_000)  # grayscale: one channel
         expect(page.locator("#k-explain")).to_contain_text("sum of the products")
+        page.select_option("#kernel-name", "sobel")  # the explained pixel follows the new kernel
+        expect(page.locator("#k-explain")).to_contain_text("magnitude = √", timeout=20_000)
+        page.select_option("#kernel-name", "sharpen")
+        expect(page.locator("#k-explain")).not_to_contain_text("magnitude", timeout=20_000)
         page.click("#k-grid3")
         expect(page.locator("#k-grid input")).to_have_count(9)
         before = page.locator("#k-out").get_attribute("src")

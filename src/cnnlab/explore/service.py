@@ -247,6 +247,7 @@ class Explorer:
                 "data": record.data.name, "classes": list(run.classes), "channels": run.channels,
                 "image_size": run.image_size, "digits": run.channels == 1 and run.image_size <= 32,
                 "test_size": record.data.test_size, "layers": self.layers(), "multi_label": run.multi_label,
+                "lecture": self.lecture(),
             }  # fmt: skip
         return out
 
@@ -386,7 +387,9 @@ class Explorer:
             parts = [{"window": e[c].window.tolist(), "kernel": e[c].kernel.tolist(),
                       "products": e[c].products.tolist(), "total": e[c].total + 0.0} for e in per_matrix]  # fmt: skip
             value = parts[0]["total"] if len(parts) == 1 else float(np.sqrt(sum(p["total"] ** 2 for p in parts)))
-            channels.append({"name": name, "parts": parts, "value": value, "shown": float(shown[c, y, x])})
+            channels.append(
+                {"name": name, "parts": parts, "value": value, "shown": float(shown[c, y, x].round().clamp(0, 255))}
+            )  # the displayed 8-bit value
         return {"kernel": k.name, "x": x, "y": y, "mode": mode, "channels": channels, "composite": len(parts) > 1}
 
     def playground(
@@ -499,6 +502,13 @@ class Explorer:
         probs = run.probabilities(logits[None])[0].tolist()
         bars = [{"label": c, "prob": float(p)} for c, p in zip(run.classes, probs, strict=True)]
         return {"rows": out, "multi_label": run.multi_label, "probabilities": bars}
+
+    def lecture(self) -> dict[str, str]:
+        """LeNet-5's stage names (C1, S2, ...) of the shown layers, for the network view's headings."""
+        run = self.need_run()
+        blank = torch.zeros(1, run.channels, run.image_size, run.image_size, dtype=torch.uint8)
+        rows = pipeline(run.model, run.prepare(blank))
+        return {r["name"]: n for r, n in zip(rows, lecture_names(rows, run.record.model.name), strict=True) if n}
 
     def peaks(self, layer: str) -> torch.Tensor:
         """Each of the first TOP_IMAGES_SCANNED test images' peak activation per channel of `layer`: (N, C), once."""

@@ -155,7 +155,8 @@ function showPrediction(out, source) {
     div.className = "layer";
     const more = layer.shape[0] > layer.maps.length ? ` (first ${layer.maps.length} maps)` : "";
     const scale = state.scale === "map" ? "colour: each map its own" : `colour ±${fmt(layer.bounds[0])}`;
-    div.innerHTML = `<h3>${esc(layer.name)} <span class="hint">${esc(layer.kind)}</span> ${layer.shape.join("×")}${more}`
+    const lecture = (state.info.run.lecture || {})[layer.name];
+    div.innerHTML = `<h3>${lecture ? `${esc(lecture)} · ` : ""}${esc(layer.name)} <span class="hint">${esc(layer.kind)}</span> ${layer.shape.join("×")}${more}`
       + ` <span class="hint">${scale}</span></h3>`;
     const maps = document.createElement("div");
     maps.className = "maps";
@@ -177,6 +178,8 @@ function showPrediction(out, source) {
         document.querySelectorAll(".maps .map").forEach((m) => m.classList.remove("selected"));
         button.classList.add("selected");
         showDetail(layer, c, true);
+        $("detail").scrollIntoView({ block: "start" });  // the enlarged map, not the list, is what comes next
+        $("big").focus({ preventScroll: true });  // the arrow keys move the explained pixel at once
       });
       maps.appendChild(button);
     });
@@ -249,7 +252,8 @@ $("detects").addEventListener("click", async () => {
     $("detects-status").textContent = "";
     $("channel-view").innerHTML = `<h3>${esc(v.layer)} map ${v.channel}: what excites it</h3><div class="row">`
       + `<figure class="vis"><img src="${v.visualisation}" alt="an input optimised to excite this channel">`
-      + `<figcaption class="hint">an input optimised for it: mean activation ${fmt(v.start)} → ${fmt(v.reached)}`
+      + `<figcaption class="hint">an input optimised for it: the map's mean ${fmt(v.start)} → ${fmt(v.reached)} `
+      + `(the images' numbers are peaks, the map's largest value)`
       + `</figcaption></figure><div><p class="hint">the ${v.top.length} test images (of the first ${v.scanned}) `
       + `where it peaks highest, its peak under each:</p><div class="thumbs">${thumbs(v.top, "peak")}</div></div></div>`;
     wireThumbs($("channel-view"));
@@ -335,10 +339,13 @@ function showExplain(ex, sel, x, y, ms) {
     drawInputWindows(ex);
     return;
   }
-  const first = ex.terms.slice(0, 3);
+  const first = ex.terms.slice(0, 6);
+  const products = ex.terms.length * ex.size[0] * ex.size[1];
   $("explain").innerHTML = head + inputMaps(ex)
+    + `<p>${ex.terms.length} input map${ex.terms.length > 1 ? "s" : ""} × ${ex.size[0]}×${ex.size[1]} weights = `
+    + `<b>${products} products</b>, summed, plus one bias.</p>`
     + `<p class="hint">window: the layer's input under the kernel (for the first layer: the normalised pixels); `
-    + `zero padding included. Each grid's cells are coloured on the diverging scale, centred at zero.</p>`
+    + `zero padding included. Each grid is coloured on its own range (its largest magnitude), centred at zero.</p>`
     + first.map((t) => `<p class="hint">input channel ${t.input_channel}: window × kernel, products sum to `
       + `${fmt(t.subtotal)}</p><div class="row">${matrix(t.window, "window")}${matrix(t.kernel, "kernel")}`
       + `${matrix(t.products, "products")}</div>`).join("")
@@ -367,6 +374,7 @@ async function runKernel() {
     $("k-in").src = out.input; $("k-out").src = out.output;
     $("k-caption").textContent = `output ${out.shape.join("×")}`;
     $("k-status").textContent = kNote;  // a fixed error, or a note that no longer holds, goes away
+    if (kPixel) explainKernelPixel(...kPixel);  // the explained pixel follows a new kernel, range or image
   } catch (err) { $("k-status").textContent = err.message; }
 }
 $("kernel-name").addEventListener("change", () => {
@@ -411,12 +419,16 @@ $("k-grid3").addEventListener("click", () => makeGrid(3));
 $("k-grid5").addEventListener("click", () => makeGrid(5));
 
 // Click a pixel of the output: its weighted sum, per channel, as `cnnlab filter --explain` prints it.
-$("k-out").addEventListener("click", async (e) => {
+let kPixel = null;  // the playground's explained output pixel [x, y]
+$("k-out").addEventListener("click", (e) => {
+  const r = e.target.getBoundingClientRect(), img = e.target;
+  kPixel = [Math.floor((e.clientX - r.left) / r.width * img.naturalWidth),
+    Math.floor((e.clientY - r.top) / r.height * img.naturalHeight)];
+  explainKernelPixel(...kPixel);
+});
+async function explainKernelPixel(x, y) {
   if ($("k-pool").value) { $("k-explain").innerHTML = `<p class="hint">Set pool to none to explain a pixel: with `
     + `pooling each output pixel is a window of filtered pixels.</p>`; return; }
-  const r = e.target.getBoundingClientRect(), img = e.target;
-  const x = Math.floor((e.clientX - r.left) / r.width * img.naturalWidth);
-  const y = Math.floor((e.clientY - r.top) / r.height * img.naturalHeight);
   try {
     const ex = await api("/api/kernel-explain", { image: kImage, kernel: kNamed || matrixText($("k-matrix").value),
       mode: $("k-mode").value, gray: $("k-gray").checked, x, y });
@@ -429,7 +441,7 @@ $("k-out").addEventListener("click", async (e) => {
       + `<p class="explain-total">${ch.name} = <b>${fmt(ch.value)}</b>, shown as ${fmt(ch.shown)} `
       + `<span class="hint">(range ${esc(ex.mode)})</span></p>`).join("");
   } catch (err) { $("k-explain").textContent = err.message; }
-});
+}
 ["k-pool", "k-size", "k-mode", "k-gray"].forEach((id) => $(id).addEventListener("input", scheduleKernel));
 $("k-upload").addEventListener("change", async (e) => { if (e.target.files[0]) { kImage = await readFile(e.target.files[0]); runKernel(); } });
 $("k-sample").addEventListener("click", () => { kImage = null; runKernel(); });
@@ -504,7 +516,9 @@ function showPipeline(p) {
   const widest = Math.max(...p.rows.filter((r) => r.shape.length === 3).map((r) => r.shape[2]), 8);
   const px = Math.max(2, Math.min(8, Math.floor(300 / widest)));
   const folded = p.rows.filter((r) => r.collapsible).length;
-  $("pipeline-status").textContent = `${p.rows.length} stages, each cell ${px}×${px} pixels`
+  const params = p.rows.reduce((a, r) => a + r.params, 0);
+  $("pipeline-status").textContent = `${p.rows.length} stages, ${params.toLocaleString("en-US")} parameters in all, `
+    + `each cell ${px}×${px} pixels`
     + (folded ? `; ${folded} rows of long stages folded (expand them on the stage's last row)` : "");
   const root = $("pipeline-rows");
   root.innerHTML = "";
@@ -601,7 +615,8 @@ function confusionTable(c) {
   const rows = c.confusion.map((row, t) => {
     const total = row.reduce((a, b) => a + b, 0) || 1;
     return `<tr><th class="name" scope="row">${esc(c.classes[t])}</th>` + row.map((n, p) => {
-      const share = n / total, bg = t === p ? blend("#1f4fa8", share) : blend("#b2182b", Math.min(1, 3 * share));
+      const share = n / total, tint = n ? Math.max(0.15, Math.min(1, 3 * share)) : 0;  // any mistake shows
+      const bg = t === p ? blend("#1f4fa8", share) : blend("#b2182b", tint);
       return `<td><button type="button" data-t="${t}" data-p="${p}" style="background:${bg};color:${ink(bg)}" `
         + `aria-label="true ${esc(c.classes[t])}, predicted ${esc(c.classes[p])}: ${n} images">${n || ""}</button></td>`;
     }).join("") + "</tr>";
