@@ -237,6 +237,7 @@ def test_a_deep_network_folds_its_long_stages(digit_run: Path) -> None:
         assert not members[-1]["collapsible"], "a stage's last row always shows"
         assert [r["collapsible"] for r in members[:-1]] == [len(members) > 4] * (len(members) - 1)
     assert any(r["collapsible"] for r in rows)
+    assert all(len(r["maps"]) <= 4 for r in rows if r["collapsible"] and "maps" in r), "folded rows stay small"
 
 
 def test_kernel_weights_and_playground(client: TestClient) -> None:

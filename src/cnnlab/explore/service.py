@@ -72,6 +72,7 @@ SCALES = ("map", "layer", "global")  # what one colour bar spans: each map, each
 MAX_PIPELINE_MAPS = 16  # maps drawn per row of the whole-pipeline view
 MAX_PIPELINE_VALUES = 512  # values drawn per vector row (flatten, linear)
 ROWS_UNFOLDED = 24  # a network with more rows than this has its long stages folded
+FOLDED_MAPS = 4  # maps sent for a row folded away until asked for
 STAGE_ROWS_SHOWN = 4  # a stage (one spatial size) with more rows is folded to its last row until expanded
 TOP_IMAGES = 9  # test images shown per channel, the most exciting first
 TOP_IMAGES_SCANNED = 2000  # test images searched for them (a pass over more would keep a large model busy)
@@ -474,16 +475,23 @@ class Explorer:
         x = run.prepare(self.input_image(image, test_index, center)[None])
         rows = [{"name": "input", "kind": "input (normalised)", "output": x[0].float().cpu(), "params": 0}]
         rows += pipeline(run.model, x)
-        logits = rows[-1]["output"]
+        with torch.no_grad():  # the model's own output: its last module is not always the last step (squeezenet)
+            logits = run.model(x).float().cpu()[0]
         names = [None, *lecture_names(rows[1:], run.record.model.name)]
         stage = stages([tuple(r["output"].shape) for r in rows])
         shared = max(float(r["output"].abs().max()) for r in rows)
+        sizes: dict[int, int] = {}
+        for s in stage:
+            sizes[s] = sizes.get(s, 0) + 1
+        deep = len(rows) > ROWS_UNFOLDED  # LeNet-5's 14 rows all stay: they are the lecture
         out = []
         for i, (row, lecture) in enumerate(zip(rows, names, strict=True)):
             a = row.pop("output")
-            item = {**row, "lecture": lecture, "stage": stage[i], "shape": list(a.shape)}
+            last = i + 1 == len(rows) or stage[i + 1] != stage[i]
+            folded = deep and sizes[stage[i]] > STAGE_ROWS_SHOWN and not last  # shown on request only
+            item = {**row, "lecture": lecture, "stage": stage[i], "shape": list(a.shape), "collapsible": folded}
             if a.dim() == 3:
-                shown = a[:MAX_PIPELINE_MAPS]
+                shown = a[: FOLDED_MAPS if folded else MAX_PIPELINE_MAPS]  # a deep network's answer stays small
                 bound = bounds(shown, scale, shared)
                 item["maps"] = [map_to_png(m, b) for m, b in zip(shown, bound, strict=True)]
                 item["bound"] = max(bound)
@@ -492,13 +500,6 @@ class Explorer:
                 item["values"] = [round(v, 5) for v in values.tolist()]
                 item["bound"] = float(values.abs().max()) if scale != "global" else shared
             out.append(item)
-        sizes = {}
-        for item in out:
-            sizes[item["stage"]] = sizes.get(item["stage"], 0) + 1
-        for i, item in enumerate(out):  # every row of a long stage but its last can be folded away
-            last = i + 1 == len(out) or out[i + 1]["stage"] != item["stage"]
-            deep = len(out) > ROWS_UNFOLDED  # LeNet-5's 14 rows all stay: they are the lecture
-            item["collapsible"] = deep and sizes[item["stage"]] > STAGE_ROWS_SHOWN and not last
         probs = run.probabilities(logits[None])[0].tolist()
         bars = [{"label": c, "prob": float(p)} for c, p in zip(run.classes, probs, strict=True)]
         return {"rows": out, "multi_label": run.multi_label, "probabilities": bars}
