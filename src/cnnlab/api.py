@@ -193,7 +193,7 @@ class Run:
     def __repr__(self) -> str:
         name, data = self._loaded.record.model.name, self._loaded.record.data.name
         done = (
-            f"{self.result.headline().split(' (')[0]}, " if self.result and not math.isnan(self.result.test_acc) else ""
+            f"{self.result.headline(details=False)}, " if self.result and not math.isnan(self.result.test_acc) else ""
         )
         epochs = f"{len(self.metrics)} epoch{'s' if len(self.metrics) != 1 else ''}"
         return f"Run({name} on {data}: {done}{epochs}, {self.dir or 'not saved'})"

@@ -144,22 +144,13 @@ def load_csv_labels(
     """
     csv_path = Path(path).expanduser()
     rows, bad, used, multi = read_rows(csv_path, image_column, label_column)
-    notes = []
-    resize_default = resize is None
-    if resize is None:
-        resize = "squash" if multi else "crop"
-        if multi:
-            notes.append("multi-label data: resize=squash by default (the whole photo, so that no labelled object "
-                         "is cropped out); resize=crop (--resize crop) crops at random anyway")  # fmt: skip
     root = csv_path.resolve().parent
     classes = _sorted_classes({label for r in rows if r.split == "train" for label in r.labels})
     if len(classes) < 2 and not (multi and classes):
         raise UsageError(f"{csv_path}: the training rows have {len(classes)} class(es); at least 2 are needed")
     index = {c: i for i, c in enumerate(classes)}
-    splits: dict[str, list[tuple[Path, int]]] = {}
-    hot: dict[str, list[list[int]]] = {}  # multi-label: the class indices of each listed image, per split
+    listed: dict[str, list[tuple[Path, list[int]]]] = {}  # per split: each usable image and its class indices
     seen: dict[Path, int] = {}
-    kept: list[Row] = []
     for r in rows:
         unseen = [label for label in r.labels if label not in index]
         if unseen:
@@ -172,39 +163,37 @@ def load_csv_labels(
         if not image.is_file():
             bad.append((r.line, f"{r.file[:200]}: no such image file (paths are relative to {root})"))
             continue
-        kept.append(r)
-        # Multi-label images are cached under label 0: the decoded pixels do not depend on the labels.
-        splits.setdefault(r.split, []).append((image, 0 if multi else index[r.labels[0]]))
-        hot.setdefault(r.split, []).append([index[label] for label in r.labels])
+        listed.setdefault(r.split, []).append((image, [index[label] for label in r.labels]))
     bad.sort()
+    notes = []
     if bad and on_bad_image == "error":
         line, why = bad[0]
         more = f" ({len(bad) - 1} more bad row(s))" if len(bad) > 1 else ""
         raise CnnlabError(f"{csv_path}: line {line}: {why}{more}; {{on_bad_image=skip}} leaves bad rows out",
                           options=True)  # fmt: skip
     if bad:
-        listed = "; ".join(f"line {line}: {why}" for line, why in bad[:BAD_ROWS_LISTED])
-        notes.append(f"skipped {len(bad)} bad row(s) of {csv_path.name} (on_bad_image=skip): {listed}"
+        shown = "; ".join(f"line {line}: {why}" for line, why in bad[:BAD_ROWS_LISTED])
+        notes.append(f"skipped {len(bad)} bad row(s) of {csv_path.name} (on_bad_image=skip): {shown}"
                      + (" ..." if len(bad) > BAD_ROWS_LISTED else ""))  # fmt: skip
-    if "train" not in splits:
+    if "train" not in listed:
         raise UsageError(f"{csv_path}: no usable training rows")
-    if multi and not any(len(r.labels) > 1 for r in kept):  # the rows with several labels were all left out
-        multi = False
+    if multi and not any(len(labels) > 1 for items in listed.values() for _, labels in items):
+        multi = False  # the rows with several labels were all left out
         notes.append("every row with several labels was left out: the data is single-label")
-        splits = {
-            s: [(p, index[r.labels[0]]) for (p, _), r in zip(items, [r for r in kept if r.split == s], strict=True)]
-            for s, items in splits.items()
-        }
-        if resize_default:
-            resize = "crop"
-            notes[:] = [n for n in notes if not n.startswith("multi-label data: resize=squash")]
+    if resize is None:
+        resize = "squash" if multi else "crop"
+        if multi:
+            notes.insert(0, "multi-label data: resize=squash by default (the whole photo, so that no labelled "
+                            "object is cropped out); resize=crop (--resize crop) crops at random anyway")  # fmt: skip
+    # Multi-label images are cached under label 0: the decoded pixels do not depend on the labels.
+    splits = {s: [(p, 0 if multi else labels[0]) for p, labels in items] for s, items in listed.items()}
     multi_hot = None
     if multi:
         multi_hot = {}
-        for s, lists in hot.items():
-            t = torch.zeros((len(lists), len(classes)), dtype=torch.uint8)
-            for i, idx in enumerate(lists):
-                t[i, idx] = 1
+        for s, items in listed.items():
+            t = torch.zeros((len(items), len(classes)), dtype=torch.uint8)
+            for i, (_, labels) in enumerate(items):
+                t[i, labels] = 1
             multi_hot[s] = t
     size = image_size or DEFAULT_FOLDER_SIZE
     counts = ", ".join(f"{len(v):,} {k}" for k, v in splits.items())

@@ -29,11 +29,13 @@ class TrainResult:
     test_map: float | None = None  # multi-label data: mean average precision on the test split (test_acc: exact match)
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def headline(self) -> str:
+    def headline(self, details: bool = True) -> str:
         """The test numbers in words: accuracy (top-5, loss), or for multi-label data mAP (exact match, loss)."""
         if self.test_map is not None:
-            return f"test mAP {self.test_map:.3f} (exact match {self.test_acc:.2%}, loss {self.test_loss:.4f})"
-        return f"test accuracy {self.test_acc:.2%} (top-5 {self.test_top5:.2%}, loss {self.test_loss:.4f})"
+            main, more = f"test mAP {self.test_map:.3f}", f"exact match {self.test_acc:.2%}"
+        else:
+            main, more = f"test accuracy {self.test_acc:.2%}", f"top-5 {self.test_top5:.2%}"
+        return f"{main} ({more}, loss {self.test_loss:.4f})" if details else main
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (without the per-epoch history)."""

@@ -24,10 +24,11 @@ from cnnlab.engine.inference import LoadedRun, eval_data, evaluate_run, logits_o
 from cnnlab.engine.metrics import confusion_matrix
 from cnnlab.errors import UsageError
 from cnnlab.inspect.features import (
-    activations_after,
     explain_conv_pixel,
     explain_pool_pixel,
+    hooked_forward,
     layer_inputs_and_outputs,
+    layer_maps,
     lecture_names,
     pipeline,
     stage_layers,
@@ -277,8 +278,7 @@ class Explorer:
         run = self.need_run()
         pixels = self.input_image(image, test_index, center)
         x = run.prepare(pixels[None])
-        _, outs, logits = layer_inputs_and_outputs(run.model, x, self.layers())
-        post = activations_after(run.model, x, self.layers())
+        outs, post, logits = layer_maps(run.model, x, self.layers())  # one forward pass per stroke
         shared = max((float(a[:MAX_MAPS].abs().max()) for a in outs.values()), default=0.0)
         probs = run.probabilities(logits)[0]  # softmax; a multi-label run: a sigmoid per label
         values, idx = probs.topk(min(top_k, len(run.classes)))
@@ -456,9 +456,9 @@ class Explorer:
         k = len(run.classes)
         if not (0 <= true < k and 0 <= predicted < k):
             raise UsageError(f"true and predicted must be class indices 0..{k - 1}")
-        probs, pred = self.verdicts()
         if run.multi_label:
             raise LookupError("a multi-label run has no confusion matrix")
+        probs, pred = self.verdicts()
         hits = ((test.labels.cpu() == true) & (pred == predicted)).nonzero().flatten()
         order = hits[torch.argsort(probs[hits, predicted], descending=True, stable=True)][:MISTAKES_SHOWN]
         return {"true": run.classes[true], "predicted": run.classes[predicted], "count": len(hits),
@@ -474,9 +474,8 @@ class Explorer:
         run = self.need_run()
         x = run.prepare(self.input_image(image, test_index, center)[None])
         rows = [{"name": "input", "kind": "input (normalised)", "output": x[0].float().cpu(), "params": 0}]
-        rows += pipeline(run.model, x)
-        with torch.no_grad():  # the model's own output: its last module is not always the last step (squeezenet)
-            logits = run.model(x).float().cpu()[0]
+        stages_run, logits = pipeline(run.model, x)
+        rows += stages_run
         names = [None, *lecture_names(rows[1:], run.record.model.name)]
         stage = stages([tuple(r["output"].shape) for r in rows])
         shared = max(float(r["output"].abs().max()) for r in rows)
@@ -508,7 +507,7 @@ class Explorer:
         """LeNet-5's stage names (C1, S2, ...) of the shown layers, for the network view's headings."""
         run = self.need_run()
         blank = torch.zeros(1, run.channels, run.image_size, run.image_size, dtype=torch.uint8)
-        rows = pipeline(run.model, run.prepare(blank))
+        rows = pipeline(run.model, run.prepare(blank))[0]
         return {r["name"]: n for r, n in zip(rows, lecture_names(rows, run.record.model.name), strict=True) if n}
 
     def peaks(self, layer: str) -> torch.Tensor:
@@ -518,13 +517,9 @@ class Explorer:
             n = min(len(test), TOP_IMAGES_SCANNED)
             module = run.model.get_submodule(layer)
             found: list[torch.Tensor] = []
-            handle = module.register_forward_hook(lambda m, i, o: found.append(o.detach().float().amax((2, 3)).cpu()))
-            try:
-                with torch.no_grad():
-                    for start in range(0, n, 256):
-                        run.model(run.prepare(test.final(torch.arange(start, min(n, start + 256)))))
-            finally:
-                handle.remove()
+            hook = (module, lambda m, i, o: found.append(o.detach().float().amax((2, 3)).cpu()))
+            for start in range(0, n, 256):
+                hooked_forward(run.model, run.prepare(test.final(torch.arange(start, min(n, start + 256)))), [hook])
             self._peaks[layer] = torch.cat(found)[:n]
         return self._peaks[layer]
 

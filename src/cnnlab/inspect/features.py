@@ -6,8 +6,9 @@ All functions take a model in eval mode and normalised input batches (B, C, H, W
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,21 @@ from torch import nn
 from cnnlab.errors import UsageError
 
 MAX_STAGES = 8  # default activation pictures: at most this many layers
+
+
+Hook = tuple[nn.Module, Callable[..., Any]]  # a module and a hook to register on it
+
+
+def hooked_forward(model: nn.Module, x: torch.Tensor, hooks: Sequence[Hook] = (), pre_hooks: Sequence[Hook] = ()
+                   ) -> torch.Tensor:  # fmt: skip
+    """model(x) without gradients, with forward (and forward-pre) hooks registered for the call only; its output."""
+    handles = [m.register_forward_pre_hook(h) for m, h in pre_hooks] + [m.register_forward_hook(h) for m, h in hooks]
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def calls_in_order(model: nn.Module, x: torch.Tensor, types: tuple[type, ...]) -> list[tuple[str, torch.Size]]:
@@ -27,13 +43,7 @@ def calls_in_order(model: nn.Module, x: torch.Tensor, types: tuple[type, ...]) -
         if names[module] not in {c[0] for c in calls} and isinstance(output, torch.Tensor) and output.dim() == 4:
             calls.append((names[module], output.shape))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, types)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(model, x, [(m, hook) for m in model.modules() if isinstance(m, types)])
     return calls
 
 
@@ -144,11 +154,18 @@ def layer_inputs_and_outputs(
     model: nn.Module, x: torch.Tensor, layers: Sequence[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """For input x (1, C, H, W): each named layer's input and output (first sample, CPU), and the model's logits."""
+    hooks, ins, outs = _io_hooks(model, layers)
+    return ins, outs, hooked_forward(model, x, hooks).float().cpu()
+
+
+def _io_hooks(model: nn.Module, layers: Sequence[str]
+              ) -> tuple[list[Hook], dict[str, torch.Tensor], dict[str, torch.Tensor]]:  # fmt: skip
+    """Hooks that keep each named layer's input and output, and the two dicts they fill."""
     check_layers(model, layers)
     ins: dict[str, torch.Tensor] = {}
     outs: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
-    handles = []
+    hooks: list[Hook] = []
     for name in layers:
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
@@ -157,14 +174,16 @@ def layer_inputs_and_outputs(
                 ins[name] = inputs[0].detach()[0].float().cpu().clone()
                 outs[name] = output.detach()[0].float().cpu().clone()
 
-        handles.append(modules[name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            logits = model(x).float().cpu()
-    finally:
-        for h in handles:
-            h.remove()
-    return ins, outs, logits
+        hooks.append((modules[name], hook))
+    return hooks, ins, outs
+
+
+def layer_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[str]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, torch.Tensor]], torch.Tensor]:  # fmt: skip
+    """One forward pass for the network view: each named layer's output, `activations_after`'s maps, the logits."""
+    hooks, _, outs = _io_hooks(model, layers)
+    pre, after, post = _activation_hooks(model, layers)
+    return outs, post, hooked_forward(model, x, hooks + after, pre).float().cpu()
 
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -181,6 +200,14 @@ def activations_after(model: nn.Module, x: torch.Tensor, layers: Sequence[str]
     so a ReLU applied after a residual sum (ResNet's blocks) is not passed off as the conv's own. An activation
     applied as a function (F.relu) is not seen.
     """
+    pre, after, post = _activation_hooks(model, layers)
+    hooked_forward(model, x, after, pre)
+    return post
+
+
+def _activation_hooks(model: nn.Module, layers: Sequence[str]
+                      ) -> tuple[list[Hook], list[Hook], dict[str, tuple[str, torch.Tensor]]]:  # fmt: skip
+    """activations_after's pre-hooks and hooks on every leaf module, and the dict they fill."""
     wanted = set(layers)
     names = {m: n for n, m in model.named_modules()}
     post: dict[str, tuple[str, torch.Tensor]] = {}
@@ -210,24 +237,18 @@ def activations_after(model: nn.Module, x: torch.Tensor, layers: Sequence[str]
             pending[:] = [name, output, output.detach().clone()]
 
     leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_pre_hook(before) for m in leaves] + [m.register_forward_hook(after) for m in leaves]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return post
+    return [(m, before) for m in leaves], [(m, after) for m in leaves], post
 
 
 SKIPPED_IN_PIPELINE = (nn.Dropout, nn.Dropout2d, nn.Identity)  # the identity at evaluation: no stage of its own
 LENET_NAMES = ("C1", "S2", "C3", "S4", "C5", "F6", "output")  # LeCun et al. (1998)'s names, in forward order
 
 
-def pipeline(model: nn.Module, x: torch.Tensor) -> list[dict]:
+def pipeline(model: nn.Module, x: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
     """Every stage of the forward pass for one input x (1, C, H, W), in order: each leaf module called (dropout and
     identities left out, a module called twice shown once) with its name, type, output (first sample, CPU),
-    parameter count and, for convolution and pooling, kernel, stride and padding."""
+    parameter count and, for convolution and pooling, kernel, stride and padding; and the model's own output (its
+    last module is not always its last step: squeezenet flattens after it)."""
     names = {m: n for n, m in model.named_modules()}
     rows: list[dict] = []
     seen: set[str] = set()
@@ -246,15 +267,8 @@ def pipeline(model: nn.Module, x: torch.Tensor) -> list[dict]:
                        padding=pad)  # fmt: skip
         rows.append(row)
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return rows
+    out = hooked_forward(model, x, [(m, hook) for m in model.modules() if not list(m.children())])
+    return rows, out.detach()[0].float().cpu()
 
 
 def lecture_names(rows: list[dict], model_name: str) -> list[str | None]:

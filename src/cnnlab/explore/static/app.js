@@ -569,9 +569,9 @@ function vectorCanvas(values, bound, widest, px, name) {
   const c = document.createElement("canvas");
   c.width = perRow * px; c.height = rows * px;
   c.setAttribute("role", "img"); c.setAttribute("aria-label", `${name}: ${values.length} values`);
-  const g = c.getContext("2d"), stops = state.info.colormap, last = stops.length - 1, b = bound || 1;
+  const g = c.getContext("2d");
   values.forEach((v, i) => {
-    g.fillStyle = stops[Math.round((0.5 + Math.max(-1, Math.min(1, v / b)) / 2) * last)];
+    g.fillStyle = colorOf(v, bound || 1);
     g.fillRect((i % perRow) * px, Math.floor(i / perRow) * px, px, px);
   });
   return c;
@@ -660,12 +660,16 @@ function fmt(v) { return Math.abs(v) >= 1000 || (Math.abs(v) < 0.001 && v !== 0)
 // `marked` cells ([row, column]) are outlined (max pooling's winner).
 function matrix(m, title, marked = null) {
   const bound = Math.max(...m.flat().map(Math.abs)) || 1;
-  const stops = state.info.colormap, last = stops.length - 1;
-  const color = (v) => stops[Math.round((0.5 + v / (2 * bound)) * last)];
+  const color = (v) => colorOf(v, bound);
   const isMarked = (r, c) => marked && marked.some(([mr, mc]) => mr === r && mc === c);
   return `<table class="grid">${title ? `<caption class="hint">${title}</caption>` : ""}`
     + m.map((row, r) => `<tr>${row.map((v, c) => `<td style="background:${color(v)};color:${ink(color(v))}"`
       + `${isMarked(r, c) ? ' class="winner"' : ""}>${fmt(v)}</td>`).join("")}</tr>`).join("") + "</table>";
+}
+// The diverging colour map's stop for value v on the scale -bound..+bound (blue, white at 0, red).
+function colorOf(v, bound) {
+  const stops = state.info.colormap, last = stops.length - 1;
+  return stops[Math.round((0.5 + Math.max(-1, Math.min(1, v / bound)) / 2) * last)];
 }
 // White blended towards `hex` by `share` (0..1), as a hex colour.
 function blend(hex, share) {
