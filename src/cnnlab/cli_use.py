@@ -419,8 +419,28 @@ def add_explore_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", nargs="?", default=None, help="run directory (optional: without it, the kernel playground)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this computer only)")
     p.add_argument("--port", type=int_at_least(0), default=8000, help="port (8000; 0 picks a free one)")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="instead of serving, write the page as a static site into DIR (a new or empty folder, or a "
+                   "site exported before): the network runs in the browser (ONNX Runtime Web, included), so any "
+                   "static host serves it; needs cnnlab[onnx]")  # fmt: skip
     _device_option(p)
     p.set_defaults(func=cmd_explore)
+
+
+def _export_site(args: argparse.Namespace) -> int:
+    """`cnnlab explore RUN --export DIR`: the static site."""
+    from cnnlab.explore.export import export_site
+
+    if not args.run:
+        raise UsageError("--export: name the RUN to export (cnnlab explore runs/NAME --export DIR)")
+    if not args.export.strip():
+        raise UsageError("--export: empty folder name")
+    loaded = _load(args)
+    done = export_site(loaded, Path(args.export))
+    print(f"wrote {done['path']}: {done['bytes'] / 2**20:.1f} MiB, {done['test_images']:,} test images, "
+          f"{done['channels']} channel views; serve it with any static file server, for example\n"
+          f"  python -m http.server --directory {done['path']} 8000   (then open http://127.0.0.1:8000/)")  # fmt: skip
+    return EXIT_OK
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
@@ -432,6 +452,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
     if args.port > 65535:
         raise UsageError(f"--port {args.port}: must be at most 65535")
+    if args.export is not None:
+        return _export_site(args)
     loaded = _load(args) if args.run else None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         anyname = ", by any name for this computer" if args.host in WILDCARD_HOSTS else ""

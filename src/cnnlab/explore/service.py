@@ -523,9 +523,9 @@ class Explorer:
             self._peaks[layer] = torch.cat(found)[:n]
         return self._peaks[layer]
 
-    def channel_view(self, layer: str, channel: int) -> dict[str, Any]:
+    def channel_view(self, layer: str, channel: int, visualise: bool = True) -> dict[str, Any]:
         """What one channel of a shown layer detects: the test images that excite it most (their peak, the map), and
-        a feature visualisation (an input optimised to excite it)."""
+        a feature visualisation (an input optimised to excite it; None when not `visualise`)."""
         run = self.need_run()
         if layer not in self.layers():
             raise UsageError(f"layer {short(layer)} is not one of the shown layers")
@@ -537,10 +537,13 @@ class Explorer:
         top = self._thumbnails(order, probs, pred)
         for item, i in zip(top, order.tolist(), strict=True):
             item["peak"] = float(peaks[i, channel])
-        pixels, reached, start = feature_visualisation(run, layer, channel)
-        shown = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+        picture, reached, start = None, None, None
+        if visualise:
+            pixels, reached, start = feature_visualisation(run, layer, channel)
+            shown = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+            picture = png_data_url(shown)
         return {"layer": layer, "channel": channel, "scanned": len(peaks), "top": top,
-                "visualisation": png_data_url(shown), "reached": reached, "start": start,
+                "visualisation": picture, "reached": reached, "start": start,
                 "best_test_peak": float(peaks[order[0], channel]) if len(order) else None}  # fmt: skip
 
     def _thumbnails(self, index: torch.Tensor, probs: torch.Tensor, pred: torch.Tensor) -> list[dict[str, Any]]:

@@ -1,5 +1,8 @@
 // cnnlab explore: the page talks to the local server's JSON API; every number and picture is computed there.
+// In a static site (`cnnlab explore RUN --export DIR`) static.js answers the same calls in the browser.
 "use strict";
+
+const STATIC = !!window.CNNLAB_STATIC;
 
 const $ = (id) => document.getElementById(id);
 // source: "pad", {image}, or {test_index}; padShows: "drawing" or "image" (a test image or upload drawn onto the pad);
@@ -8,6 +11,7 @@ const state = { info: null, source: null, selected: null, pending: false, again:
   scale: "layer", layers: [] };
 
 async function api(path, body) {
+  if (STATIC) return staticApi(path, body);  // eslint-disable-line no-undef
   const opts = body === undefined ? {} : {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   };
@@ -106,7 +110,8 @@ async function predict() {
     const out = await api("/api/predict", { ...currentInput(), scale: state.scale });
     showPrediction(out, source);
     if ($("pipeline").classList.contains("active")) loadPipeline();
-    $("status").textContent = `round trip ${Math.round(performance.now() - t0)} ms`;
+    $("status").textContent = `${STATIC ? "computed in this browser in" : "round trip"} `
+      + `${Math.round(performance.now() - t0)} ms`;
   } catch (err) {
     $("status").textContent = err.message;
   } finally {
@@ -251,10 +256,11 @@ $("detects").addEventListener("click", async () => {
     const v = await api(`/api/channel?layer=${encodeURIComponent(sel.layer)}&channel=${sel.channel}`);
     $("detects-status").textContent = "";
     $("channel-view").innerHTML = `<h3>${esc(v.layer)} map ${v.channel}: what excites it</h3><div class="row">`
-      + `<figure class="vis"><img src="${v.visualisation}" alt="an input optimised to excite this channel">`
-      + `<figcaption class="hint">an input optimised for it: the map's mean ${fmt(v.start)} → ${fmt(v.reached)} `
-      + `(the images' numbers are peaks, the map's largest value)`
-      + `</figcaption></figure><div><p class="hint">the ${v.top.length} test images (of the first ${v.scanned}) `
+      + (v.visualisation ? `<figure class="vis"><img src="${v.visualisation}" alt="an input optimised to excite `
+        + `this channel"><figcaption class="hint">an input optimised for it: the map's mean ${fmt(v.start)} → `
+        + `${fmt(v.reached)} (the images' numbers are peaks, the map's largest value)</figcaption></figure>`
+        : `<p class="hint">(a feature visualisation of inputs this large: on the live server)</p>`)
+      + `<div><p class="hint">the ${v.top.length} test images (of the first ${v.scanned}) `
       + `where it peaks highest, its peak under each:</p><div class="thumbs">${thumbs(v.top, "peak")}</div></div></div>`;
     wireThumbs($("channel-view"));
   } catch (err) { $("detects-status").textContent = err.message; }
@@ -591,12 +597,12 @@ async function loadRunTab() {
       + `<tr><th class="name" colspan="3">total</th><th>${s.params.toLocaleString()}</th>`
       + `<th>${s.macs.toLocaleString()}</th></tr></table>`;
   } catch (err) { $("summary").textContent = err.message; }
-  $("curves").src = "/api/picture/curves";
+  $("curves").src = picture("curves");
   if (state.info.run.multi_label) {  // no single predicted class per image: no confusion matrix
     $("confusion-card").hidden = true;
     $("mistakes-title").textContent = "Images with a wrong label";
     $("mistakes-scroll").hidden = false;
-    $("mistakes").src = "/api/picture/misclassified";
+    $("mistakes").src = picture("misclassified");
     return;
   }
   try {
@@ -654,6 +660,7 @@ function wireThumbs(root) {
 }
 
 // --- helpers and start ----------------------------------------------------------------------------------------------
+function picture(what) { return STATIC ? `pictures/${what}.png` : `/api/picture/${what}`; }
 function esc(s) { return String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`); }
 function fmt(v) { return Math.abs(v) >= 1000 || (Math.abs(v) < 0.001 && v !== 0) ? v.toExponential(2) : (+v.toFixed(3)).toString(); }
 // A grid of numbers, each cell coloured on the diverging map centred at zero (the grid's own max |value|);
@@ -684,10 +691,12 @@ function ink(hex) {
 
 (async function start() {
   state.info = await api("/api/info");
-  $("kernel-name").innerHTML = `<option value="">(type a matrix)</option>`
+  if (STATIC) {  // no server to filter photos: the playground's place says so; the output-size widget stays
+    $("playground-card").hidden = true; $("static-note").hidden = false;
+  }
+  if (!STATIC) $("kernel-name").innerHTML = `<option value="">(type a matrix)</option>`
     + state.info.kernels.map((k) => `<option title="${esc(k.description)}">${esc(k.name)}</option>`).join("");
-  $("kernel-name").value = "sharpen";
-  $("kernel-name").dispatchEvent(new Event("change"));
+  if (!STATIC) { $("kernel-name").value = "sharpen"; $("kernel-name").dispatchEvent(new Event("change")); }
   const run = state.info.run;
   if (!run) {  // the playground is all there is: open on it, with nothing that needs a network or the pad
     $("run-line").textContent = "no run: the kernel playground works; start `cnnlab explore runs/NAME` to look "
@@ -699,8 +708,9 @@ function ink(hex) {
     return;
   }
   $("run-line").textContent = `${run.model} trained on ${run.data} (${run.classes.length} classes, `
-    + `${run.channels}×${run.image_size}×${run.image_size} input) — ${run.name}`;
+    + `${run.channels}×${run.image_size}×${run.image_size} input) — ${run.name}`
+    + (STATIC ? " · a static copy: the network runs in this browser" : "");
   $("test-index").max = Math.max(0, run.test_size - 1);
   state.source = { test_index: 0 };
   predict();
-})().catch((err) => { $("run-line").textContent = `cannot reach the server: ${err.message}`; });
+})().catch((err) => { $("run-line").textContent = `${STATIC ? "cannot load the site" : "cannot reach the server"}: ${err.message}`; });
