@@ -24,13 +24,13 @@ from pathlib import Path
 from _common import machine_line, write_section
 
 
-def run_point(nproc: int, args: argparse.Namespace, tmp: Path) -> dict:
-    """One `cnnlab train --devices N` run; its images/s."""
-    name = f"p{nproc}"
+def run_point(nproc: int, args: argparse.Namespace, tmp: Path, scale_lr: str = "none") -> dict:
+    """One `cnnlab train --devices N [--scale-lr RULE]` run; its images/s and test accuracy."""
+    name = f"p{nproc}-{scale_lr}"
     cmd = [sys.executable, "-m", "cnnlab", "train", "--devices", str(nproc), "--model", args.model,
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--device", args.device,
            "--data", args.data, "--runs-dir", str(tmp), "--name", name, "--patience", "0", "--quiet",
-           "--json"]  # fmt: skip
+           "--json", "--scale-lr", scale_lr]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -53,23 +53,29 @@ def main() -> None:
     ap.add_argument("--data", default="mnist-mini", help="dataset (fashion-mnist gives longer, steadier epochs)")
     ap.add_argument("--batch-size", type=int, default=64, help="per process")
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--scale-lr", default="sqrt", choices=("linear", "sqrt"),
+                    help="the rule also measured for N > 1 (sqrt for the default AdamW, linear for SGD)")  # fmt: skip
     args = ap.parse_args()
     counts = [n for n in (1, 2, 4, 8, 16) if n <= args.max_procs]
     with tempfile.TemporaryDirectory() as tmp:
         points = [run_point(n, args, Path(tmp)) for n in counts]
+        scaled = {n: run_point(n, args, Path(tmp), args.scale_lr) for n in counts if n > 1}
     base = points[0]["images_per_s"]
     lines = [
         f"Command: `python benchmarks/ddp_scaling.py --device {args.device} --max-procs {args.max_procs} --data "
         f"{args.data} --epochs {args.epochs}`: {args.model} on {args.data}, {args.batch_size} images per process "
         "per step, "
-        f"{args.epochs} epochs, images/s from the median epoch after the first. Threads per process: cores / N.",
+        f"{args.epochs} epochs, images/s from the median epoch after the first. Threads per process: cores / N. "
+        f"The last column: the same run with `--scale-lr {args.scale_lr}` (the peak lr grows with N).",
         "",
         f"Machine: {machine_line()}",
         "",
-        "| processes | global batch | epoch s | images/s | speed-up | test accuracy |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| processes | global batch | epoch s | images/s | speed-up | test accuracy | "
+        f"with --scale-lr {args.scale_lr} |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
         *(f"| {p['procs']} | {p['global_batch']} | {p['epoch_s']:.2f} | {p['images_per_s']:,.0f} | "
-          f"{p['images_per_s'] / base:.2f}x | {p['test_acc']:.2%} |" for p in points),
+          f"{p['images_per_s'] / base:.2f}x | {p['test_acc']:.2%} | "
+          f"{format(scaled[p['procs']]['test_acc'], '.2%') if p['procs'] in scaled else ''} |" for p in points),
     ]  # fmt: skip
     body = "\n".join(lines)
     print(body)

@@ -47,9 +47,12 @@ def test_global_batches_cover_every_sample_once_per_epoch() -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_write_once_and_match_single_process_metrics(tmp_path: Path) -> None:
-    r = torchrun(*TRAIN, "--runs-dir", "runs", "--name", "ddp", cwd=tmp_path)
+    r = torchrun(*TRAIN, "--runs-dir", "runs", "--name", "ddp", "--scale-lr", "sqrt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout)  # rank 0 alone prints the result
+    # --scale-lr sqrt: Adam's default peak lr 3e-3 times sqrt(2 processes), the peak of its one-cycle schedule.
+    groups = torch.load(tmp_path / "runs" / "ddp" / "last.ckpt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["max_lr"] for g in groups] == pytest.approx([3e-3 * 2**0.5] * len(groups))
     run = tmp_path / "runs" / "ddp"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"], "rank 0 alone creates the run"
     config = json.loads((run / "config.json").read_text())
@@ -75,6 +78,20 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_to_completion(tmp_path
     assert "exitcode: 17" in r.stderr, "the injected fault killed rank 1"
     assert "resuming" in r.stderr and "(step 10)" in r.stderr, "the restarted group resumed from the checkpoint"
     assert json.loads((run / "results.json").read_text())["epochs_run"] == 2
+
+
+def test_scale_lr_is_the_linear_or_square_root_rule_and_needs_a_warm_up(capsys: pytest.CaptureFixture) -> None:
+    from cnnlab.engine.config import TrainConfig
+    from cnnlab.engine.optim import build_optimizer, lr_scale
+    from tests.conftest import main_error
+
+    sgd = TrainConfig(optimizer="sgd", lr=0.1, scale_lr="linear")
+    assert [lr_scale(sgd, n) for n in (1, 2, 8)] == [1.0, 2.0, 8.0]
+    assert lr_scale(TrainConfig(scale_lr="sqrt"), 16) == 4.0 and lr_scale(TrainConfig(), 8) == 1.0
+    opt = build_optimizer(torch.nn.Linear(3, 2), sgd, None, world_size=4)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4] * len(opt.param_groups))
+    code, err = main_error(["train", "--scale-lr", "linear", "--schedule", "cosine", "--epochs", "1"], capsys)
+    assert code == 2 and "needs a warm-up" in err[-1]
 
 
 def test_resume_auto_needs_a_name(tmp_path: Path) -> None:

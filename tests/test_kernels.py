@@ -59,6 +59,24 @@ def test_every_named_kernel_matches_the_numpy_reference(name: str, padding: str)
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("name", list_kernels())
+def test_opencvs_filter_and_torchs_conv_give_the_same_output(name: str, padding: str) -> None:
+    from cnnlab.kernels import _opencv_correlate
+
+    rng = np.random.default_rng(1)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 40, 52)).astype(np.float32))
+    for m in resolve_kernel(name).matrices:
+        k = torch.from_numpy(np.asarray(m, dtype=np.float32))
+        fast = _opencv_correlate(image, k, padding)
+        odd_small = k.shape[0] % 2 == 1 and k.shape[1] % 2 == 1 and max(k.shape) <= 9
+        assert (fast is not None) == (odd_small and padding != "circular"), "OpenCV takes what it computes exactly"
+        if fast is not None:  # torch's conv2d in float64, the other path
+            slow = correlate(image.double(), k.double(), padding).float()
+            assert fast.shape == slow.shape
+            torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
 def test_identity_is_bit_exact(padding: str) -> None:
     image = torch.randint(0, 65536, (3, 17, 19)).float()
     out = apply_kernel(image, resolve_kernel("identity"), padding)

@@ -337,6 +337,55 @@ def pad_image(x: torch.Tensor, kh: int, kw: int, padding: str) -> torch.Tensor:
     return out[0] if squeeze else out
 
 
+_CV2_BORDERS = {
+    "zero": "BORDER_CONSTANT",
+    "valid": "BORDER_CONSTANT",
+    "reflect": "BORDER_REFLECT_101",
+    "replicate": "BORDER_REPLICATE",
+}  # torch's reflect is OpenCV's reflect-101 (the edge not repeated)
+CV2_MAX_SIDE = 9  # from 11x11 up, OpenCV's filter2D goes through a DFT (other rounding): torch's conv there
+
+
+def _opencv_correlate(image: torch.Tensor, k: torch.Tensor, padding: str) -> torch.Tensor | None:
+    """OpenCV's filter2D where it computes exactly this correlation, else None: odd kernels up to CV2_MAX_SIDE on
+    float32 CPU images, zero / reflect / replicate borders or none (valid). Per channel, (C, H, W) -> (C, H', W').
+
+    Why: torch's depthwise conv2d is a general convolution; on a 12 MP photo and a 5x5 kernel it took 0.22-0.7 s on
+    2 cores, OpenCV's SIMD stencil 0.04-0.07 s for the same output (benchmarks/filter_speed.py).
+    """
+    import torch
+
+    kh, kw = k.shape
+    h, w = image.shape[-2:]
+    usable = (
+        image.dtype == torch.float32
+        and image.device.type == "cpu"
+        and not image.requires_grad
+        and kh % 2 == 1
+        and kw % 2 == 1
+        and max(kh, kw) <= CV2_MAX_SIDE
+        and padding in _CV2_BORDERS
+        and h > kh
+        and w > kw
+    )  # fmt: skip  (small images: torch's path and its own error messages)
+    if not usable:
+        return None
+    try:
+        import cv2
+    except ImportError:  # an install without OpenCV still filters, through torch
+        return None
+    planes = image.detach().contiguous().numpy()  # (C, H, W): each channel a contiguous plane, no copy
+    out = np.empty_like(planes)
+    border = getattr(cv2, _CV2_BORDERS[padding])
+    matrix = np.ascontiguousarray(k.numpy(), dtype=np.float32)
+    for c in range(planes.shape[0]):
+        cv2.filter2D(planes[c], cv2.CV_32F, matrix, dst=out[c], borderType=border)
+    result = torch.from_numpy(out)
+    if padding == "valid":  # OpenCV pads; the valid part is the centre
+        result = result[:, kh // 2 : h - kh // 2, kw // 2 : w - kw // 2].contiguous()
+    return result
+
+
 def correlate(
     image: torch.Tensor, matrix: np.ndarray | torch.Tensor, padding: str = "zero", convolve: bool = False
 ) -> torch.Tensor:
@@ -356,6 +405,9 @@ def correlate(
             f"a {kh}x{kw} kernel does not fit a {image.shape[-2]}x{image.shape[-1]} image "
             f"without padding (--padding valid)"
         )
+    fast = _opencv_correlate(image, k, padding)
+    if fast is not None:
+        return fast
     c = image.shape[0]
     # One depthwise conv (groups=C) in channels-last layout: on CPU this is ~4x faster than treating channels as
     # a batch of 1-channel images (0.22 s vs 0.78 s for a 3x3000x4000 image and a 5x5 kernel on 2 cores).

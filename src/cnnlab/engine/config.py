@@ -28,6 +28,7 @@ LOGGERS = ("tensorboard", "mlflow")
 DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.05}
 # Seeds feed torch generators as seed + 7919 * rank + step: keep the sum inside a signed 64-bit integer.
 MAX_SEED = 2**62
+LR_SCALING = ("none", "linear", "sqrt")  # --scale-lr: how the peak lr grows with the data-parallel process count
 # The groups of `cnnlab train --help` and of the README table, in order.
 GROUPS = ("what to train", "speed", "optimisation", "validation and early stopping", "run", "logging")
 
@@ -190,6 +191,10 @@ class TrainConfig:
         0.0, "...or every this many minutes (CLI: --checkpoint-every Nm)", _G_RUN, unit="minutes", lo=0.0, cli=False
     )
     sync_bn: bool = option(False, "data-parallel: BatchNorm statistics over the global batch (CUDA only)", _G_RUN)
+    scale_lr: str = option(
+        "none", "data-parallel: the peak lr times the process count N (linear: Goyal et al. 2017, for SGD) or its "
+        "square root (sqrt: for Adam/AdamW); the one-cycle schedule's rise is the warm-up", _G_RUN,
+        choices=LR_SCALING)  # fmt: skip
     logger: tuple[str, ...] = option(
         (), "experiment loggers besides metrics.csv: tensorboard, mlflow (comma list; optional extras)", _G_LOG,
         text="list")  # fmt: skip

@@ -47,13 +47,22 @@ def split_parameters(model: nn.Module, head: list[str]) -> tuple[list[nn.Paramet
     return [p for p in params if id(p) not in head_ids], [p for p in params if id(p) in head_ids]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, head: list[str] | None = None) -> torch.optim.Optimizer:
+def lr_scale(cfg: TrainConfig, world_size: int) -> float:
+    """The factor --scale-lr puts on the peak lr for `world_size` data-parallel processes (1 without it)."""
+    if world_size <= 1 or cfg.scale_lr == "none":
+        return 1.0
+    return float(world_size) if cfg.scale_lr == "linear" else float(world_size) ** 0.5
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, head: list[str] | None = None, world_size: int = 1
+                    ) -> torch.optim.Optimizer:  # fmt: skip
     """SGD-Nesterov / Adam / AdamW; weight decay only on weights of rank >= 2 (not biases, norms, scales).
 
     With `head` (fine-tuning), the backbone's groups get lr x backbone_lr_mult. Frozen parameters are in the
-    optimizer too: they get no gradient (so no update) until they are unfrozen.
+    optimizer too: they get no gradient (so no update) until they are unfrozen. With --scale-lr, the peak lr grows
+    with the `world_size` processes' global batch (`lr_scale`).
     """
-    lr = cfg.resolved_lr()
+    lr = cfg.resolved_lr() * lr_scale(cfg, world_size)
     parts = [(list(model.parameters()), lr)]
     if head is not None:
         backbone, head_params = split_parameters(model, head)

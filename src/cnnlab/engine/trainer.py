@@ -58,7 +58,13 @@ from cnnlab.engine.evaluate import evaluate_batches, predict_logits
 from cnnlab.engine.loggers import check_installed, make_loggers
 from cnnlab.engine.loss import class_loss
 from cnnlab.engine.metrics import best_thresholds
-from cnnlab.engine.optim import build_optimizer, build_scheduler, classifier_modules, split_parameters  # noqa: F401
+from cnnlab.engine.optim import (  # noqa: F401
+    build_optimizer,
+    build_scheduler,
+    classifier_modules,
+    lr_scale,
+    split_parameters,
+)
 from cnnlab.engine.record import DataRecord, ModelRecord, RunRecord, Runtime
 from cnnlab.engine.reporter import Reporter, TrainStart
 from cnnlab.engine.result import TrainResult
@@ -196,7 +202,9 @@ class Trainer:
             if self.device.type != "cuda":
                 raise OptionError("sync_bn", "needs CUDA devices (nccl); on CPU each process keeps its own statistics")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.opt = build_optimizer(self.model, cfg, self.head)
+        if cfg.scale_lr != "none" and cfg.schedule != "onecycle":
+            raise OptionError("scale_lr", f"needs a warm-up: the onecycle schedule (the default), not {cfg.schedule}")
+        self.opt = build_optimizer(self.model, cfg, self.head, self.dist.world_size)
         self.train_model: nn.Module = self.model
         self.rewrap()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
@@ -841,6 +849,12 @@ def _fit(cfg: TrainConfig, runs_dir: str | Path | None, run_name: str | None, re
         t.reporter.message(
             f"data-parallel: {t.dist.world_size} processes ({'nccl' if t.device.type == 'cuda' else 'gloo'}), "
             f"{cfg.batch_size} images each per step, global batch {cfg.batch_size * t.dist.world_size}"
+            + (
+                f"; peak lr {cfg.resolved_lr():g} x {lr_scale(cfg, t.dist.world_size):.3g} = "
+                f"{cfg.resolved_lr() * lr_scale(cfg, t.dist.world_size):.3g} (--scale-lr {cfg.scale_lr})"
+                if cfg.scale_lr != "none"
+                else "; --scale-lr linear (SGD) or sqrt (Adam) keeps accuracy as it grows"
+            )
         )
     if t.augment_note and run is None:  # a fresh run (a resume said it when it started)
         t.reporter.message(t.augment_note)
