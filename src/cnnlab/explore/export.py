@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -38,7 +39,6 @@ from cnnlab.explore.service import (
     decode_data_url,
     png_data_url,
 )
-from cnnlab.fileio import atomic_write_bytes
 from cnnlab.inspect.features import activations_after, hooked_forward, lecture_names, pipeline, stages
 
 STATIC = Path(__file__).parent / "static"
@@ -336,15 +336,49 @@ def page_html() -> str:
     return html
 
 
-def export_site(run: LoadedRun, out: Path, say: Any = print, visualise: bool | None = None) -> dict[str, Any]:
-    """Write the static site for `run` into `out` (a new or empty folder, or a site written here before); `visualise`:
-    precompute each channel's feature visualisation (None: while they fit in VISUALISE_BUDGET multiply-adds)."""
-    out = Path(out)
+def _prepare_folder(out: Path) -> Path:
+    """Check `out` before any work and make the empty build folder beside it (new files readable by a web server)."""
+    if not str(out).strip():
+        raise UsageError("--export: empty folder name")
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents or not resolved.name:
+        raise UsageError(f"--export {out}: the current folder or one above it; name a folder for the site")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--export {out}: is a file; name a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise UsageError(f"--export {out}: the folder holds files that are not a cnnlab explore site; "
                          "name a new or empty folder")  # fmt: skip
+    try:
+        resolved.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{resolved.name}-build-", dir=resolved.parent))
+    except OSError as e:
+        raise UsageError(f"--export {out}: cannot write there ({e.strerror or e})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    build.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the site from a web server running as another user
+    return build
+
+
+def _own_files(site: Path) -> set[str]:
+    """The files a previous export wrote into `site` (its marker lists them)."""
+    try:
+        return set(json.loads((site / MARKER).read_text()).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def export_site(run: LoadedRun, out: Path, say: Any = print, visualise: bool | None = None) -> dict[str, Any]:
+    """Write the static site for `run` into `out` (a new or empty folder, or a site written here before); `visualise`:
+    precompute each channel's feature visualisation (None: while they fit in VISUALISE_BUDGET multiply-adds)."""
+    out = Path(out)
+    build = _prepare_folder(out)  # refusals and an unwritable place are found before a minute of work
+    try:
+        return _export(run, out, build, say, visualise)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)  # gone when the site moved into place; removed on any failure
+
+
+def _export(run: LoadedRun, out: Path, build: Path, say: Any, visualise: bool | None) -> dict[str, Any]:
     explorer = Explorer(run)
     model = _no_inplace(run.model)
     say(f"cnnlab explore --export: {run.path} -> {out}")
@@ -380,39 +414,45 @@ def export_site(run: LoadedRun, out: Path, say: Any = print, visualise: bool | N
         "parity_max_abs_diff": worst,
     }  # fmt: skip
 
-    # Built in a fresh folder beside `out`, then moved into place: an interrupted export leaves the old site whole.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        (build / "ort").mkdir()
-        (build / "pictures").mkdir()
-        for f in ORT_FILES:
-            shutil.copyfile(ORT / f, build / "ort" / f)
-        for f in ("app.js", "static.js", "style.css", "favicon.svg"):
-            shutil.copyfile(STATIC / f, build / f)
-        (build / "index.html").write_text(page_html())
-        (build / "model.onnx").write_bytes(data)
-        (build / "weights.bin").write_bytes(weights)
-        (build / "test.bin").write_bytes(pixels)
-        for what, png in pictures.items():
-            (build / "pictures" / f"{what}.png").write_bytes(png)
-        (build / "site.json").write_text(json.dumps(site))
-        (build / "run.json").write_text(json.dumps(tables))
-        (build / "channels.json").write_text(json.dumps(views))
-        marker = {"run": run.path.name, "model": run.record.model.name, "onnxruntime-web": "1.31.1"}
-        atomic_write_bytes(build / MARKER, (json.dumps(marker, indent=2) + "\n").encode())
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}-old")
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-        build.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
+    # Built in the fresh folder beside `out`, then moved into place: an interrupted export leaves the old site whole.
+    (build / "ort").mkdir()
+    (build / "pictures").mkdir()
+    for f in ORT_FILES:
+        shutil.copyfile(ORT / f, build / "ort" / f)
+    for f in ("app.js", "static.js", "style.css", "favicon.svg"):
+        shutil.copyfile(STATIC / f, build / f)
+    (build / "index.html").write_text(page_html())
+    (build / "model.onnx").write_bytes(data)
+    (build / "weights.bin").write_bytes(weights)
+    (build / "test.bin").write_bytes(pixels)
+    for what, png in pictures.items():
+        (build / "pictures" / f"{what}.png").write_bytes(png)
+    (build / "site.json").write_text(json.dumps(site))
+    (build / "run.json").write_text(json.dumps(tables))
+    (build / "channels.json").write_text(json.dumps(views))
+    written = sorted(str(f.relative_to(build)) for f in build.rglob("*") if f.is_file())
+    kept = []
+    if out.is_dir():  # files the user added to the old site (a CNAME for GitHub Pages, a README) move over
+        own = _own_files(out) | {MARKER}
+        for f in sorted(out.rglob("*")):
+            rel = str(f.relative_to(out))
+            if f.is_file() and rel not in own and not (build / rel).exists():
+                (build / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, build / rel)
+                kept.append(rel)
+    marker = {"run": run.path.name, "model": run.record.model.name, "onnxruntime-web": "1.31.1", "files": written}
+    (build / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # the folder is not in place yet
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+        old.rmdir()  # a fresh name nobody uses: the old site moves there, then goes
+        out.rename(old)
+    build.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if kept:
+        say(f"  kept {len(kept)} file(s) you added to the old site: {', '.join(kept[:5])}")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"path": str(out), "bytes": size, "exporter": exporter, "outputs": len(taps) + 1,
-            "test_images": len(test_meta["index"]), "channels": len(views), "parity_max_abs_diff": worst}  # fmt: skip
+            "test_images": len(test_meta["index"]), "channels": len(views), "parity_max_abs_diff": worst,
+            "kept": kept}  # fmt: skip

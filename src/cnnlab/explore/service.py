@@ -552,7 +552,12 @@ class Explorer:
         out = []
         for i, img in zip(index.tolist(), pixels, strict=True):
             shown = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
-            out.append({"index": i, "true": run.classes[int(test.labels[i])], "predicted": run.classes[int(pred[i])],
+            if run.multi_label:  # label sets: the true ones, and those at or above their thresholds
+                true = ";".join(run.classes[k] for k in test.labels[i].nonzero().flatten().tolist())
+                predicted = ";".join(run.classes[k] for k in (probs[i] >= run.thresholds).nonzero().flatten().tolist())
+            else:
+                true, predicted = run.classes[int(test.labels[i])], run.classes[int(pred[i])]
+            out.append({"index": i, "true": true or "(none)", "predicted": predicted or "(none)",
                         "confidence": float(probs[i, pred[i]]), "image": png_data_url(shown)})  # fmt: skip
         return out
 

@@ -9,6 +9,9 @@ const site = { meta: null, session: null, weights: null, test: null, testAt: nul
   last: null };
 
 async function fetchOk(path) {
+  if (location.protocol === "file:") {  // browsers refuse fetch() on file:// pages
+    throw new Error("open the site through a web server, for example python -m http.server --directory SITE 8000");
+  }
   const res = await fetch(path);
   if (!res.ok) throw new Error(`${path}: HTTP ${res.status} (is the whole exported folder published?)`);
   return res;
@@ -140,8 +143,10 @@ async function inputPixels(body) {
   if (body.test_index !== undefined) {
     const data = await testImages(), at = site.testAt.get(body.test_index), per = channels * size * size;
     if (at === undefined) {
-      throw new Error(`test_index: this site holds test images 0..${Math.min(m.test.count, 1000) - 1} and those the run `
-        + `tab shows; the live server has all ${m.test.count}`);
+      throw new Error(m.test.index.length === m.test.count || !(body.test_index >= 0 && body.test_index < m.test.count)
+        ? `test_index: the test split has ${m.test.count} images (0..${m.test.count - 1})`
+        : `test_index: this site holds test images 0..${Math.min(m.test.count, 1000) - 1} and those the run tab `
+          + `shows; the live server has all ${m.test.count}`);
     }
     return { pixels: data.subarray(at * per, (at + 1) * per), truth: m.test.truth[at] };
   }
