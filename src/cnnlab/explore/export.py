@@ -62,15 +62,16 @@ class Tapped(nn.Module):
         super().__init__()
         self.model = model
         self.taps = taps
+        self.wanted: dict[str, list[int]] = {}  # module name -> the taps on it
+        for i, (name, _, _, _) in enumerate(taps):
+            self.wanted.setdefault(name, []).append(i)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(1, C, S, S) -> (logits (1, K), tap 0, tap 1, ...)."""
         modules = dict(self.model.named_modules())
+        wanted = self.wanted
         calls: dict[str, int] = {}
         found: dict[int, torch.Tensor] = {}
-        wanted: dict[str, list[int]] = {}
-        for i, (name, _, _, _) in enumerate(self.taps):
-            wanted.setdefault(name, []).append(i)
 
         def hook(name: str) -> Any:
             def run(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -217,7 +218,7 @@ def onnx_bytes(tapped: Tapped, x: torch.Tensor, n_out: int) -> tuple[bytes, str]
 
 
 def check_parity(data: bytes, tapped: Tapped, x: torch.Tensor) -> float:
-    """Run the ONNX file in onnxruntime on a real input and compare every output with PyTorch's; the worst gap."""
+    """Run the ONNX file in onnxruntime on a real input and compare every output with PyTorch's; the logits' gap."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -226,7 +227,7 @@ def check_parity(data: bytes, tapped: Tapped, x: torch.Tensor) -> float:
     got = session.run(None, {"input": x.numpy()})
     with torch.no_grad():
         expected = tapped(x)
-    worst = 0.0
+    logits_gap = 0.0
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         e = e.detach().numpy()
         if g.shape != e.shape:
@@ -236,8 +237,9 @@ def check_parity(data: bytes, tapped: Tapped, x: torch.Tensor) -> float:
         limit = PARITY_TOLERANCE if i == 0 else TAP_TOLERANCE
         if gap / scale > limit:
             raise CnnlabError(f"explore export: output {i} differs from the model by {gap:.2e}; nothing written")
-        worst = max(worst, gap if i == 0 else worst)
-    return worst
+        if i == 0:
+            logits_gap = gap
+    return logits_gap
 
 
 def _thumb(url: str) -> str:
@@ -295,17 +297,12 @@ def channel_views(run: LoadedRun, explorer: Explorer, used: set[int], say: Any, 
     return views
 
 
-def test_images(run: LoadedRun, explorer: Explorer, used: set[int]) -> tuple[bytes, dict[str, Any]]:
+def test_images(explorer: Explorer, used: set[int]) -> tuple[bytes, dict[str, Any]]:
     """The first TEST_IMAGES test images and every one a thumbnail names: uint8 (N, C, S, S) bytes and their index."""
     test = explorer.test_split()
     index = sorted(set(range(min(len(test), TEST_IMAGES))) | used)
     pixels = test.final(torch.tensor(index)) if index else torch.empty(0, dtype=torch.uint8)
-    truth = []
-    for i in index:
-        label = test.labels[i]
-        names = [run.classes[k] for k in label.nonzero().flatten().tolist()] if label.dim() else [
-            run.classes[int(label)]]  # fmt: skip
-        truth.append(";".join(names))
+    truth = [explorer.truth(i) for i in index]
     return pixels.contiguous().numpy().astype(np.uint8).tobytes(), {"index": index, "truth": truth, "count": len(test)}
 
 
@@ -399,7 +396,7 @@ def _export(run: LoadedRun, out: Path, build: Path, say: Any, visualise: bool | 
         with contextlib.suppress(LookupError):
             pictures[what] = explorer.picture(what)
     views = channel_views(run, explorer, used, say, visualise)
-    pixels, test_meta = test_images(run, explorer, used)
+    pixels, test_meta = test_images(explorer, used)
     weights = conv_weights(model, network["layers"])
     info = explorer.info()
     info["run"]["path"] = info["run"]["name"]  # a published site does not give away the author's folders

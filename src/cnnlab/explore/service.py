@@ -269,6 +269,13 @@ class Explorer:
             return torch.from_numpy(pixels)[None]
         return run.model_input(img)
 
+    def truth(self, index: int) -> str:
+        """Test image `index`'s true label, or a multi-label image's labels joined by ';'."""
+        run, label = self.need_run(), self.test_split().labels[index]
+        if label.dim():
+            return ";".join(run.classes[k] for k in label.nonzero().flatten().tolist())
+        return run.classes[int(label)]
+
     def predict(self, image: str | None, test_index: int | None, center: bool, top_k: int = 5,
                 scale: str = "layer") -> dict[str, Any]:  # fmt: skip
         """Top-k classes and the maps of every shown layer for one image, on one diverging colour scale per map, per
@@ -302,10 +309,7 @@ class Explorer:
                 t.update(threshold=float(th[i]), predicted=bool(t["prob"] >= th[i]))
         out = {"top": top, "input": png_data_url(shown), "layers": layers, "multi_label": run.multi_label}
         if test_index is not None:  # the page shows the test image's true label next to the prediction
-            label = self.test_split().labels[test_index]
-            names = [run.classes[k] for k in label.nonzero().flatten().tolist()] if label.dim() else [
-                run.classes[int(label)]]  # fmt: skip
-            out["truth"] = ";".join(names)
+            out["truth"] = self.truth(test_index)
         return out
 
     def explain(self, image: str | None, test_index: int | None, center: bool, layer: str, channel: int, x: int,
@@ -552,11 +556,11 @@ class Explorer:
         out = []
         for i, img in zip(index.tolist(), pixels, strict=True):
             shown = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
-            if run.multi_label:  # label sets: the true ones, and those at or above their thresholds
-                true = ";".join(run.classes[k] for k in test.labels[i].nonzero().flatten().tolist())
+            true = self.truth(i)
+            if run.multi_label:  # a label set: those at or above their thresholds
                 predicted = ";".join(run.classes[k] for k in (probs[i] >= run.thresholds).nonzero().flatten().tolist())
             else:
-                true, predicted = run.classes[int(test.labels[i])], run.classes[int(pred[i])]
+                predicted = run.classes[int(pred[i])]
             out.append({"index": i, "true": true or "(none)", "predicted": predicted or "(none)",
                         "confidence": float(probs[i, pred[i]]), "image": png_data_url(shown)})  # fmt: skip
         return out
