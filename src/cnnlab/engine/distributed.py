@@ -7,6 +7,7 @@ metrics across processes. A single process (no torchrun) sees world_size 1 and e
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -85,10 +86,20 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def teardown() -> None:
+def teardown(finished: bool = True) -> None:
     """Leave the process group (end of training, success or failure)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        # Gloo's worker threads drop a finished collective's tensors a moment after the caller's wait() returns, and
+        # that needs the GIL. The group outlives destroy_process_group() (DDP keeps a reference), so a thread still
+        # waiting for the GIL when Python finalises is killed and the process aborts ("terminate called without an
+        # active exception", SIGABRT) after training succeeded. Waiting here releases the GIL until every rank
+        # arrives, and the threads finish. Not after an error: a peer may be inside another collective, and closing
+        # our connections is what ends its wait.
+        with contextlib.suppress(RuntimeError):  # a peer has already gone (it failed): nothing left to wait for
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_sum(values: list[torch.Tensor]) -> list[torch.Tensor]:

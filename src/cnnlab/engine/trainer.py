@@ -800,20 +800,25 @@ def train_run(
     reporter = reporter or Reporter()
     owns_group = not distributed.is_initialized()
     dist_env, dist_device = distributed.setup(device or (config.device if config else "auto"))
+    finished = False
     try:
         if run_name is not None:
             rundir.check_run_name(run_name)
+        out: tuple[Trainer | None, TrainResult] | None = None
         if resume == AUTO:
             resume = auto_resume(runs_dir, run_name)
             if resume is not None and (resume / rundir.RESULTS).is_file():
                 # A torchrun command rerun after it succeeded: every rank says so quietly, none fails.
                 reporter.message(f"{resume}: this run has already finished; nothing to resume")
-                return None, finished_result(resume)
-        cfg, run, state = _options(config, resume, device if not dist_env.enabled else dist_device, module)
-        return _fit(cfg, runs_dir, run_name, reporter, dataset, run, state, started, callbacks, clock, module)
+                out = None, finished_result(resume)
+        if out is None:
+            cfg, run, state = _options(config, resume, device if not dist_env.enabled else dist_device, module)
+            out = _fit(cfg, runs_dir, run_name, reporter, dataset, run, state, started, callbacks, clock, module)
+        finished = True
+        return out
     finally:
         if owns_group:
-            distributed.teardown()
+            distributed.teardown(finished)
 
 
 def _options(config: TrainConfig | None, resume: str | Path | None, device: str | None, module: nn.Module | None
@@ -866,6 +871,10 @@ def _fit(cfg: TrainConfig, runs_dir: str | Path | None, run_name: str | None, re
     except BaseException as error:
         t.emit_error(error)
         raise
+    finally:
+        # The Trainer outlives this call (returned, or held by a traceback): no DDP wrapper bound to a process
+        # group that teardown() is about to destroy.
+        t.train_model = t.model
     t.reporter.train_end(result)
     return t, result
 
