@@ -88,7 +88,7 @@ def is_initialized() -> bool:
 
 def teardown(finished: bool = True) -> None:
     """Leave the process group (end of training, success or failure)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_initialized():
         return
     if finished:
         # Gloo's worker threads drop a finished collective's tensors a moment after the caller's wait() returns, and
@@ -98,7 +98,7 @@ def teardown(finished: bool = True) -> None:
         # arrives, and the threads finish. Not after an error: a peer may be inside another collective, and closing
         # our connections is what ends its wait.
         with contextlib.suppress(RuntimeError):  # a peer has already gone (it failed): nothing left to wait for
-            dist.barrier()
+            barrier()
     dist.destroy_process_group()
 
 

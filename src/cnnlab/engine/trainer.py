@@ -800,22 +800,21 @@ def train_run(
     reporter = reporter or Reporter()
     owns_group = not distributed.is_initialized()
     dist_env, dist_device = distributed.setup(device or (config.device if config else "auto"))
-    finished = False
+    finished = True
     try:
         if run_name is not None:
             rundir.check_run_name(run_name)
-        out: tuple[Trainer | None, TrainResult] | None = None
         if resume == AUTO:
             resume = auto_resume(runs_dir, run_name)
             if resume is not None and (resume / rundir.RESULTS).is_file():
                 # A torchrun command rerun after it succeeded: every rank says so quietly, none fails.
                 reporter.message(f"{resume}: this run has already finished; nothing to resume")
-                out = None, finished_result(resume)
-        if out is None:
-            cfg, run, state = _options(config, resume, device if not dist_env.enabled else dist_device, module)
-            out = _fit(cfg, runs_dir, run_name, reporter, dataset, run, state, started, callbacks, clock, module)
-        finished = True
-        return out
+                return None, finished_result(resume)
+        cfg, run, state = _options(config, resume, device if not dist_env.enabled else dist_device, module)
+        return _fit(cfg, runs_dir, run_name, reporter, dataset, run, state, started, callbacks, clock, module)
+    except BaseException:
+        finished = False
+        raise
     finally:
         if owns_group:
             distributed.teardown(finished)
