@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -141,6 +142,10 @@ def maybe_inject_fault(step: int, e: DistEnv) -> None:
     """For the restart test: with $CNNLAB_FAULT_AT_STEP set, rank 1 dies at that step, on the first attempt only."""
     at = os.environ.get(FAULT_ENV)
     if at and e.rank == 1 and step == int(at) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        # Said before dying: which process the launcher reports first is a race (rank 0 may fail on the broken
+        # connection before the agent sees rank 1's exit), so the restart test looks for this line.
+        print(f"cnnlab: injected fault: rank 1 exits with code 17 at step {step} ({FAULT_ENV})", file=sys.stderr)
+        sys.stderr.flush()
         os._exit(17)
 
 
