@@ -58,6 +58,52 @@ def test_every_recipe_makes_a_valid_config_and_trains(name: str) -> None:
     assert result.steps == 3 and 0.0 <= result.test_acc <= 1.0
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_whitening_stem_decorrelates_the_training_patches(channels: int) -> None:
+    from cnnlab.models.fast import WHITEN_EPS, FastCNN
+
+    g = torch.Generator().manual_seed(channels)
+    # Correlated pixels (smoothed noise, channels mixed): a covariance far from the identity to undo.
+    x = torch.nn.functional.avg_pool2d(torch.randn(64, channels, 20, 20, generator=g), 3, 1, 1)
+    x = x + 0.3 * x.mean(1, keepdim=True)
+    model = FastCNN(in_channels=channels, image_size=20, widths="8", stem="whiten")
+    assert model.whitening is not None and "weight" not in dict(model.whitening.named_parameters())
+    assert "features.0.weight" in model.state_dict(), "a buffer: saved with the run, never trained"
+    assert model.fit_whitening(x.split(16)) == 64 * 20 * 20
+    w = model.whitening.weight  # (2 * 9C, C, 3, 3): filters, then their negations
+    assert torch.equal(w[9 * channels :], -w[: 9 * channels])
+    out = torch.nn.functional.conv2d(x.double(), w[: 9 * channels].double(), padding=1)  # (B, 9C, H, W)
+    feats = out.permute(0, 2, 3, 1).reshape(-1, 9 * channels)
+    cov = feats.T @ feats / len(feats)
+    patches = torch.nn.functional.unfold(x.double(), 3, padding=1).transpose(1, 2).reshape(-1, 9 * channels)
+    eig = torch.linalg.eigvalsh(patches.T @ patches / len(patches))
+    # Whitened: uncorrelated outputs, each of variance eigenvalue / (eigenvalue + eps) (the eps damps the flattest).
+    assert torch.allclose(cov, torch.diag(eig / (eig + WHITEN_EPS)), atol=1e-4)
+    with pytest.raises(UsageError, match=r"^cnn-fast: stem must be one of conv, whiten, got 'zca'$"):
+        FastCNN(stem="zca")
+
+
+def test_the_trainer_fits_the_whitening_stem_once_and_the_run_keeps_it(tmp_path: Path) -> None:
+    from cnnlab.data.pipeline import BatchLoader, channel_stats
+    from cnnlab.engine.inference import load_run
+    from cnnlab.models.fast import FastCNN
+
+    data = tiny_dataset(n_train=200)
+    cfg = TrainConfig(model="cnn-fast", model_args={"widths": "8-16", "stem": "whiten"}, epochs=1, batch_size=32,
+                      val_split=0.0, patience=0, device="cpu")  # fmt: skip
+    fit(cfg, runs_dir=tmp_path, run_name="white", dataset=data, reporter=Reporter())
+    run = tmp_path / "white"
+    changes = json.loads((run / "config.json").read_text())["model"]["changes"]
+    assert changes == ["whitening stem: fixed filters from the 3x3 patches of 200 training images (156,800 patches)"]
+    # The same filters, fitted by hand on every training image, normalised as training normalised them.
+    expected = FastCNN(num_classes=4, widths="8-16", stem="whiten")
+    expected.fit_whitening(x for x, _ in BatchLoader(data.train, 64, channel_stats(data.train)))
+    loaded, want = load_run(run).model.whitening.weight.flatten(1), expected.whitening.weight.flatten(1)
+    # Equal up to each eigenvector's sign (eigh may flip one when the sums differ in the last bit): same bank.
+    same = torch.isclose(loaded, want, atol=1e-4).all(1) | torch.isclose(loaded, -want, atol=1e-4).all(1)
+    assert same.all(), "the filters trained with are the ones saved and loaded"
+
+
 def test_options_the_user_gives_win_over_the_recipe() -> None:
     cfg = apply_recipe(TrainConfig(batch_size=32, lr=0.01, model="lenet5-modern"), "fast", keep={"batch_size", "model"})
     assert (

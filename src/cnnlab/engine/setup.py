@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from cnnlab.data.balance import MULTI_LABEL_SAMPLER
+from cnnlab.data.pipeline import BatchLoader, Normalization
 from cnnlab.data.sources import Dataset, is_csv_name, is_folder_name, load_dataset
+from cnnlab.data.types import ImageSet
 from cnnlab.engine import rundir
 from cnnlab.engine.config import TrainConfig
 from cnnlab.engine.device import resolve_device
@@ -91,6 +93,27 @@ def prior_bias(model: nn.Module, labels: torch.Tensor) -> str | None:
     with torch.no_grad():
         last[1].bias.copy_(torch.log(prior / (1 - prior)).to(last[1].bias.dtype))
     return f"{last[0]}: bias set to the log-odds of each label's frequency (multi-label prior)"
+
+
+WHITEN_IMAGES = 5000  # at most this many training images (evenly spaced) fit a whitening stem ...
+WHITEN_PIXELS = 4_000_000  # ... and at most this many of their pixels (3x3 patches): 79 photos at 224 px
+
+
+def fit_whitening(model: nn.Module, data: ImageSet, norm: Normalization, device: torch.device) -> str | None:
+    """A model with a whitening stem (cnn-fast stem="whiten"): fit its fixed filters on training images; what was set.
+
+    Called once before the first step (a resumed run then loads the filters it trained with). The images are taken
+    evenly over the training split, without augmentation, so every process of a data-parallel run fits the same.
+    """
+    if getattr(model, "whitening", None) is None or not hasattr(model, "fit_whitening"):
+        return None
+    pixels = data.side**2
+    n = max(1, min(len(data), WHITEN_IMAGES, WHITEN_PIXELS // pixels))
+    index = torch.linspace(0, len(data) - 1, n).round().long().unique()
+    batch = max(1, min(512, 262_144 // pixels))  # ~256k patches per batch: 54 MB of float64 for 3 channels
+    loader = BatchLoader(data.subset(index), batch, norm, device=device)
+    seen = model.fit_whitening((x for x, _ in loader), max_patches=WHITEN_PIXELS)
+    return f"whitening stem: fixed filters from the 3x3 patches of {len(index):,} training images ({seen:,} patches)"
 
 
 def preflight(

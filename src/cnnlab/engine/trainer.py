@@ -74,6 +74,7 @@ from cnnlab.engine.setup import (
     build_model,
     check_training_memory,
     finished_result,
+    fit_whitening,
     load_training_data,
     preflight,  # noqa: F401
     prior_bias,
@@ -178,6 +179,9 @@ class Trainer:
         self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        change = fit_whitening(self.model, self.train_set, self.norm, self.device)
+        if change:  # recorded with the run (config.json's model changes)
+            self.model.cnnlab_changes = [*getattr(self.model, "cnnlab_changes", ()), change]
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * self.dist.rank)

@@ -4,13 +4,20 @@ Each stage is conv3x3 -> max-pool 2 -> BatchNorm -> ReLU: pooling *before* norma
 the pixels (on 2 CPU cores the full-resolution BN/ReLU/pool work costs more than the convolutions). The first stage is
 narrow (16 maps at full resolution, where compute is dearest); the width grows as the resolution falls. A stage may
 add more conv3x3-BN-ReLU layers at its pooled resolution. Global max pooling and one linear layer make the head.
+
+`stem="whiten"` puts a fixed first stage in front of the learned ones (the patch-whitening layer of Keller Jordan's
+airbench and of hlb-CIFAR10): a 3x3 conv whose 2 x C x 9 filters are the eigenvectors of the covariance of the
+training images' 3x3 patches, each scaled by 1/sqrt(its eigenvalue) and kept with its negation, then max-pool, BN and
+ReLU. Its outputs are decorrelated from the first step, so the learned layers converge in fewer epochs. The filters
+depend on the data: the trainer calls `fit_whitening` once, before the first step; a checkpoint keeps them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.errors import UsageError
@@ -42,12 +49,16 @@ def _int_list(value: int | str | Sequence[int], option: str) -> tuple[int, ...]:
     return out
 
 
+STEMS = ("conv", "whiten")
+WHITEN_EPS = 5e-3  # added to each eigenvalue: the flattest patch directions (mostly noise) are not blown up
+
+
 class FastCNN(nn.Module):
     """Stages of [conv3x3 -> max-pool -> BN -> ReLU] + (depth - 1) x [conv3x3 -> BN -> ReLU]; max pool -> linear."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
                  widths: int | str | Sequence[int] = (16, 64, 128),
-                 depth: int | str | Sequence[int] = 1) -> None:  # fmt: skip
+                 depth: int | str | Sequence[int] = 1, stem: str = "conv") -> None:  # fmt: skip
         super().__init__()
         widths = _int_list(widths, "widths")
         depths = _int_list(depth, "depth")
@@ -55,9 +66,27 @@ class FastCNN(nn.Module):
             depths = depths * len(widths)
         if len(depths) != len(widths):
             raise UsageError(f"cnn-fast: depth needs one number or one per stage ({len(widths)}), got {depth!r}")
-        _check_size(widths, depths, in_channels, num_classes)
+        if stem not in STEMS:
+            raise UsageError(f"cnn-fast: stem must be one of {', '.join(STEMS)}, got {stem!r}")
+        _check_size(widths, depths, in_channels, num_classes, stem)
         layers: list[nn.Module] = []
         c_in, side = in_channels, image_size
+        self.stem = stem
+        if stem == "whiten":
+            # 2 x C x 9 fixed filters (18 for grey images): every whitened patch direction and its negation, so that
+            # max-pooling and ReLU keep both signs. Never trained: fit_whitening sets them from the training images.
+            whitening = nn.Conv2d(in_channels, 2 * in_channels * 9, 3, padding=1, bias=False)
+            # A buffer, not a parameter: no optimizer, weight decay, freezing or DDP gradient ever touches it, and
+            # the checkpoint keeps it under the same name (features.0.weight).
+            weight = whitening.weight.detach().clone()
+            del whitening.weight
+            whitening.register_buffer("weight", weight)
+            c_in = whitening.out_channels
+            layers.append(whitening)
+            if side >= 2:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+            layers += [nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)]
         for c_out, n in zip(widths, depths, strict=True):
             # bias=False: the BatchNorm shift that follows makes a conv bias redundant.
             layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
@@ -73,6 +102,36 @@ class FastCNN(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
         self.num_classes = num_classes
 
+    @property
+    def whitening(self) -> nn.Conv2d | None:
+        """The fixed whitening conv (features.0) with stem="whiten", else None."""
+        return self.features[0] if self.stem == "whiten" else None  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def fit_whitening(self, batches: Iterable[torch.Tensor], max_patches: int = 4_000_000) -> int:
+        """stem="whiten": set the fixed filters from normalised training batches (B, C, H, W); the patches used."""
+        if self.whitening is None:
+            return 0
+        conv = self.whitening
+        c = conv.in_channels
+        d = c * 9
+        cov = torch.zeros(d, d, dtype=torch.float64, device=conv.weight.device)
+        seen = 0
+        for x in batches:
+            # (B, C, H, W) -> (B * H * W, C * 9): the conv's own zero-padded 3x3 patches, in its (c, ky, kx) order.
+            patches = F.unfold(x.float(), 3, padding=1).transpose(1, 2).reshape(-1, d)
+            patches = patches[: max_patches - seen].double()
+            cov += patches.T @ patches
+            seen += len(patches)
+            if seen >= max_patches:
+                break
+        if seen == 0:
+            raise UsageError("cnn-fast: stem whiten needs training images to fit its filters")
+        values, vectors = torch.linalg.eigh((cov / seen).cpu())  # ascending eigenvalues; vectors (d, d) in columns
+        filters = (vectors.T / torch.sqrt(values.clamp(min=0) + WHITEN_EPS)[:, None]).reshape(d, c, 3, 3)
+        conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight))
+        return seen
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, widths[-1], H / 2^stages, W / 2^stages)."""
         return self.features(x)
@@ -85,15 +144,22 @@ class FastCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _check_size(widths: tuple[int, ...], depths: tuple[int, ...], in_channels: int, num_classes: int) -> None:
+def _check_size(widths: tuple[int, ...], depths: tuple[int, ...], in_channels: int, num_classes: int,
+                stem: str = "conv") -> None:  # fmt: skip
     """At most MAX_CHANNELS maps and MAX_CONV_LAYERS convs, and weights that fit in memory, before building."""
     text = "-".join(map(str, widths))
     if max(widths) > MAX_CHANNELS:
         raise UsageError(f"cnn-fast: widths {text}: at most {MAX_CHANNELS:,} channels per stage")
+    params, c_in = 0, in_channels
+    if stem == "whiten":
+        c_in = 2 * 9 * in_channels
+        if c_in > MAX_CHANNELS:
+            raise UsageError(f"cnn-fast: stem whiten makes 18 maps per input channel ({c_in:,}); at most "
+                             f"{MAX_CHANNELS:,}")  # fmt: skip
+        params = in_channels * c_in * 9 + 2 * c_in
     if sum(depths) > MAX_CONV_LAYERS:
         shown = depths[0] if len(set(depths)) == 1 else "-".join(map(str, depths))
         raise UsageError(f"cnn-fast: depth {shown} makes {sum(depths):,} conv layers; at most {MAX_CONV_LAYERS:,}")
-    params, c_in = 0, in_channels
     for c_out, n in zip(widths, depths, strict=True):
         params += (c_in * c_out + (n - 1) * c_out * c_out) * 9 + n * 2 * c_out  # 3x3 convs (no bias) + BatchNorms
         c_in = c_out
@@ -104,7 +170,8 @@ def _check_size(widths: tuple[int, ...], depths: tuple[int, ...], in_channels: i
 @register_model(
     "cnn-fast", family="cnn-fast", default_image_size=28, default_in_channels=1, tags=("ours",),
     description="CNN shaped for speed (the fast/accurate recipes): conv3x3 -> max-pool -> BN -> ReLU per stage, "
-    "narrow at full resolution, global max pool (options: widths=16-64-128, depth=1 or one per stage)",
+    "narrow at full resolution, global max pool (options: widths=16-64-128, depth=1 or one per stage, "
+    "stem=conv or whiten)",
 )  # fmt: skip
 def cnn_fast(
     num_classes: int = 10,
@@ -113,6 +180,7 @@ def cnn_fast(
     *,
     widths: int | str | Sequence[int] = (16, 64, 128),
     depth: int | str | Sequence[int] = 1,
+    stem: str = "conv",
 ) -> FastCNN:
     """The speed-shaped CNN (widths 16-64-128, one conv per stage: 84,794 params for 10 classes, 1 channel)."""
-    return FastCNN(num_classes, in_channels, image_size, widths, depth)
+    return FastCNN(num_classes, in_channels, image_size, widths, depth, stem)
