@@ -104,6 +104,22 @@ def test_the_trainer_fits_the_whitening_stem_once_and_the_run_keeps_it(tmp_path:
     assert same.all(), "the filters trained with are the ones saved and loaded"
 
 
+@pytest.mark.parametrize(("side", "patches"), [(28, 3 * 28**2), (600, 3 * 300**2), (2000, 3 * 500**2)])
+def test_a_whitening_stem_on_large_images_reads_a_bounded_number_of_patches(side: int, patches: int) -> None:
+    from cnnlab.data.pipeline import Normalization
+    from cnnlab.engine.setup import WHITEN_BATCH_PATCHES, fit_whitening
+    from cnnlab.models.fast import FastCNN
+
+    images = torch.randint(0, 256, (3, 1, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model = FastCNN(image_size=side, widths="4", stem="whiten")
+    note = fit_whitening(model, ImageSet(images, torch.zeros(3, dtype=torch.long)), Normalization((0.5,), (0.25,)),
+                         torch.device("cpu"))  # fmt: skip
+    # Every patch up to 512 px; beyond, every 2nd (600 px) or 4th (2000 px) position per direction.
+    assert note == f"whitening stem: fixed filters from the 3x3 patches of 3 training images ({patches:,} patches)"
+    assert patches // 3 <= WHITEN_BATCH_PATCHES
+    assert torch.isfinite(model.whitening.weight).all() and model.whitening.weight.abs().sum() > 0
+
+
 def test_options_the_user_gives_win_over_the_recipe() -> None:
     cfg = apply_recipe(TrainConfig(batch_size=32, lr=0.01, model="lenet5-modern"), "fast", keep={"batch_size", "model"})
     assert (
@@ -162,6 +178,32 @@ def test_replanning_after_an_epoch_follows_the_measured_pace(monkeypatch: pytest
     t.sched.last_epoch = peak_step - 1
     t.sched.step()
     assert t.opt.param_groups[0]["lr"] == pytest.approx(cfg.resolved_lr(), rel=0.05)  # near the peak step
+
+
+def test_a_plan_shorter_than_an_epoch_is_corrected_a_quarter_of_the_way_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cnnlab.engine.callbacks import Callback
+
+    monkeypatch.setattr(_Trainer, "_time_steps", lambda self: (0.01, 1e-4))  # timed: 10 ms per step
+    now = [0.0]
+
+    class SlowSteps(Callback):
+        """Each real step takes 30 ms on the fake clock: three times the timing."""
+
+        def on_step_end(self, loop: object, loss: float | None) -> None:
+            now[0] += 0.03
+
+    cfg = TrainConfig(model="cnn-fast", batch_size=16, val_split=0, patience=0, time_budget=1.0, device="cpu")
+    seen: list[str] = []
+    reporter = Reporter()
+    reporter.message = seen.append  # type: ignore[method-assign]
+    result = fit(cfg, runs_dir=None, dataset=tiny_dataset(n_train=400), reporter=reporter, clock=lambda: now[0],
+                 callbacks=[SlowSteps()])  # fmt: skip
+    # 25 steps per epoch; the timing planned 33 (1.3 epochs) and no epoch ended before the plan had to change.
+    assert any(line.startswith("time budget 1 s:") and "-> 33 steps" in line for line in seen), seen
+    replans = [line for line in seen if line.startswith("time budget: re-planned from 33 to ")]
+    assert len(replans) == 1 and 10 < result.steps <= 15, (seen, result.steps)
+    assert replans[0].startswith(f"time budget: re-planned from 33 to {result.steps} steps")
+    assert result.epochs_run == 1
 
 
 def test_too_short_a_time_budget_is_a_usage_error_naming_the_option() -> None:

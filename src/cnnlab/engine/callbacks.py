@@ -225,13 +225,38 @@ class TimeBudget(Callback):
     otherwise overrun. The one-cycle schedule is rebuilt over the new total, continuing at the current step.
     """
 
-    def __init__(self, started: float, fixed_s: float, clock: planner.Clock) -> None:
-        self.started, self.fixed_s, self.clock = started, fixed_s, clock
+    def __init__(self, started: float, fixed_s: float, clock: planner.Clock, per_epoch_s: float = 0.0) -> None:
+        self.started, self.fixed_s, self.clock, self.per_epoch_s = started, fixed_s, clock, per_epoch_s
         self.epoch_started, self.steps_before = 0.0, 0
+        self.early_done = False  # the one re-plan inside the first epoch
 
     def on_epoch_start(self, loop: Loop) -> None:
         """Note when the epoch began and at which step."""
         self.epoch_started, self.steps_before = self.clock(), loop.step
+
+    def on_step_end(self, loop: Loop, loss: float | None) -> None:
+        """Once, a quarter into the first epoch (or into a plan shorter than one): re-plan at its steps' pace.
+
+        A plan under an epoch has no epoch end to correct at, and the real steps run a few percent slower than the
+        timed ones (2-core AMD EPYC: 64.8 vs 62.0 ms, a 30 s budget overran by 0.7 s without this).
+        """
+        if self.early_done:
+            return
+        done = loop.step - self.steps_before
+        if done < max(10, min(loop.total_steps, loop.steps_per_epoch) // 4):
+            return
+        self.early_done = True
+        if loop.step >= loop.total_steps:
+            return
+        pace = (self.clock() - self.epoch_started) / done  # seconds per step, no epoch-end work in it
+        if pace <= 0:
+            return
+        cfg = loop.config
+        total = planner.replan_in_epoch(cfg.time_budget, self.started, self.fixed_s, self.per_epoch_s, pace,
+                                        loop.step, loop.steps_per_epoch, cfg.max_steps, self.clock)  # fmt: skip
+        note = self._follow(loop, total, pace)
+        if note:
+            loop.message(note)
 
     def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
         """Re-plan at the epoch's pace (must run before Checkpointing, which saves the plan)."""
@@ -248,6 +273,11 @@ class TimeBudget(Callback):
         if pace <= 0:  # a clock that did not move (a test's fake clock): nothing to re-plan from
             return None
         total = planner.replan(cfg.time_budget, self.started, self.fixed_s, pace, loop.step, cfg.max_steps, self.clock)
+        return self._follow(loop, total, pace)
+
+    def _follow(self, loop: Loop, total: int, pace: float) -> str | None:
+        """Rebuild the schedule over `total` steps if that differs enough from the plan; the note, or None."""
+        cfg = loop.config
         total = distributed.from_rank0(total)  # every process must follow the same plan: rank 0's
         if not planner.worth_changing(total, loop.total_steps):
             return None

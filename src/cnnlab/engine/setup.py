@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,8 @@ def prior_bias(model: nn.Module, labels: torch.Tensor) -> str | None:
 
 
 WHITEN_IMAGES = 5000  # at most this many training images (evenly spaced) fit a whitening stem ...
-WHITEN_PIXELS = 4_000_000  # ... and at most this many of their pixels (3x3 patches): 79 photos at 224 px
+WHITEN_PATCHES = 4_000_000  # ... and at most this many of their 3x3 patches: 79 photos at 224 px
+WHITEN_BATCH_PATCHES = 262_144  # patches per batch (54 MB of float64 for 3 channels); larger images are subsampled
 
 
 def fit_whitening(model: nn.Module, data: ImageSet, norm: Normalization, device: torch.device) -> str | None:
@@ -107,12 +109,14 @@ def fit_whitening(model: nn.Module, data: ImageSet, norm: Normalization, device:
     """
     if getattr(model, "whitening", None) is None or not hasattr(model, "fit_whitening"):
         return None
-    pixels = data.side**2
-    n = max(1, min(len(data), WHITEN_IMAGES, WHITEN_PIXELS // pixels))
+    # Every stride-th patch position per direction: at most WHITEN_BATCH_PATCHES from any one image (1 up to 512 px).
+    stride = max(1, math.ceil(data.side / math.sqrt(WHITEN_BATCH_PATCHES)))
+    per_image = math.ceil(data.side / stride) ** 2
+    n = max(1, min(len(data), WHITEN_IMAGES, WHITEN_PATCHES // per_image))
     index = torch.linspace(0, len(data) - 1, n).round().long().unique()
-    batch = max(1, min(512, 262_144 // pixels))  # ~256k patches per batch: 54 MB of float64 for 3 channels
+    batch = max(1, min(512, WHITEN_BATCH_PATCHES // per_image))
     loader = BatchLoader(data.subset(index), batch, norm, device=device)
-    seen = model.fit_whitening((x for x, _ in loader), max_patches=WHITEN_PIXELS)
+    seen = model.fit_whitening((x for x, _ in loader), max_patches=WHITEN_PATCHES, stride=stride)
     return f"whitening stem: fixed filters from the 3x3 patches of {len(index):,} training images ({seen:,} patches)"
 
 

@@ -381,7 +381,7 @@ class Trainer:
         plan = planner.plan(self.cfg.time_budget, started, costs, self.cfg.max_steps, self.clock)
         steps = distributed.from_rank0(plan.steps)  # every process must run the same plan: rank 0's
         self.reporter.message(dataclasses.replace(plan, steps=steps).describe(self.cfg.time_budget, image_s))
-        self.budget = cbs.TimeBudget(started, costs.fixed_s, self.clock)
+        self.budget = cbs.TimeBudget(started, costs.fixed_s, self.clock, costs.per_epoch_s)
         return steps
 
     def _replan(self, epoch_seconds: float, epoch_steps: int) -> str | None:

@@ -108,8 +108,11 @@ class FastCNN(nn.Module):
         return self.features[0] if self.stem == "whiten" else None  # type: ignore[return-value]
 
     @torch.no_grad()
-    def fit_whitening(self, batches: Iterable[torch.Tensor], max_patches: int = 4_000_000) -> int:
-        """stem="whiten": set the fixed filters from normalised training batches (B, C, H, W); the patches used."""
+    def fit_whitening(self, batches: Iterable[torch.Tensor], max_patches: int = 4_000_000, stride: int = 1) -> int:
+        """stem="whiten": set the fixed filters from normalised training batches (B, C, H, W); the patches used.
+
+        stride > 1 takes every stride-th patch position in each direction (bounded memory on large images).
+        """
         if self.whitening is None:
             return 0
         conv = self.whitening
@@ -119,7 +122,7 @@ class FastCNN(nn.Module):
         seen = 0
         for x in batches:
             # (B, C, H, W) -> (B * H * W, C * 9): the conv's own zero-padded 3x3 patches, in its (c, ky, kx) order.
-            patches = F.unfold(x.float(), 3, padding=1).transpose(1, 2).reshape(-1, d)
+            patches = F.unfold(x.float(), 3, padding=1, stride=stride).transpose(1, 2).reshape(-1, d)
             patches = patches[: max_patches - seen].double()
             cov += patches.T @ patches
             seen += len(patches)
