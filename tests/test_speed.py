@@ -3,8 +3,10 @@ channels-last, test-time augmentation, `cnnlab bench` JSON, and the peer loop.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,26 @@ def test_the_trainer_fits_the_whitening_stem_once_and_the_run_keeps_it(tmp_path:
     # Equal up to each eigenvector's sign (eigh may flip one when the sums differ in the last bit): same bank.
     same = torch.isclose(loaded, want, atol=1e-4).all(1) | torch.isclose(loaded, -want, atol=1e-4).all(1)
     assert same.all(), "the filters trained with are the ones saved and loaded"
+    # A fitted stem trained again (here on other images, from Python) is kept: its later layers learned on it.
+    model = load_run(run).model
+    assert float(model.whitening_fitted) == 1.0
+    before = model.whitening.weight.clone()
+    other = tiny_dataset(n_train=64)
+    other.train.images[:] = 255 - other.train.images
+    fit(dataclasses.replace(cfg, model_args={}), runs_dir=None, dataset=other, module=model.train())
+    assert torch.equal(model.whitening.weight, before)
+
+
+@pytest.mark.parametrize("stem", ["conv", "whiten"])
+def test_cnn_fast_scripts_with_torchscript(stem: str) -> None:
+    from cnnlab.models.fast import FastCNN
+
+    model = FastCNN(widths="8-16", stem=stem).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, still used
+        scripted = torch.jit.script(model)
+    assert torch.allclose(scripted(x), model(x))
 
 
 @pytest.mark.parametrize(("side", "patches"), [(28, 3 * 28**2), (600, 3 * 300**2), (2000, 3 * 500**2)])
@@ -204,6 +226,38 @@ def test_a_plan_shorter_than_an_epoch_is_corrected_a_quarter_of_the_way_in(monke
     assert len(replans) == 1 and 10 < result.steps <= 15, (seen, result.steps)
     assert replans[0].startswith(f"time budget: re-planned from 33 to {result.steps} steps")
     assert result.epochs_run == 1
+
+
+@pytest.mark.parametrize("step_s", [0.003, 0.03], ids=["faster than timed", "slower than timed"])
+def test_a_run_resumed_after_the_in_epoch_re_plan_follows_the_new_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step_s: float
+) -> None:
+    from cnnlab.engine.callbacks import Callback
+
+    monkeypatch.setattr(_Trainer, "_time_steps", lambda self: (0.01, 1e-4))
+    now, crash = [0.0], [True]
+
+    class Steps(Callback):
+        """Each step takes step_s on the fake clock; the first run dies at step 11, after the re-plan at step 10."""
+
+        def on_step_end(self, loop: object, loss: float | None) -> None:
+            now[0] += step_s
+            if crash[0] and loop.step == 11:  # type: ignore[attr-defined]
+                raise RuntimeError("killed")
+
+    cfg = TrainConfig(model="cnn-fast", model_args={"widths": "8-16"}, batch_size=16, val_split=0, patience=0,
+                      time_budget=1.0, device="cpu", checkpoint_steps=4)  # fmt: skip
+    data = tiny_dataset(n_train=400)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(cfg, runs_dir=tmp_path, run_name="r", dataset=data, clock=lambda: now[0], callbacks=[Steps()])
+    planned = rundir.read_config(tmp_path / "r")["train"]["planned_steps"]
+    state = load_checkpoint(tmp_path / "r" / rundir.LAST)
+    assert planned != 33 and state["step"] == 10 and state["scheduler"]["total_steps"] == planned
+    crash[0] = False
+    result = fit(None, runs_dir=tmp_path, dataset=data, resume=tmp_path / "r", clock=lambda: now[0],
+                 callbacks=[Steps()])  # fmt: skip
+    final = load_checkpoint(tmp_path / "r" / rundir.LAST)["scheduler"]
+    assert result.steps == planned and final["total_steps"] == planned and final["last_epoch"] == planned
 
 
 def test_too_short_a_time_budget_is_a_usage_error_naming_the_option() -> None:

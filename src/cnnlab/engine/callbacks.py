@@ -31,6 +31,7 @@ import torch
 
 from cnnlab.engine import distributed, planner, rundir
 from cnnlab.engine.checkpoint import save_checkpoint, save_weights
+from cnnlab.engine.device import synchronize
 from cnnlab.engine.optim import build_scheduler, split_parameters
 from cnnlab.engine.record import RunRecord
 
@@ -248,6 +249,7 @@ class TimeBudget(Callback):
         self.early_done = True
         if loop.step >= loop.total_steps:
             return
+        synchronize(next(loop.model.parameters()).device)  # CUDA queues its work: the clock must see it done
         pace = (self.clock() - self.epoch_started) / done  # seconds per step, no epoch-end work in it
         if pace <= 0:
             return
@@ -256,6 +258,9 @@ class TimeBudget(Callback):
                                         loop.step, loop.steps_per_epoch, cfg.max_steps, self.clock)  # fmt: skip
         note = self._follow(loop, total, pace)
         if note:
+            # config.json now holds the new plan: a checkpoint with the schedule rebuilt over it goes with it, so
+            # that a resume (or a torchrun restart) never pairs the new plan with an older checkpoint's schedule.
+            loop.save_mid_epoch()  # type: ignore[attr-defined]
             loop.message(note)
 
     def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:

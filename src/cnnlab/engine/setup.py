@@ -104,11 +104,14 @@ WHITEN_BATCH_PATCHES = 262_144  # patches per batch (54 MB of float64 for 3 chan
 def fit_whitening(model: nn.Module, data: ImageSet, norm: Normalization, device: torch.device) -> str | None:
     """A model with a whitening stem (cnn-fast stem="whiten"): fit its fixed filters on training images; what was set.
 
-    Called once before the first step (a resumed run then loads the filters it trained with). The images are taken
+    Called before the first step, unless the stem was fitted before (a resumed run then loads the filters it trained
+    with, overwriting these). The images are taken
     evenly over the training split, without augmentation, so every process of a data-parallel run fits the same.
     """
     if getattr(model, "whitening", None) is None or not hasattr(model, "fit_whitening"):
         return None
+    if bool(getattr(model, "whitening_fitted", 0)):
+        return None  # fitted before (a trained module trained again): its later layers learned on these filters
     # Every stride-th patch position per direction: at most WHITEN_BATCH_PATCHES from any one image (1 up to 512 px).
     stride = max(1, math.ceil(data.side / math.sqrt(WHITEN_BATCH_PATCHES)))
     per_image = math.ceil(data.side / stride) ** 2

@@ -15,6 +15,7 @@ depend on the data: the trainer calls `fit_whitening` once, before the first ste
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,8 @@ WHITEN_EPS = 5e-3  # added to each eigenvalue: the flattest patch directions (mo
 class FastCNN(nn.Module):
     """Stages of [conv3x3 -> max-pool -> BN -> ReLU] + (depth - 1) x [conv3x3 -> BN -> ReLU]; max pool -> linear."""
 
+    __jit_unused_properties__: ClassVar[list[str]] = ["whitening"]  # torch.jit.script cannot type an Optional module
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
                  widths: int | str | Sequence[int] = (16, 64, 128),
                  depth: int | str | Sequence[int] = 1, stem: str = "conv") -> None:  # fmt: skip
@@ -81,6 +84,9 @@ class FastCNN(nn.Module):
             weight = whitening.weight.detach().clone()
             del whitening.weight
             whitening.register_buffer("weight", weight)
+            # 1 once fit_whitening has run (saved with the weights): a fitted stem, a trained module trained again
+            # or a checkpoint's, is never refitted under the layers that learned on its outputs.
+            self.register_buffer("whitening_fitted", torch.zeros(()))
             c_in = whitening.out_channels
             layers.append(whitening)
             if side >= 2:
@@ -133,6 +139,7 @@ class FastCNN(nn.Module):
         values, vectors = torch.linalg.eigh((cov / seen).cpu())  # ascending eigenvalues; vectors (d, d) in columns
         filters = (vectors.T / torch.sqrt(values.clamp(min=0) + WHITEN_EPS)[:, None]).reshape(d, c, 3, 3)
         conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight))
+        self.whitening_fitted.fill_(1)
         return seen
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
