@@ -105,8 +105,8 @@ def fit_whitening(model: nn.Module, data: ImageSet, norm: Normalization, device:
     """A model with a whitening stem (cnn-fast stem="whiten"): fit its fixed filters on training images; what was set.
 
     Called before the first step, unless the stem was fitted before (a resumed run then loads the filters it trained
-    with, overwriting these). The images are taken
-    evenly over the training split, without augmentation, so every process of a data-parallel run fits the same.
+    with, overwriting these). The images are taken evenly over the training split, without augmentation, so every
+    process of a data-parallel run fits the same filters.
     """
     if getattr(model, "whitening", None) is None or not hasattr(model, "fit_whitening"):
         return None

@@ -7,9 +7,10 @@ add more conv3x3-BN-ReLU layers at its pooled resolution. Global max pooling and
 
 `stem="whiten"` puts a fixed first stage in front of the learned ones (the patch-whitening layer of Keller Jordan's
 airbench and of hlb-CIFAR10): a 3x3 conv whose 2 x C x 9 filters are the eigenvectors of the covariance of the
-training images' 3x3 patches, each scaled by 1/sqrt(its eigenvalue) and kept with its negation, then max-pool, BN and
-ReLU. Its outputs are decorrelated from the first step, so the learned layers converge in fewer epochs. The filters
-depend on the data: the trainer calls `fit_whitening` once, before the first step; a checkpoint keeps them.
+training images' 3x3 patches, each scaled by 1/sqrt(its eigenvalue + WHITEN_EPS) and kept with its negation, then
+max-pool, BN and ReLU. Its outputs are decorrelated from the first step, so the learned layers converge in fewer
+epochs. The filters depend on the data: the trainer calls `fit_whitening` once, before the first step; a checkpoint
+keeps them.
 """
 
 from __future__ import annotations
