@@ -254,8 +254,10 @@ class TimeBudget(Callback):
         if pace <= 0:
             return
         cfg = loop.config
-        total = planner.replan_in_epoch(cfg.time_budget, self.started, self.fixed_s, self.per_epoch_s, pace,
-                                        loop.step, loop.steps_per_epoch, cfg.max_steps, self.clock)  # fmt: skip
+        # As the first plan counts them: this epoch's end still to come (with the test, after the last step), and
+        # each later epoch's end spread over its steps.
+        fixed_s, step_s = self.fixed_s + self.per_epoch_s, pace + self.per_epoch_s / loop.steps_per_epoch
+        total = planner.replan(cfg.time_budget, self.started, fixed_s, step_s, loop.step, cfg.max_steps, self.clock)
         note = self._follow(loop, total, pace)
         if note:
             # config.json now holds the new plan: a checkpoint with the schedule rebuilt over it goes with it, so

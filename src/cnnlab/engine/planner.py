@@ -78,16 +78,6 @@ def replan(budget: float, started: float, fixed_s: float, pace: float, step: int
     return min(new, max_steps) if max_steps else new
 
 
-def replan_in_epoch(budget: float, started: float, fixed_s: float, per_epoch_s: float, pace: float, step: int,
-                    steps_per_epoch: int, max_steps: int | None = None, clock: Clock = time.perf_counter
-                    ) -> int:  # fmt: skip
-    """Inside an epoch, at `pace` seconds per step (no epoch-end work in it): the total steps that fit, as plan()."""
-    left = budget * BUDGET_SAFETY - (clock() - started) - fixed_s - per_epoch_s  # this epoch's end still to come
-    one_step = pace + per_epoch_s / steps_per_epoch
-    new = step + max(1, int(left / one_step))
-    return min(new, max_steps) if max_steps else new
-
-
 def worth_changing(new: int, total: int) -> bool:
     """Whether a re-plan differs enough (over 0.5%, or 2 steps) from the current plan to rebuild the schedule."""
     return abs(new - total) > max(2, total // 200)
