@@ -517,7 +517,8 @@ def test_a_test_image_is_shown_on_the_pad_with_its_true_label(server: str, digit
             f"test image 0, true label: {int(labels[0])}. Draw on the pad to replace it.", timeout=20_000)  # fmt: skip
         lit = "(() => { const d = document.getElementById('pad').getContext('2d').getImageData(0, 0, 280, 280).data;" \
               " let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] > 128; return n; })()"  # fmt: skip
-        assert page.evaluate(lit) > 500, "the pad is blank under test image 0"
+        # The pad is painted when the image decodes, a moment after the line: wait for it.
+        page.wait_for_function(f"{lit} > 500", timeout=20_000)
         page.fill("#test-index", "3")
         page.click("#load-test")
         expect(page.locator("#source-line")).to_contain_text(f"test image 3, true label: {int(labels[3])}.")

@@ -266,7 +266,8 @@ def test_the_static_site_predicts_and_explains_as_the_live_server(host: str, liv
         page.locator("#tab-run").click()
         expect(page.locator("#summary table")).to_be_visible(timeout=20_000)
         expect(page.locator("#confusion button")).to_have_count(100)
-        assert page.evaluate("document.getElementById('curves').naturalWidth") > 0
+        # The picture loads after the tab opens (a fetch from the static host): wait for it, not just look.
+        page.wait_for_function("document.getElementById('curves').naturalWidth > 0", timeout=20_000)
         assert serious_violations(page) == []
     missing = [(p, c) for p, c in QuietHandler.asked if c >= 400]
     assert missing == [], f"the page asked the static host for files it does not have: {missing}"
