@@ -24,13 +24,13 @@ from pathlib import Path
 from _common import machine_line, write_section
 
 
-def run_point(nproc: int, args: argparse.Namespace, tmp: Path, scale_lr: str = "none") -> dict:
-    """One `cnnlab train --devices N [--scale-lr RULE]` run; its images/s and test accuracy."""
-    name = f"p{nproc}-{scale_lr}"
+def run_point(nproc: int, args: argparse.Namespace, tmp: Path, scale_lr: str = "none", seed: int = 0) -> dict:
+    """One `cnnlab train --devices N [--scale-lr RULE] --seed S` run; its images/s and test accuracy."""
+    name = f"p{nproc}-{scale_lr}-s{seed}"
     cmd = [sys.executable, "-m", "cnnlab", "train", "--devices", str(nproc), "--model", args.model,
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--device", args.device,
            "--data", args.data, "--runs-dir", str(tmp), "--name", name, "--patience", "0", "--quiet",
-           "--json", "--scale-lr", scale_lr]  # fmt: skip
+           "--json", "--scale-lr", scale_lr, "--seed", str(seed)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -40,12 +40,20 @@ def run_point(nproc: int, args: argparse.Namespace, tmp: Path, scale_lr: str = "
     with open(tmp / name / "metrics.csv") as f:
         seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
     epoch_s = statistics.median(seconds[1:] or seconds)
+    print(f"{name}: {result['test_acc']:.2%}, {epoch_s:.2f} s/epoch", file=sys.stderr, flush=True)
     return {"procs": nproc, "images_per_s": config["data"]["train_size"] / epoch_s, "epoch_s": epoch_s,
             "test_acc": result["test_acc"], "global_batch": config["runtime"]["global_batch"]}  # fmt: skip
 
 
+def accuracy(runs: list[dict]) -> str:
+    """Mean test accuracy over seeds, with the range when there are several."""
+    accs = [r["test_acc"] for r in runs]
+    mean = f"{statistics.mean(accs):.2%}"
+    return mean if len(accs) == 1 else f"{mean} ({min(accs):.2%}-{max(accs):.2%})"
+
+
 def main() -> None:
-    """Measure each process count and write the RESULTS.md section."""
+    """Measure each process count over seeds and write the RESULTS.md section."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process)")
     ap.add_argument("--max-procs", type=int, default=2, help="largest process count (powers of two up to it)")
@@ -53,29 +61,39 @@ def main() -> None:
     ap.add_argument("--data", default="mnist-mini", help="dataset (fashion-mnist gives longer, steadier epochs)")
     ap.add_argument("--batch-size", type=int, default=64, help="per process")
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--scale-lr", default="sqrt", choices=("linear", "sqrt"),
-                    help="the rule also measured for N > 1 (sqrt for the default AdamW, linear for SGD)")  # fmt: skip
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per point: accuracy is their mean (and range)")
+    ap.add_argument("--scale-lr", default="linear", choices=("linear", "sqrt"),
+                    help="the rule also measured for N > 1 (linear measured best for short AdamW runs)")  # fmt: skip
     args = ap.parse_args()
     counts = [n for n in (1, 2, 4, 8, 16) if n <= args.max_procs]
+    seeds = range(args.seeds)
     with tempfile.TemporaryDirectory() as tmp:
-        points = [run_point(n, args, Path(tmp)) for n in counts]
-        scaled = {n: run_point(n, args, Path(tmp), args.scale_lr) for n in counts if n > 1}
-    base = points[0]["images_per_s"]
+        points = {n: [run_point(n, args, Path(tmp), seed=s) for s in seeds] for n in counts}
+        scaled = {n: [run_point(n, args, Path(tmp), args.scale_lr, s) for s in seeds] for n in counts if n > 1}
+    # Speed from every run of a point (with and without the rule: the same work per step), its median epoch.
+    speed = {n: statistics.median([r["epoch_s"] for r in points[n] + scaled.get(n, [])]) for n in counts}
+    size = points[counts[0]][0]["images_per_s"] * points[counts[0]][0]["epoch_s"]  # training images per epoch
+    base = size / speed[counts[0]]
+    single = statistics.mean(r["test_acc"] for r in points[counts[0]])
+    gap = {n: statistics.mean(r["test_acc"] for r in scaled[n]) - single for n in scaled}
     lines = [
         f"Command: `python benchmarks/ddp_scaling.py --device {args.device} --max-procs {args.max_procs} --data "
-        f"{args.data} --epochs {args.epochs}`: {args.model} on {args.data}, {args.batch_size} images per process "
-        "per step, "
-        f"{args.epochs} epochs, images/s from the median epoch after the first. Threads per process: cores / N. "
-        f"The last column: the same run with `--scale-lr {args.scale_lr}` (the peak lr grows with N).",
+        f"{args.data} --epochs {args.epochs} --seeds {args.seeds} --scale-lr {args.scale_lr}`: {args.model} on "
+        f"{args.data}, {args.batch_size} images per process per step, {args.epochs} epochs, seeds "
+        f"{', '.join(map(str, seeds))}; images/s from the median epoch after the first over all runs of a point. "
+        f"Threads per process: cores / N. Test accuracy: the mean over seeds (lowest-highest). The last columns: the "
+        f"same runs with `--scale-lr {args.scale_lr}` (the peak lr grows with N), and its mean's distance from one "
+        "process.",
         "",
         f"Machine: {machine_line()}",
         "",
         "| processes | global batch | epoch s | images/s | speed-up | test accuracy | "
-        f"with --scale-lr {args.scale_lr} |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        *(f"| {p['procs']} | {p['global_batch']} | {p['epoch_s']:.2f} | {p['images_per_s']:,.0f} | "
-          f"{p['images_per_s'] / base:.2f}x | {p['test_acc']:.2%} | "
-          f"{format(scaled[p['procs']]['test_acc'], '.2%') if p['procs'] in scaled else ''} |" for p in points),
+        f"with --scale-lr {args.scale_lr} | vs 1 process |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *(f"| {n} | {points[n][0]['global_batch']} | {speed[n]:.2f} | {size / speed[n]:,.0f} | "
+          f"{size / speed[n] / base:.2f}x | {accuracy(points[n])} | "
+          f"{accuracy(scaled[n]) if n in scaled else ''} | {f'{gap[n] * 100:+.2f} points' if n in gap else ''} |"
+          for n in counts),
     ]  # fmt: skip
     body = "\n".join(lines)
     print(body)

@@ -47,8 +47,21 @@ def test_global_batches_cover_every_sample_once_per_epoch() -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_write_once_and_match_single_process_metrics(tmp_path: Path) -> None:
-    r = torchrun(*TRAIN, "--runs-dir", "runs", "--name", "ddp", "--scale-lr", "sqrt", cwd=tmp_path)
+    # Each worker records that it started and, from an atexit hook, whether Python finalised it: a finished worker must
+    # leave with os._exit, since gloo threads can abort the process during finalisation (SIGABRT after a good run).
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import atexit, os, pathlib\n"
+        "if 'LOCAL_RANK' in os.environ:  # a worker, not torchrun's agent\n"
+        f"    d = pathlib.Path({str(hooks)!r})\n"
+        "    (d / f'started-{os.environ[\"LOCAL_RANK\"]}').touch()\n"
+        "    atexit.register(lambda: (d / f'finalised-{os.environ[\"LOCAL_RANK\"]}').touch())\n"
+    )
+    r = torchrun(*TRAIN, "--runs-dir", "runs", "--name", "ddp", "--scale-lr", "sqrt", cwd=tmp_path,
+                 env={"PYTHONPATH": str(hooks)})  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in hooks.glob("*-*")) == ["started-0", "started-1"], "workers skip finalisation"
     result = json.loads(r.stdout)  # rank 0 alone prints the result
     # --scale-lr sqrt: Adam's default peak lr 3e-3 times sqrt(2 processes), the peak of its one-cycle schedule.
     groups = torch.load(tmp_path / "runs" / "ddp" / "last.ckpt", weights_only=True)["optimizer"]["param_groups"]

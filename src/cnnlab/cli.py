@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -621,6 +622,36 @@ def build_parser(commands: Iterable[str] | None = None) -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cnnlab` command; returns the exit code."""
+    code = _run(argv)
+    if argv is None:  # the process is the command (not a caller of main([...])): a worker may end it here
+        _end_worker_process(code)
+    return code
+
+
+def _end_worker_process(code: int) -> None:
+    """A data-parallel worker leaves without finalising Python: its gloo threads can abort the process at exit.
+
+    gloo's worker threads release a collective's buffers a moment after it completes, and that needs the GIL. When
+    the interpreter finalises while one still waits for it, the thread is torn down and the C++ runtime aborts the
+    process ("terminate called without an active exception", SIGABRT): torchrun then reports a failed job although
+    training finished and every file was written. A barrier before leaving the group narrowed the window but 8
+    processes on 2 cores still hit it (1 in ~12 runs). The run's files are closed by now (the trainer's `finally`),
+    so flushing stdio and leaving with os._exit loses nothing and skips the finalisation the abort happens in.
+    """
+    distributed = sys.modules.get("cnnlab.engine.distributed")  # not imported: not a worker (and stays torch-free)
+    if distributed is None or not distributed.started_a_group():
+        return
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing more can be said
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """Parse and run one command; every error becomes one line and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:

@@ -79,7 +79,17 @@ def setup(requested_device: str) -> tuple[DistEnv, str]:
         dist.init_process_group(
             "nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world_size, timeout=timeout
         )
+        global _STARTED_A_GROUP
+        _STARTED_A_GROUP = True
     return e, device
+
+
+_STARTED_A_GROUP = False  # set once this process has opened a process group (see cli.main's end)
+
+
+def started_a_group() -> bool:
+    """Whether this process opened a process group (it is then a data-parallel worker until it exits)."""
+    return _STARTED_A_GROUP
 
 
 def is_initialized() -> bool:
