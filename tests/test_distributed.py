@@ -140,3 +140,38 @@ def test_two_processes_follow_one_time_budget_plan(tmp_path: Path) -> None:
     result = json.loads(r.stdout)
     planned = json.loads((tmp_path / "runs" / "budget" / "config.json").read_text())["train"]["planned_steps"]
     assert result["steps"] == planned >= 1 and result["time_budget"] == 25
+
+
+def test_the_launcher_names_the_worker_that_failed_not_those_torchrun_stopped(tmp_path: Path) -> None:
+    # Rank 3 aborted (SIGABRT) without a word; torchrun then stopped ranks 0-2 with SIGTERM. The cause is rank 3.
+    from types import SimpleNamespace
+
+    from cnnlab.engine.distributed import _root_failure
+
+    failures = {r: SimpleNamespace(exitcode=-15) for r in range(3)} | {3: SimpleNamespace(exitcode=-6)}
+    failure = _root_failure(str(tmp_path), failures)
+    assert (failure.rank, failure.message) == (3, "worker rank 3 was killed by signal 6 without an error message")
+    only_stopped = _root_failure(str(tmp_path), {r: SimpleNamespace(exitcode=-15) for r in (2, 1)})
+    assert only_stopped.rank == 1
+
+
+def test_a_worker_whose_peer_stopped_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    # What a gloo collective raises on the surviving rank when another worker died (seen under plain torchrun).
+    from cnnlab import cli, cli_train
+    from cnnlab.engine import distributed
+
+    gone = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:40310: "
+                        "Connection reset by peer")  # fmt: skip
+    assert distributed.peer_lost(gone) is None, "outside a process group it is just an error"
+    monkeypatch.setattr(distributed, "_STARTED_A_GROUP", True)
+    assert distributed.peer_lost(ValueError("shapes differ")) is None
+
+    def fails(args: object) -> int:
+        raise gone
+
+    monkeypatch.setattr(cli_train, "cmd_train", fails)
+    monkeypatch.delenv("CNNLAB_WORKER_REPORTS", raising=False)
+    assert cli.main(["train"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnnlab: error: another process of the data-parallel group stopped")

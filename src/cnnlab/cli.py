@@ -679,7 +679,9 @@ def _run(argv: Sequence[str] | None) -> int:
         if debug:
             traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        message = f"internal error: {type(e).__name__}: {first} (rerun with --debug for details)"
+        distributed = sys.modules.get("cnnlab.engine.distributed")
+        lost = distributed.peer_lost(e) if distributed is not None else None
+        message = lost or f"internal error: {type(e).__name__}: {first} (rerun with --debug for details)"
         if not _left_for_launcher(message, EXIT_FAILURE, internal=True):
             sys.stderr.write(f"cnnlab: error: {message}\n")
         return EXIT_FAILURE

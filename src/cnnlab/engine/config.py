@@ -192,8 +192,9 @@ class TrainConfig:
     )
     sync_bn: bool = option(False, "data-parallel: BatchNorm statistics over the global batch (CUDA only)", _G_RUN)
     scale_lr: str = option(
-        "none", "data-parallel: the peak lr times the process count N (linear: Goyal et al. 2017, for SGD) or its "
-        "square root (sqrt: for Adam/AdamW); the one-cycle schedule's rise is the warm-up", _G_RUN,
+        "none", "data-parallel: the peak lr times the process count N (linear: Goyal et al. 2017; best measured "
+        "for few-epoch runs, AdamW too) or its square root (sqrt: the rule for Adam in long runs); the one-cycle "
+        "schedule's rise is the warm-up", _G_RUN,
         choices=LR_SCALING)  # fmt: skip
     logger: tuple[str, ...] = option(
         (), "experiment loggers besides metrics.csv: tensorboard, mlflow (comma list; optional extras)", _G_LOG,

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -90,6 +91,24 @@ _STARTED_A_GROUP = False  # set once this process has opened a process group (se
 def started_a_group() -> bool:
     """Whether this process opened a process group (it is then a data-parallel worker until it exits)."""
     return _STARTED_A_GROUP
+
+
+# What gloo and the store say when the other end of a connection has gone: a peer process stopped (its own error is
+# the cause). A traceback line from gloo's C++ (a file path and a socket error) would only hide that.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo/transport/tcp")
+
+
+def peer_lost(error: BaseException) -> str | None:
+    """One line for a collective that failed because another worker stopped, or None for any other error."""
+    if not _STARTED_A_GROUP:
+        return None
+    text = str(error)
+    if isinstance(error, dist.DistNetworkError) or any(marker in text for marker in _PEER_GONE):
+        return (
+            "another process of the data-parallel group stopped, so this one cannot go on (that process's own error "
+            "says why; with torchrun --max-restarts and --resume auto the group restarts from the last checkpoint)"
+        )
+    return None
 
 
 def is_initialized() -> bool:
@@ -234,7 +253,9 @@ def _root_failure(folder: str, failures: dict[int, Any]) -> WorkerFailure:
     reported = {r["rank"] for r in reports}
     silent = sorted(rank for rank in failures if rank not in reported)
     if silent:  # a worker that died without a word (killed, os._exit): the others only lost their peer
-        rank = silent[0]
+        # torchrun ends the surviving workers with SIGTERM once one fails: the worker that failed on its own (an
+        # abort, a kill -9, an exit code) is the cause, whatever its rank.
+        rank = min(silent, key=lambda r: (failures[r].exitcode == -signal.SIGTERM, r))
         code = failures[rank].exitcode
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         return WorkerFailure(rank, 1 if code < 0 else code, f"worker rank {rank} {how} without an error message")

@@ -861,7 +861,7 @@ def _fit(cfg: TrainConfig, runs_dir: str | Path | None, run_name: str | None, re
                 f"; peak lr {cfg.resolved_lr():g} x {lr_scale(cfg, t.dist.world_size):.3g} = "
                 f"{cfg.resolved_lr() * lr_scale(cfg, t.dist.world_size):.3g} (--scale-lr {cfg.scale_lr})"
                 if cfg.scale_lr != "none"
-                else "; --scale-lr linear (SGD) or sqrt (Adam) keeps accuracy as it grows"
+                else "; --scale-lr linear keeps most of the accuracy a larger global batch loses"
             )
         )
     if t.augment_note and run is None:  # a fresh run (a resume said it when it started)
