@@ -165,7 +165,24 @@ def test_a_worker_whose_peer_stopped_says_so_in_one_line(monkeypatch: pytest.Mon
                         "Connection reset by peer")  # fmt: skip
     assert distributed.peer_lost(gone) is None, "outside a process group it is just an error"
     monkeypatch.setattr(distributed, "_STARTED_A_GROUP", True)
-    assert distributed.peer_lost(ValueError("shapes differ")) is None
+    lost = [
+        RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection closed by peer "
+                     "[127.0.0.1]:21883"),
+        RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:420] writev [127.0.0.1]:4321: Broken pipe"),
+        torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:2041, remote process exited or there "
+                                           "was a network error, NCCL version 2.21.5\nncclRemoteError: ..."),
+        torch.distributed.DistBackendError("Process group watchdog: NCCL communicator was aborted on rank 1."),
+        torch.distributed.DistNetworkError("failed to recv, got 0 bytes"),
+    ]  # fmt: skip
+    assert [distributed.peer_lost(e) is not None for e in lost] == [True] * len(lost)
+    not_lost = [
+        ValueError("shapes differ"),
+        RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms "
+                     "for recv operation to complete"),  # stuck, not abandoned: no peer's error explains it
+        ConnectionResetError("[Errno 104] Connection reset by peer"),  # e.g. an HTTP tracking server
+        RuntimeError("API request to http://mlflow:5000 failed: Connection reset by peer"),
+    ]  # fmt: skip
+    assert [distributed.peer_lost(e) for e in not_lost] == [None] * len(not_lost)
 
     def fails(args: object) -> int:
         raise gone

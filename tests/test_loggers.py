@@ -187,3 +187,25 @@ def test_tensorboard_needs_a_run_directory(small_digits: Dataset) -> None:
     need("tensorboard")
     with pytest.raises(UsageError, match="writes into the run directory"):
         fit(quick("tensorboard", epochs=1), runs_dir=None, dataset=small_digits)
+
+
+def test_mlflow_logs_synchronously_even_when_async_logging_is_on(
+    small_digits: Dataset, own_mlflow_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MLflow's async queue is flushed only at interpreter exit, which a data-parallel worker skips (os._exit):
+    # every batch of params and metrics must be written before log_batch returns.
+    need("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
+    modes: list[object] = []
+    original = MlflowClient.log_batch
+
+    def spy(self: MlflowClient, *args: Any, **kw: Any) -> Any:
+        modes.append(kw.get("synchronous"))
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", spy)
+    result = fit(quick("mlflow"), runs_dir=own_mlflow_env / "runs", run_name="r", dataset=small_digits)
+    assert modes and set(modes) == {True}, modes  # params, 2 epochs, the test metrics
+    assert_logged_once_per_epoch("mlflow", result.run_dir)

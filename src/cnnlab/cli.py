@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -13,7 +12,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cnnlab import cli_bench, cli_cache, cli_lrfind, cli_train, cli_use
 from cnnlab.cli_common import (
@@ -620,12 +619,11 @@ def build_parser(commands: Iterable[str] | None = None) -> Parser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `cnnlab` command; returns the exit code."""
-    code = _run(argv)
-    if argv is None:  # the process is the command (not a caller of main([...])): a worker may end it here
-        _end_worker_process(code)
-    return code
+def entry() -> NoReturn:
+    """The `cnnlab` command itself (the console script, `python -m cnnlab`): main(), then the process exits."""
+    code = main()
+    _end_worker_process(code)
+    sys.exit(code)
 
 
 def _end_worker_process(code: int) -> None:
@@ -635,23 +633,26 @@ def _end_worker_process(code: int) -> None:
     the interpreter finalises while one still waits for it, the thread is torn down and the C++ runtime aborts the
     process ("terminate called without an active exception", SIGABRT): torchrun then reports a failed job although
     training finished and every file was written. A barrier before leaving the group narrowed the window but 8
-    processes on 2 cores still hit it (1 in ~12 runs). The run's files are closed by now (the trainer's `finally`),
-    so flushing stdio and leaving with os._exit loses nothing and skips the finalisation the abort happens in.
+    processes on 2 cores still hit it (1 of 16 runs). The run's files are closed by now (the trainer's `finally`,
+    loggers that write synchronously), so flushing stdio and leaving with os._exit loses nothing and skips the
+    finalisation the abort happens in. Python's fit() under torchrun does not pass here (see docs/distributed.md).
     """
     distributed = sys.modules.get("cnnlab.engine.distributed")  # not imported: not a worker (and stays torch-free)
     if distributed is None or not distributed.started_a_group():
         return
     import logging
 
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing more can be said
-            stream.flush()
     logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: what was printed is lost, so not a success (as Python's 120)
+            code = code or 120
     os._exit(code)
 
 
-def _run(argv: Sequence[str] | None) -> int:
-    """Parse and run one command; every error becomes one line and an exit code."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `cnnlab` command (argv: sys.argv[1:] when None); every error becomes one line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:

@@ -93,9 +93,11 @@ def started_a_group() -> bool:
     return _STARTED_A_GROUP
 
 
-# What gloo and the store say when the other end of a connection has gone: a peer process stopped (its own error is
-# the cause). A traceback line from gloo's C++ (a file path and a socket error) would only hide that.
-_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo/transport/tcp")
+# What a collective raises on a surviving worker when another one has gone: gloo's socket errors (only with gloo in
+# the message: a "Connection reset by peer" from an HTTP logger is not a lost peer) and NCCL's remote-error reports.
+# A timeout is not one of them: a worker stuck in a collective has no peer whose own error would say why.
+_GLOO_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+_NCCL_GONE = ("ncclRemoteError", "remote process exited", "NCCL communicator was aborted")
 
 
 def peer_lost(error: BaseException) -> str | None:
@@ -103,7 +105,8 @@ def peer_lost(error: BaseException) -> str | None:
     if not _STARTED_A_GROUP:
         return None
     text = str(error)
-    if isinstance(error, dist.DistNetworkError) or any(marker in text for marker in _PEER_GONE):
+    gloo = "gloo" in text and any(marker in text for marker in _GLOO_GONE)
+    if isinstance(error, dist.DistNetworkError) or gloo or any(marker in text for marker in _NCCL_GONE):
         return (
             "another process of the data-parallel group stopped, so this one cannot go on (that process's own error "
             "says why; with torchrun --max-restarts and --resume auto the group restarts from the last checkpoint)"

@@ -305,14 +305,17 @@ class MLflowLogger(ExperimentLogger):
             tags["cnnlab.run_dir"] = str(loop.run.resolve())
         run = self.client.create_run(experiment_id, run_name=loop.run.name if loop.run else None, tags=tags)
         params = [Param(k, _param(v)) for k, v in loop.config.to_dict().items()]
-        self.client.log_batch(run.info.run_id, params=params)
+        self.client.log_batch(run.info.run_id, params=params, synchronous=True)
         return run.info.run_id
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in values.items()])
+        # Synchronous even with $MLFLOW_ENABLE_ASYNC_LOGGING: the async queue is flushed only by an atexit hook,
+        # which a data-parallel worker skips (it leaves with os._exit), and a killed run keeps what it logged.
+        metrics = [Metric(k, v, stamp, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
 
     def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
         """metrics.csv's columns at step = epoch (skipped for an epoch the run already holds)."""
