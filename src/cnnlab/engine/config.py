@@ -192,8 +192,8 @@ class TrainConfig:
     )
     sync_bn: bool = option(False, "data-parallel: BatchNorm statistics over the global batch (CUDA only)", _G_RUN)
     scale_lr: str = option(
-        "none", "data-parallel: the peak lr times the process count N (linear: Goyal et al. 2017; best measured "
-        "for few-epoch runs, AdamW too) or its square root (sqrt: the rule for Adam in long runs); the one-cycle "
+        "none", "data-parallel: the peak lr times the process count N (linear: Goyal et al. 2017; measured best in "
+        "few-epoch runs, with AdamW too) or its square root (sqrt: the rule for Adam in long runs); the one-cycle "
         "schedule's rise is the warm-up", _G_RUN,
         choices=LR_SCALING)  # fmt: skip
     logger: tuple[str, ...] = option(

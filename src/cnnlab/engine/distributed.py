@@ -85,7 +85,7 @@ def setup(requested_device: str) -> tuple[DistEnv, str]:
     return e, device
 
 
-_STARTED_A_GROUP = False  # set once this process has opened a process group (see cli.main's end)
+_STARTED_A_GROUP = False  # set once this process has opened a process group (cli.entry then ends it with os._exit)
 
 
 def started_a_group() -> bool:
