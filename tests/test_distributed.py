@@ -130,6 +130,24 @@ def test_devices_relaunches_the_same_command_under_torchrun(monkeypatch: pytest.
     assert main(["train", "--devices", "2"]) == 2, "already under torchrun: a usage error, not a fork bomb"
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [(["--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA devices"),
+     (["--scale-lr", "linear", "--schedule", "cosine"], "--scale-lr needs a warm-up")],
+)  # fmt: skip
+def test_devices_refuses_a_data_parallel_option_before_starting_workers(
+    args: list[str], said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from cnnlab.engine import distributed
+    from tests.conftest import main_error
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(distributed, "launch", lambda a: calls.append(a))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code, err = main_error(["train", "--devices", "2", "--epochs", "1", *args], capsys)
+    assert (code, calls) == (2, []) and said in err[-1], err
+
+
 def test_two_processes_follow_one_time_budget_plan(tmp_path: Path) -> None:
     # Timing is collective (the same number of steps on every process) and rank 0's plan is everyone's: no hang.
     # --patience 0: early stopping would end the run before its planned last step. 25 s: two processes' set-up took

@@ -237,6 +237,8 @@ class TrainConfig:
             raise OptionError("patience", "needs a validation split ({val_split} > 0); use {patience=0} to turn it off")
         if self.unfreeze_after is not None and self.freeze == "none":
             raise OptionError("unfreeze_after", "needs {freeze=features}")
+        if self.scale_lr != "none" and self.schedule != "onecycle":
+            raise OptionError("scale_lr", f"needs a warm-up: the onecycle schedule (the default), not {self.schedule}")
         if self.ema is not None and not self.ema < 1:
             raise OptionError("ema", f"must be a decay in (0, 1), e.g. 0.999; got {self.ema}")
         for name in self.logger:

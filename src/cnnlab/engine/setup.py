@@ -138,6 +138,8 @@ def preflight(
     if resume is not None:
         _, cfg = run_to_resume(resume)
     cfg = dataclasses.replace(cfg).validate()
+    if cfg.sync_bn and resolve_device(cfg.device).type != "cuda":  # each worker would say it after starting up
+        raise OptionError("sync_bn", "needs CUDA devices (nccl); on CPU each process keeps its own statistics")
     from cnnlab.engine.loggers import check_installed
 
     check_installed(cfg.logger)

@@ -206,8 +206,6 @@ class Trainer:
             if self.device.type != "cuda":
                 raise OptionError("sync_bn", "needs CUDA devices (nccl); on CPU each process keeps its own statistics")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if cfg.scale_lr != "none" and cfg.schedule != "onecycle":
-            raise OptionError("scale_lr", f"needs a warm-up: the onecycle schedule (the default), not {cfg.schedule}")
         self.opt = build_optimizer(self.model, cfg, self.head, self.dist.world_size)
         self.train_model: nn.Module = self.model
         self.rewrap()
