@@ -96,18 +96,17 @@ def main() -> None:
     if replay:
         runs, args = replayed(replay)
         machine, cores = runs[0]["machine"], runs[0]["cores"]
-    else:
-        machine, cores = machine_line(), os.cpu_count()
-        with tempfile.TemporaryDirectory() as tmp:
-            counts = [n for n in (1, 2, 4, 8, 16) if n <= args.max_procs]
-            runs = [run_point(n, args, Path(tmp), rule, s) for rule in ("none", args.scale_lr) for n in counts
-                    for s in range(args.seeds) if n > 1 or rule == "none"]  # fmt: skip
     counts = [n for n in (1, 2, 4, 8, 16) if n <= args.max_procs]
     seeds = range(args.seeds)
-    pick = {(r["procs"], r["scale_lr"], r["seed"]): r for r in runs}
+    # (processes, rule, seed) of every run: without the rule at each count, then with it where N > 1.
     wanted = [
         (n, rule, s) for rule in ("none", args.scale_lr) for n in counts for s in seeds if n > 1 or rule == "none"
     ]
+    if not replay:
+        machine, cores = machine_line(), os.cpu_count()
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = [run_point(n, args, Path(tmp), rule, s) for n, rule, s in wanted]
+    pick = {(r["procs"], r["scale_lr"], r["seed"]): r for r in runs}
     if missing := [key for key in wanted if key not in pick]:
         raise SystemExit(f"--replay {replay}: no run for (processes, --scale-lr, seed) {missing[0]}")
     points = {n: [pick[n, "none", s] for s in seeds] for n in counts}

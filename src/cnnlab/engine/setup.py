@@ -123,6 +123,12 @@ def fit_whitening(model: nn.Module, data: ImageSet, norm: Normalization, device:
     return f"whitening stem: fixed filters from the 3x3 patches of {len(index):,} training images ({seen:,} patches)"
 
 
+def check_sync_bn(cfg: TrainConfig, device: torch.device) -> None:
+    """--sync-bn needs CUDA devices (nccl): refused on CPU by the launch's preflight and by each worker."""
+    if cfg.sync_bn and device.type != "cuda":
+        raise OptionError("sync_bn", "needs CUDA devices (nccl); on CPU each process keeps its own statistics")
+
+
 def preflight(
     cfg: TrainConfig, *, runs_dir: str | Path | None, run_name: str | None, resume: str | Path | None
 ) -> None:
@@ -138,8 +144,7 @@ def preflight(
     if resume is not None:
         _, cfg = run_to_resume(resume)
     cfg = dataclasses.replace(cfg).validate()
-    if cfg.sync_bn and resolve_device(cfg.device).type != "cuda":  # each worker would say it after starting up
-        raise OptionError("sync_bn", "needs CUDA devices (nccl); on CPU each process keeps its own statistics")
+    check_sync_bn(cfg, resolve_device(cfg.device))  # each worker would say it only after starting up
     from cnnlab.engine.loggers import check_installed
 
     check_installed(cfg.logger)

@@ -72,6 +72,7 @@ from cnnlab.engine.setup import (
     AUTO,
     auto_resume,
     build_model,
+    check_sync_bn,
     check_training_memory,
     finished_result,
     fit_whitening,
@@ -203,8 +204,7 @@ class Trainer:
             probe = torch.zeros(1, self.data.channels, self.data.image_size, self.data.image_size, device=self.device)
             self.head = classifier_modules(self.model, probe)
         if cfg.sync_bn and self.dist.enabled:
-            if self.device.type != "cuda":
-                raise OptionError("sync_bn", "needs CUDA devices (nccl); on CPU each process keeps its own statistics")
+            check_sync_bn(cfg, self.device)
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.opt = build_optimizer(self.model, cfg, self.head, self.dist.world_size)
         self.train_model: nn.Module = self.model
