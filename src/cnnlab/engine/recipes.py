@@ -54,7 +54,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "accurate",
             "cnn-fast with a fixed whitening stem then 64-128, 2 convs per stage, 15 epochs, batch 128, "
-            "SGD-Nesterov lr 0.2 one-cycle, label smoothing 0.1, flip augmentation (no crop: it cost 1.2 points in "
+            "SGD-Nesterov lr 0.2 one-cycle, label smoothing 0.1, flip augmentation (no crop: it cost about a point in "
             "3-minute runs), flip test-time augmentation, no validation split, bf16 where native, channels-last",
             {
                 "model": "cnn-fast",
