@@ -228,6 +228,49 @@ def test_a_plan_shorter_than_an_epoch_is_corrected_a_quarter_of_the_way_in(monke
     assert result.epochs_run == 1
 
 
+@pytest.mark.parametrize(("slow_s", "replans"), [(0.04, True), (0.01, False), (0.005, False)],
+                         ids=["4x slower mid-epoch", "steady", "faster mid-epoch"])  # fmt: skip
+def test_a_slowdown_inside_the_last_epoch_is_re_planned_before_it_overruns(
+    monkeypatch: pytest.MonkeyPatch, slow_s: float, replans: bool
+) -> None:
+    from cnnlab.engine.callbacks import Callback
+
+    monkeypatch.setattr(_Trainer, "_time_steps", lambda self: (0.01, 1e-4))  # timed: 10 ms per step, as they run
+    now, steps = [0.0], [0]
+
+    class Steps(Callback):
+        """10 ms per step on the fake clock until step 160 (inside epoch 4 of 50 steps), then slow_s per step; each
+        epoch's end takes the 50 ms that the plan counts for its checkpoint."""
+
+        def on_step_end(self, loop: object, loss: float | None) -> None:
+            steps[0] = loop.step  # type: ignore[attr-defined]
+            now[0] += 0.01 if steps[0] <= 160 else slow_s
+
+        def on_epoch_end(self, loop: object, row: dict[str, object]) -> None:
+            now[0] += 0.05
+
+    seen: list[tuple[int, str]] = []
+    reporter = Reporter()
+    reporter.message = lambda line: seen.append((steps[0], line))  # type: ignore[method-assign]
+    cfg = TrainConfig(model="cnn-fast", model_args={"widths": "8-16"}, batch_size=16, val_split=0, patience=0,
+                      time_budget=3.0, device="cpu")  # fmt: skip
+    result = fit(cfg, runs_dir=None, dataset=tiny_dataset(n_train=800), reporter=reporter, clock=lambda: now[0],
+                 callbacks=[Steps()])  # fmt: skip
+    planned = next(int(line.split("-> ")[1].split()[0]) for _, line in seen if line.startswith("time budget 3 s:"))
+    assert 200 < planned < 250, seen  # about 4.3 epochs: the last epoch ends after the slowdown began
+    # Re-plans inside an epoch, after the first epoch's one a quarter of the way in (epoch ends re-plan too):
+    mid = [
+        (step, line) for step, line in seen if line.startswith("time budget: re-planned") and step > 50 and step % 50
+    ]
+    if replans:
+        # Epoch 4 would end at step 200, after 1.6 + 40 x 0.04 s of steps: past the budget before its end re-plans.
+        assert len(mid) == 1 and 160 < mid[0][0] < 200 and 160 < result.steps < 200, seen
+        assert float(mid[0][1].split("(")[1].split()[0]) > 30, mid  # the pace since the last check: ~40 ms
+    else:  # a steady or faster pace inside an epoch never rebuilds the schedule (a faster one waits for its end)
+        assert not mid and result.steps >= planned - 2, seen
+    assert now[0] <= 3.0 * 0.96, (now[0], result.steps)
+
+
 @pytest.mark.parametrize("step_s", [0.003, 0.03], ids=["faster than timed", "slower than timed"])
 def test_a_run_resumed_after_the_in_epoch_re_plan_follows_the_new_plan(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step_s: float

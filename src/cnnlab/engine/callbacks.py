@@ -220,28 +220,35 @@ class Checkpointing(Callback):
 
 
 class TimeBudget(Callback):
-    """time_budget: after each epoch, re-plan the remaining steps at the pace measured over it.
+    """time_budget: re-plan the remaining steps at the pace measured, after each epoch and on a slowdown mid-epoch.
 
     The first plan rests on about a second of timing; a machine whose speed drifts (shared or throttled CPUs) would
     otherwise overrun. The one-cycle schedule is rebuilt over the new total, continuing at the current step.
     """
 
+    WATCH_PARTS = 40  # inside an epoch, the pace is checked every 1/40 of the plan's steps (at least 10)
+
     def __init__(self, started: float, fixed_s: float, clock: planner.Clock, per_epoch_s: float = 0.0) -> None:
         self.started, self.fixed_s, self.clock, self.per_epoch_s = started, fixed_s, clock, per_epoch_s
         self.epoch_started, self.steps_before = 0.0, 0
         self.early_done = False  # the one re-plan inside the first epoch
+        self.window_started, self.window_step = 0.0, 0  # where the pace of the steps since the last check starts
 
     def on_epoch_start(self, loop: Loop) -> None:
         """Note when the epoch began and at which step."""
         self.epoch_started, self.steps_before = self.clock(), loop.step
+        self.window_started, self.window_step = self.epoch_started, loop.step  # no epoch-end work in a window
 
     def on_step_end(self, loop: Loop, loss: float | None) -> None:
         """Once, a quarter into the first epoch (or into a plan shorter than one): re-plan at its steps' pace.
 
         A plan under an epoch has no epoch end to correct at, and the real steps run a few percent slower than the
-        timed ones (2-core AMD EPYC: 64.8 vs 62.0 ms, a 30 s budget overran by 0.7 s without this).
+        timed ones (2-core AMD EPYC: 64.8 vs 62.0 ms, a 30 s budget overran by 0.7 s without this). After that,
+        every 1/40 of the plan: if the steps since the last check have slowed enough to end past the budget,
+        re-plan at their pace (`_watch`).
         """
         if self.early_done:
+            self._watch(loop)
             return
         done = loop.step - self.steps_before
         if done < max(10, min(loop.total_steps, loop.steps_per_epoch) // 4):
@@ -249,15 +256,47 @@ class TimeBudget(Callback):
         self.early_done = True
         if loop.step >= loop.total_steps:
             return
-        synchronize(next(loop.model.parameters()).device)  # CUDA queues its work: the clock must see it done
-        pace = (self.clock() - self.epoch_started) / done  # seconds per step, no epoch-end work in it
-        if pace <= 0:
+        pace = self._pace_since(self.epoch_started, done, loop)  # seconds per step, no epoch-end work in it
+        self.window_started, self.window_step = self.clock(), loop.step
+        if pace > 0:  # (a test's clock may stand still: nothing to plan from)
+            self._follow_in_epoch(loop, self._fit(loop, pace), pace)
+
+    def _watch(self, loop: Loop) -> None:
+        """Every 1/40 of the plan's steps: re-plan at the pace since the last check if the plan would end too late.
+
+        Epoch ends re-plan in any case, but an epoch can be a quarter of a short budget: a second process that took
+        one of 2 CPU cores mid-epoch made a 175 s run end at 266 s. Only an overrun is corrected here (a faster
+        pace waits for the epoch end), so that the jitter of a quiet machine never rebuilds the schedule. The check
+        falls on the same steps in every process (the plan is rank 0's); rank 0's decision is the one followed.
+        """
+        every = max(10, loop.total_steps // self.WATCH_PARTS)
+        done = loop.step - self.window_step
+        if done < every or loop.step >= loop.total_steps:
             return
+        pace = self._pace_since(self.window_started, done, loop)
+        self.window_started, self.window_step = self.clock(), loop.step
+        # Late even without counting the epoch ends still to come: those the epoch-end re-plan counts at their
+        # measured cost, and this estimate of them must not undo its plan.
+        late = pace > 0 and planner.ends_past(loop.config.time_budget, self.started, self.fixed_s, pace, loop.step,
+                                              loop.total_steps, self.clock)  # fmt: skip
+        # Called on time or not: every process must reach `_follow` (a collective) at the same steps.
+        self._follow_in_epoch(loop, self._fit(loop, pace) if late else loop.total_steps, pace)
+
+    def _pace_since(self, started: float, steps: int, loop: Loop) -> float:
+        """Seconds per step over the `steps` steps since clock reading `started`."""
+        synchronize(next(loop.model.parameters()).device)  # CUDA queues its work: the clock must see it done
+        return (self.clock() - started) / steps
+
+    def _fit(self, loop: Loop, pace: float) -> int:
+        """The total steps that fit in the budget at `pace` seconds per step from here."""
         cfg = loop.config
         # As the first plan counts them: this epoch's end still to come (with the test, after the last step), and
         # each later epoch's end spread over its steps.
         fixed_s, step_s = self.fixed_s + self.per_epoch_s, pace + self.per_epoch_s / loop.steps_per_epoch
-        total = planner.replan(cfg.time_budget, self.started, fixed_s, step_s, loop.step, cfg.max_steps, self.clock)
+        return planner.replan(cfg.time_budget, self.started, fixed_s, step_s, loop.step, cfg.max_steps, self.clock)
+
+    def _follow_in_epoch(self, loop: Loop, total: int, pace: float) -> None:
+        """Follow a re-plan made inside an epoch (every process calls it at the same step: `_follow` is collective)."""
         note = self._follow(loop, total, pace)
         if note:
             # config.json now holds the new plan: a checkpoint with the schedule rebuilt over it goes with it, so

@@ -78,6 +78,12 @@ def replan(budget: float, started: float, fixed_s: float, pace: float, step: int
     return min(new, max_steps) if max_steps else new
 
 
+def ends_past(budget: float, started: float, fixed_s: float, step_s: float, step: int, total: int,
+              clock: Clock = time.perf_counter) -> bool:  # fmt: skip
+    """Whether the steps from `step` to `total` at `step_s` seconds each, then `fixed_s`, end past the whole budget."""
+    return clock() - started + (total - step) * step_s + fixed_s > budget
+
+
 def worth_changing(new: int, total: int) -> bool:
     """Whether a re-plan differs enough (over 0.5%, or 2 steps) from the current plan to rebuild the schedule."""
     return abs(new - total) > max(2, total // 200)
