@@ -232,12 +232,17 @@ class TimeBudget(Callback):
         self.started, self.fixed_s, self.clock, self.per_epoch_s = started, fixed_s, clock, per_epoch_s
         self.epoch_started, self.steps_before = 0.0, 0
         self.early_done = False  # the one re-plan inside the first epoch
-        self.window_started, self.window_step = 0.0, 0  # where the pace of the steps since the last check starts
+        # Where the pace of the steps since the last check starts, and since the epoch began or an in-epoch re-plan
+        # last changed the plan (the pace that re-plans: one slow window is a warning, not the pace from now on).
+        self.window_started, self.window_step = 0.0, 0
+        self.segment_started, self.segment_step = 0.0, 0
+        self.last_step_at = 0.0  # the clock at the latest step's end: what follows in an epoch is its end's work
 
     def on_epoch_start(self, loop: Loop) -> None:
         """Note when the epoch began and at which step."""
         self.epoch_started, self.steps_before = self.clock(), loop.step
-        self.window_started, self.window_step = self.epoch_started, loop.step  # no epoch-end work in a window
+        self.window_started = self.segment_started = self.last_step_at = self.epoch_started  # no epoch-end work
+        self.window_step = self.segment_step = loop.step
 
     def on_step_end(self, loop: Loop, loss: float | None) -> None:
         """Once, a quarter into the first epoch (or into a plan shorter than one): re-plan at its steps' pace.
@@ -245,8 +250,9 @@ class TimeBudget(Callback):
         A plan under an epoch has no epoch end to correct at, and the real steps run a few percent slower than the
         timed ones (2-core AMD EPYC: 64.8 vs 62.0 ms, a 30 s budget overran by 0.7 s without this). After that,
         every 1/40 of the plan: if the steps since the last check have slowed enough to end past the budget,
-        re-plan at their pace (`_watch`).
+        re-plan (`_watch`).
         """
+        self.last_step_at = self.clock()
         if self.early_done:
             self._watch(loop)
             return
@@ -257,35 +263,40 @@ class TimeBudget(Callback):
         if loop.step >= loop.total_steps:
             return
         pace = self._pace_since(self.epoch_started, done, loop)  # seconds per step, no epoch-end work in it
+        # Even on a clock that did not move (a test's), every process must reach `_follow` (a collective).
+        self._follow_in_epoch(loop, self._fit(loop, pace) if pace > 0 else loop.total_steps, pace)
         self.window_started, self.window_step = self.clock(), loop.step
-        if pace > 0:  # (a test's clock may stand still: nothing to plan from)
-            self._follow_in_epoch(loop, self._fit(loop, pace), pace)
 
     def _watch(self, loop: Loop) -> None:
-        """Every 1/40 of the plan's steps: re-plan at the pace since the last check if the plan would end too late.
+        """Every 1/40 of the plan's steps (at least 10): shorten the plan if the steps since the last check are
+        slow enough to end the run past its budget.
 
         Epoch ends re-plan in any case, but an epoch can be a quarter of a short budget: a second process that took
-        one of 2 CPU cores mid-epoch made a 175 s run end at 266 s. Only an overrun is corrected here (a faster
-        pace waits for the epoch end), so that the jitter of a quiet machine never rebuilds the schedule. The check
-        falls on the same steps in every process (the plan is rank 0's); rank 0's decision is the one followed.
+        one of 2 CPU cores mid-epoch made a 175 s run end at 266 s. The check counts the rest of the steps at the
+        pace since the last check, this epoch's validation and checkpoint, and the test; the epoch ends after this
+        one are left to the epoch-end re-plan, which counts them at their measured cost. The new plan takes the pace
+        since the epoch began (or since the last in-epoch re-plan): one slow stretch shortens it a little, a lasting
+        slowdown again at each check. Only a shorter plan is followed here; a faster pace waits for the epoch end.
+        The check falls on the same steps in every process (the plan is rank 0's); rank 0's decision is followed.
         """
         every = max(10, loop.total_steps // self.WATCH_PARTS)
         done = loop.step - self.window_step
         if done < every or loop.step >= loop.total_steps:
             return
         pace = self._pace_since(self.window_started, done, loop)
-        self.window_started, self.window_step = self.clock(), loop.step
-        # Late even without counting the epoch ends still to come: those the epoch-end re-plan counts at their
-        # measured cost, and this estimate of them must not undo its plan.
-        late = pace > 0 and planner.ends_past(loop.config.time_budget, self.started, self.fixed_s, pace, loop.step,
-                                              loop.total_steps, self.clock)  # fmt: skip
-        # Called on time or not: every process must reach `_follow` (a collective) at the same steps.
-        self._follow_in_epoch(loop, self._fit(loop, pace) if late else loop.total_steps, pace)
+        late = pace > 0 and planner.ends_past(loop.config.time_budget, self.started, self.fixed_s + self.per_epoch_s,
+                                              pace, loop.step, loop.total_steps, self.clock)  # fmt: skip
+        total = loop.total_steps
+        if late:
+            pace = self._pace_since(self.segment_started, loop.step - self.segment_step, loop)
+            total = min(total, self._fit(loop, pace))
+        self._follow_in_epoch(loop, total, pace)  # called on time or not: it is collective
+        self.window_started, self.window_step = self.clock(), loop.step  # the re-plan's own saving left out
 
     def _pace_since(self, started: float, steps: int, loop: Loop) -> float:
         """Seconds per step over the `steps` steps since clock reading `started`."""
         synchronize(next(loop.model.parameters()).device)  # CUDA queues its work: the clock must see it done
-        return (self.clock() - started) / steps
+        return (self.clock() - started) / max(1, steps)
 
     def _fit(self, loop: Loop, pace: float) -> int:
         """The total steps that fit in the budget at `pace` seconds per step from here."""
@@ -303,10 +314,18 @@ class TimeBudget(Callback):
             # that a resume (or a torchrun restart) never pairs the new plan with an older checkpoint's schedule.
             loop.save_mid_epoch()  # type: ignore[attr-defined]
             loop.message(note)
+            self.segment_started, self.segment_step = self.clock(), loop.step
 
     def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
-        """Re-plan at the epoch's pace (must run before Checkpointing, which saves the plan)."""
-        note = self.replan(loop, self.clock() - self.epoch_started, loop.step - self.steps_before)
+        """Re-plan at the epoch's pace (must run before Checkpointing, which saves the plan).
+
+        After an in-epoch re-plan, the steps since it set the pace, so that the faster steps before a slowdown do not
+        undo the shorter plan; the epoch's end (validation) is spread over all its steps, as the plan counts it.
+        """
+        steps, epoch_steps = loop.step - self.segment_step, loop.step - self.steps_before
+        end_work = self.clock() - self.last_step_at
+        seconds = self.last_step_at - self.segment_started + end_work * steps / max(1, epoch_steps)
+        note = self.replan(loop, seconds, steps)
         if note:
             loop.message(note)
 
