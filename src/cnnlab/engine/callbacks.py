@@ -320,9 +320,12 @@ class TimeBudget(Callback):
         """Re-plan at the epoch's pace (must run before Checkpointing, which saves the plan).
 
         After an in-epoch re-plan, the steps since it set the pace, so that the faster steps before a slowdown do not
-        undo the shorter plan; the epoch's end (validation) is spread over all its steps, as the plan counts it.
+        undo the shorter plan; the epoch's end (validation) is spread over all its steps, as the plan counts it. A
+        re-plan fewer than a check's worth of steps before the epoch's end stands: a pace over so few steps is noise.
         """
         steps, epoch_steps = loop.step - self.segment_step, loop.step - self.steps_before
+        if steps < epoch_steps and steps < max(10, loop.total_steps // self.WATCH_PARTS):  # the same on every process
+            return
         end_work = self.clock() - self.last_step_at
         seconds = self.last_step_at - self.segment_started + end_work * steps / max(1, epoch_steps)
         note = self.replan(loop, seconds, steps)
@@ -334,11 +337,12 @@ class TimeBudget(Callback):
         cfg = loop.config
         if epoch_steps < 1 or loop.step >= loop.total_steps:
             return None
-        pace = epoch_seconds / epoch_steps  # seconds per step, this epoch's validation and checkpoint included
-        if pace <= 0:  # a clock that did not move (a test's fake clock): nothing to re-plan from
-            return None
-        total = planner.replan(cfg.time_budget, self.started, self.fixed_s, pace, loop.step, cfg.max_steps, self.clock)
-        return self._follow(loop, total, pace)
+        pace = epoch_seconds / epoch_steps  # seconds per step, this epoch's validation included
+        total = loop.total_steps  # a clock that did not move (a test's fake clock): nothing to re-plan from, but ...
+        if pace > 0:
+            total = planner.replan(cfg.time_budget, self.started, self.fixed_s, pace, loop.step, cfg.max_steps,
+                                   self.clock)  # fmt: skip
+        return self._follow(loop, total, pace)  # ... every process must reach the collective
 
     def _follow(self, loop: Loop, total: int, pace: float) -> str | None:
         """Rebuild the schedule over `total` steps if that differs enough from the plan; the note, or None."""
