@@ -265,7 +265,7 @@ def test_a_slowdown_inside_an_epoch_is_re_planned_before_it_overruns(
                if line.startswith("time budget: re-planned") and step > 50]  # fmt: skip
     mid = [r for r in replans if r[0] % 50]  # inside an epoch (epoch ends re-plan too)
     if slow_s > 0.01:
-        # Unchecked, epoch 4 would end at step 200 after 1.6 + 40 x 0.04 s of steps, past the budget.
+        # Unchecked, the 4x case's epoch 4 would end at step 200 after 1.6 + 40 x 0.04 s of steps, past the budget.
         assert mid and slow_from < mid[0][0] < slow_from + 30 and result.steps < 200, seen
         # The epoch's end re-plans at the pace since the in-epoch re-plan: it does not undo the shorter plan with
         # the average of a half-fast epoch (that grew 146 to 164 steps, which the next check cut to 149 again).

@@ -226,7 +226,7 @@ class TimeBudget(Callback):
     otherwise overrun. The one-cycle schedule is rebuilt over the new total, continuing at the current step.
     """
 
-    WATCH_PARTS = 40  # inside an epoch, the pace is checked every 1/40 of the plan's steps (at least 10)
+    WATCH_PARTS = 40  # inside an epoch, the pace is checked every 1/40 of the plan's steps (10 steps apart at least)
 
     def __init__(self, started: float, fixed_s: float, clock: planner.Clock, per_epoch_s: float = 0.0) -> None:
         self.started, self.fixed_s, self.clock, self.per_epoch_s = started, fixed_s, clock, per_epoch_s
@@ -268,8 +268,8 @@ class TimeBudget(Callback):
         self.window_started, self.window_step = self.clock(), loop.step
 
     def _watch(self, loop: Loop) -> None:
-        """Every 1/40 of the plan's steps (at least 10): shorten the plan if the steps since the last check are
-        slow enough to end the run past its budget.
+        """Every 1/40 of the plan's steps (10 apart at least): shorten the plan if the steps since the last check
+        are slow enough to end the run past its budget.
 
         Epoch ends re-plan in any case, but an epoch can be a quarter of a short budget: a second process that took
         one of 2 CPU cores mid-epoch made a 175 s run end at 266 s. The check counts the rest of the steps at the
@@ -291,7 +291,7 @@ class TimeBudget(Callback):
             pace = self._pace_since(self.segment_started, loop.step - self.segment_step, loop)
             total = min(total, self._fit(loop, pace))
         self._follow_in_epoch(loop, total, pace)  # called on time or not: it is collective
-        self.window_started, self.window_step = self.clock(), loop.step  # the re-plan's own saving left out
+        self.window_started, self.window_step = self.clock(), loop.step  # after the re-plan's own checkpoint
 
     def _pace_since(self, started: float, steps: int, loop: Loop) -> float:
         """Seconds per step over the `steps` steps since clock reading `started`."""
