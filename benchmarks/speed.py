@@ -111,9 +111,9 @@ Command: `cnnlab train --data fashion-mnist --recipe accurate --time-budget {bud
 
 The recipe: {get_recipe("accurate").summary}; all 60,000 training images.
 The time budget times a few steps, then plans the one-cycle schedule to end within it, and re-plans a quarter into
-the first epoch and after every epoch at the pace measured (so runs differ in steps when the machine's speed
-drifts). Seconds are the whole `fit()`: loading the dataset, timing, training, evaluation (Python start-up, ~3 s,
-comes before it).
+the first epoch, after every epoch, and inside an epoch when the steps slow down enough to end late, at the pace
+measured (so runs differ in steps when the machine's speed drifts). Seconds are the whole `fit()`: loading the
+dataset, timing, training, evaluation (Python start-up, ~3 s, comes before it).
 
 {chr(10).join(rows)}
 

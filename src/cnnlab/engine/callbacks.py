@@ -262,7 +262,7 @@ class TimeBudget(Callback):
         self.early_done = True
         if loop.step >= loop.total_steps:
             return
-        pace = self._pace_since(self.epoch_started, done, loop)  # seconds per step, no epoch-end work in it
+        pace = (self._now(loop) - self.epoch_started) / done  # seconds per step, no epoch-end work in it
         # Even on a clock that did not move (a test's), every process must reach `_follow` (a collective).
         self._follow_in_epoch(loop, self._fit(loop, pace) if pace > 0 else loop.total_steps, pace)
         self.window_started, self.window_step = self.clock(), loop.step
@@ -279,24 +279,28 @@ class TimeBudget(Callback):
         slowdown again at each check. Only a shorter plan is followed here; a faster pace waits for the epoch end.
         The check falls on the same steps in every process (the plan is rank 0's); rank 0's decision is followed.
         """
-        every = max(10, loop.total_steps // self.WATCH_PARTS)
         done = loop.step - self.window_step
-        if done < every or loop.step >= loop.total_steps:
+        if done < self._check_every(loop) or loop.step >= loop.total_steps:
             return
-        pace = self._pace_since(self.window_started, done, loop)
+        now = self._now(loop)
+        pace = (now - self.window_started) / done
         late = pace > 0 and planner.ends_past(loop.config.time_budget, self.started, self.fixed_s + self.per_epoch_s,
                                               pace, loop.step, loop.total_steps, self.clock)  # fmt: skip
         total = loop.total_steps
         if late:
-            pace = self._pace_since(self.segment_started, loop.step - self.segment_step, loop)
+            pace = (now - self.segment_started) / max(1, loop.step - self.segment_step)
             total = min(total, self._fit(loop, pace))
         self._follow_in_epoch(loop, total, pace)  # called on time or not: it is collective
         self.window_started, self.window_step = self.clock(), loop.step  # after the re-plan's own checkpoint
 
-    def _pace_since(self, started: float, steps: int, loop: Loop) -> float:
-        """Seconds per step over the `steps` steps since clock reading `started`."""
+    def _now(self, loop: Loop) -> float:
+        """The clock, once the device has finished the steps queued so far."""
         synchronize(next(loop.model.parameters()).device)  # CUDA queues its work: the clock must see it done
-        return (self.clock() - started) / max(1, steps)
+        return self.clock()
+
+    def _check_every(self, loop: Loop) -> int:
+        """Steps between two in-epoch checks of the pace: 1/WATCH_PARTS of the plan, 10 at least."""
+        return max(10, loop.total_steps // self.WATCH_PARTS)
 
     def _fit(self, loop: Loop, pace: float) -> int:
         """The total steps that fit in the budget at `pace` seconds per step from here."""
@@ -324,7 +328,7 @@ class TimeBudget(Callback):
         re-plan fewer than a check's worth of steps before the epoch's end stands: a pace over so few steps is noise.
         """
         steps, epoch_steps = loop.step - self.segment_step, loop.step - self.steps_before
-        if steps < epoch_steps and steps < max(10, loop.total_steps // self.WATCH_PARTS):  # the same on every process
+        if steps < epoch_steps and steps < self._check_every(loop):  # the same on every process
             return
         end_work = self.clock() - self.last_step_at
         seconds = self.last_step_at - self.segment_started + end_work * steps / max(1, epoch_steps)
