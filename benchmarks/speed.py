@@ -7,7 +7,9 @@
     python benchmarks/speed.py all
 
 Fashion-MNIST must be present (apt install dataset-fashion-mnist, or --data-dir). Each writes its section of
-RESULTS.md: the date, machine, versions, per-seed numbers, means, and the peer's numbers from the same run.
+RESULTS.md: the date, machine, versions, per-seed numbers, means, and the peer's numbers from the same run. A
+section is named after the CPU and precision; `--label 'a slower VM'` gives a second machine that reads the same its
+own section instead of replacing the first's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ from cnnlab.engine.trainer import TrainConfig, fit
 
 def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def where(args: argparse.Namespace, precision: str) -> str:
+    """The machine part of a section's title: CPU, cores, GPU, precision, and --label if given.
+
+    One section per CPU and precision: the recipes must hold on each (an Intel Xeon with AMX, AMD EPYCs with and
+    without AVX-512), so a run on one machine does not overwrite another's. --label keeps apart two machines that
+    read the same, such as two VMs of one CPU model that run at different speeds.
+    """
+    label = f", {args.label}" if args.label else ""
+    return f"{machine_line().split('; ')[1]}, {precision}{label}"
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -50,11 +63,8 @@ def run_train(args: argparse.Namespace) -> None:
     curves = "; ".join(f"seed {p['seed']}: " + ", ".join(f"{c['test_acc']:.2%}@{c['seconds']:.0f}s" for c in p["curve"])
                        for p in peer["runs"])  # fmt: skip
     precision = ours["runs"][0]["precision"]
-    # One section per CPU and precision: the recipes must hold on each (an Intel Xeon with AMX, AMD EPYCs with and
-    # without AVX-512), so a run on one machine does not overwrite another's.
-    where = machine_line().split("; ")[1]
     write_section(
-        f"Time to 91% on Fashion-MNIST: cnnlab --recipe fast vs the peer loop ({where}, {precision})",
+        f"Time to 91% on Fashion-MNIST: cnnlab --recipe fast vs the peer loop ({where(args, precision)})",
         f"""
 Command: `cnnlab bench train --data fashion-mnist --target {args.target} --seeds {args.seeds}` (run by
 `python benchmarks/speed.py train`). Machine: {machine_line()}
@@ -98,7 +108,7 @@ def run_budget(args: argparse.Namespace, budget: float, seeds: int, section: str
         say(f"seed {seed}: {res.test_acc:.2%} in {res.seconds:.1f} s")
         results.append((seed, res))
     rows, mean_acc, mean_total = _train_rows(results)
-    section = f"{section} ({machine_line().split('; ')[1]}, {cfg.precision})"  # one section per CPU and precision
+    section = f"{section} ({where(args, cfg.precision)})"
     met = mean_acc >= target and mean_total <= limit
     lowest = min(r.test_acc for _, r in results)
     goal = (f"Target: >= {target:.1%} within {limit} s: **{'met' if met else 'NOT met'}** (mean {mean_acc:.2%}, lowest "
@@ -173,6 +183,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--long-seeds", type=int, default=3)
     p.add_argument("--target", type=float, default=0.91)
+    p.add_argument(
+        "--label",
+        default="",
+        help="added to the section titles, to keep apart two machines that read the "
+        "same (e.g. 'a slower VM'); the sections of train, budget and long",
+    )
     args = p.parse_args()
     if args.which in ("train", "all"):
         run_train(args)
