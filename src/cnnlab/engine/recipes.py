@@ -49,7 +49,8 @@ RECIPES: dict[str, Recipe] = {
                 **_FIXED_SCHEDULE_NATIVE,
                 "tta": False,
             },
-            "Fashion-MNIST: 91.8-92.1% test accuracy in 29-62 s on 2-core AMD EPYCs in fp32 (3 seeds on each of 2 VMs)",
+            "Fashion-MNIST: 91.8-92.1% test accuracy in 29-62 s on 2-core AMD EPYCs in fp32 (3 seeds on each of "
+            "two VMs)",
         ),
         Recipe(
             "accurate",
