@@ -7,9 +7,10 @@
     python benchmarks/speed.py all
 
 Fashion-MNIST must be present (apt install dataset-fashion-mnist, or --data-dir). Each writes its section of
-RESULTS.md: the date, machine, versions, per-seed numbers, means, and the peer's numbers from the same run. A
-section is named after the CPU and precision; `--label 'a slower VM'` gives a second machine that reads the same its
-own section instead of replacing the first's.
+RESULTS.md: the date, machine, versions, per-seed numbers, means, and the peer's numbers from the same run. The
+sections of train, budget and long are named after the CPU and precision, so a later run on the same kind of machine
+replaces them; `--label 'a slower VM'` adds the label to those names, so that a second machine of the same kind (two
+VMs of one CPU model at different speeds) gets sections of its own. The throughput section is always replaced.
 """
 
 from __future__ import annotations

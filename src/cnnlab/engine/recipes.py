@@ -49,8 +49,8 @@ RECIPES: dict[str, Recipe] = {
                 **_FIXED_SCHEDULE_NATIVE,
                 "tta": False,
             },
-            "Fashion-MNIST: 91.8-92.1% test accuracy in 29-62 s on 2-core AMD EPYCs in fp32 (3 seeds on each of "
-            "two VMs)",
+            "Fashion-MNIST: 91.8-92.1% test accuracy in 29-32 s on a 2-core AMD EPYC in fp32 (3 seeds; 52-62 s on "
+            "a 1.8x slower VM of that CPU)",
         ),
         Recipe(
             "accurate",
