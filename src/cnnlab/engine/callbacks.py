@@ -265,7 +265,6 @@ class TimeBudget(Callback):
         pace = (self._now(loop) - self.epoch_started) / done  # seconds per step, no epoch-end work in it
         # Even on a clock that did not move (a test's), every process must reach `_follow` (a collective).
         self._follow_in_epoch(loop, self._fit(loop, pace) if pace > 0 else loop.total_steps, pace)
-        self.window_started, self.window_step = self.clock(), loop.step
 
     def _watch(self, loop: Loop) -> None:
         """Every 1/40 of the plan's steps (10 apart at least): shorten the plan if the steps since the last check
@@ -291,7 +290,6 @@ class TimeBudget(Callback):
             pace = (now - self.segment_started) / max(1, loop.step - self.segment_step)
             total = min(total, self._fit(loop, pace))
         self._follow_in_epoch(loop, total, pace)  # called on time or not: it is collective
-        self.window_started, self.window_step = self.clock(), loop.step  # after the re-plan's own checkpoint
 
     def _now(self, loop: Loop) -> float:
         """The clock, once the device has finished the steps queued so far."""
@@ -311,7 +309,8 @@ class TimeBudget(Callback):
         return planner.replan(cfg.time_budget, self.started, fixed_s, step_s, loop.step, cfg.max_steps, self.clock)
 
     def _follow_in_epoch(self, loop: Loop, total: int, pace: float) -> None:
-        """Follow a re-plan made inside an epoch (every process calls it at the same step: `_follow` is collective)."""
+        """Follow a re-plan made inside an epoch (every process calls it at the same step: `_follow` is collective),
+        then start the next window of steps whose pace `_watch` checks."""
         note = self._follow(loop, total, pace)
         if note:
             # config.json now holds the new plan: a checkpoint with the schedule rebuilt over it goes with it, so
@@ -319,6 +318,7 @@ class TimeBudget(Callback):
             loop.save_mid_epoch()  # type: ignore[attr-defined]
             loop.message(note)
             self.segment_started, self.segment_step = self.clock(), loop.step
+        self.window_started, self.window_step = self.clock(), loop.step  # after the re-plan's own checkpoint
 
     def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
         """Re-plan at the epoch's pace (must run before Checkpointing, which saves the plan).
