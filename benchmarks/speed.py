@@ -10,7 +10,8 @@ Fashion-MNIST must be present (apt install dataset-fashion-mnist, or --data-dir)
 RESULTS.md: the date, machine, versions, per-seed numbers, means, and the peer's numbers from the same run. The
 sections of train, budget and long are named after the CPU and precision, so a later run on the same kind of machine
 replaces them; `--label 'a slower VM'` adds the label to those names, so that a second machine of the same kind (two
-VMs of one CPU model at different speeds) gets sections of its own. The throughput section is always replaced.
+VMs of one CPU model at different speeds) gets sections of its own. `--precision fp32` forces the fp32 path on a
+machine whose recipes would run bf16 (its sections say fp32). The throughput section is always replaced.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def where(args: argparse.Namespace, precision: str) -> str:
 def run_train(args: argparse.Namespace) -> None:
     """Section 'Time to 91%': the fast recipe and the peer, back to back per seed."""
     cfg = TrainBenchConfig(data_dir=args.data_dir, target=args.target, recipe="fast", seeds=tuple(range(args.seeds)),
-                           device=args.device)  # fmt: skip
+                           device=args.device, precision=args.precision)  # fmt: skip
     r = bench_train(cfg, say)
     ours, peer = r["cnnlab"], r["peer"]
     rows = ["| seed | cnnlab test acc | cnnlab seconds | peer epochs to target | peer seconds to target "
@@ -102,8 +103,9 @@ def run_budget(args: argparse.Namespace, budget: float, seeds: int, section: str
     results = []
     for seed in range(seeds):
         base = TrainConfig(data="fashion-mnist", data_dir=args.data_dir, seed=seed, device=args.device,
-                           time_budget=budget)  # fmt: skip
-        cfg = apply_recipe(base, "accurate", keep={"data", "data_dir", "seed", "device"})
+                           time_budget=budget, precision=args.precision or "auto")  # fmt: skip
+        keep = {"data", "data_dir", "seed", "device"} | ({"precision"} if args.precision else set())
+        cfg = apply_recipe(base, "accurate", keep=keep)
         say(f"seed {seed}: cnnlab train --recipe accurate --time-budget {budget:g} ...")
         res = fit(cfg, runs_dir=None)
         say(f"seed {seed}: {res.test_acc:.2%} in {res.seconds:.1f} s")
@@ -184,6 +186,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--long-seeds", type=int, default=3)
     p.add_argument("--target", type=float, default=0.91)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="override the recipes' precision (bf16 where native, else fp32): fp32 times that path on a "
+                   "CPU with native bf16")  # fmt: skip
     p.add_argument(
         "--label",
         default="",

@@ -358,8 +358,19 @@ def test_bench_train_json_has_both_sides_on_a_tiny_dataset(tmp_path: Path) -> No
     peer = out["peer"]["runs"][0]
     assert len(peer["curve"]) == 1 and peer["seconds_to_target"] == peer["curve"][0]["seconds"] > 0
     assert out["speedup"] == pytest.approx(peer["seconds_to_target"] / run["seconds"])
-    for key in ("cpu", "cores", "gpus", "torch", "torch_threads", "torchvision", "cnnlab", "date"):
+    for key in ("cpu", "cpu_isa", "cores", "gpus", "torch", "torch_threads", "torchvision", "cnnlab", "date"):
         assert key in out["machine"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_train_precision_overrides_the_recipes_native_choice(tmp_path: Path, precision: str) -> None:
+    data = write_fashion_files(tmp_path / "fm")
+    r = run_cli("bench", "train", "--data-dir", str(data), "--epochs", "1", "--target", "0", "--no-peer",
+                "--precision", precision, "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["cnnlab"]["runs"][0]["precision"] == precision
+    r = run_cli("bench", "train", "--data-dir", str(data), "--precision", "fp64")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--precision" in r.stderr
 
 
 def test_bench_train_text_names_the_machine_and_the_ratio(tmp_path: Path) -> None:

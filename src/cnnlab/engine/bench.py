@@ -39,6 +39,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_matrix_isa() -> str:
+    """The CPU's widest matrix/vector instructions (AMX, AVX-512 BF16, AVX-512, AVX2): what decides bf16's speed.
+
+    Two CPUs that report the same model name in a VM ("AMD EPYC") can differ here, and with it whether bf16 is native.
+    """
+    try:
+        match = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        match = None
+    if match:
+        flags = set(match.group(1).split())
+        for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+                           ("avx2", "AVX2"), ("asimd", "NEON")):  # fmt: skip
+            if flag in flags:
+                return name
+    return torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "DEFAULT" where /proc/cpuinfo is missing
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, cores available to this process, GPUs, and the versions of Python, torch, torchvision and cnnlab."""
     import torchvision
@@ -52,6 +70,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        "cpu_isa": cpu_matrix_isa(),
         "cores": cores,
         "gpus": gpus,
         "torch_threads": torch.get_num_threads(),
@@ -66,7 +85,8 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
     """The machine in one line, for printed results."""
     m = info or machine_info()
     gpu = ", ".join(m["gpus"]) or "no GPU"
-    return (f"{m['cpu']}, {m['cores']} cores, {gpu}; torch {m['torch']} ({m['torch_threads']} threads), "
+    isa = f" ({m['cpu_isa']})" if m.get("cpu_isa") else ""
+    return (f"{m['cpu']}{isa}, {m['cores']} cores, {gpu}; torch {m['torch']} ({m['torch_threads']} threads), "
             f"torchvision {m['torchvision']}, Python {m['python']}, cnnlab {m['cnnlab']}")  # fmt: skip
 
 
@@ -231,6 +251,7 @@ class TrainBenchConfig:
     epochs: int | None = None  # None: the recipe's own
     time_budget: float | None = None  # seconds: plan the recipe's schedule to this budget instead of epochs
     device: str = "auto"
+    precision: str | None = None  # None: the recipe's own (bf16 where native); "fp32" forces the fp32 path
     peer: bool = True  # also run the peer loop (CPU, as a student runs it)
     peer_max_epochs: int = 8  # give up on the peer after this many epochs
 
@@ -250,6 +271,9 @@ def _recipe_run(cfg: TrainBenchConfig, seed: int, dataset: Any, say: Callable[[s
         keep.add("epochs")
     if cfg.time_budget is not None:
         base.time_budget = cfg.time_budget
+    if cfg.precision is not None:
+        base.precision = cfg.precision
+        keep.add("precision")
     train_cfg = apply_recipe(base, cfg.recipe, keep=keep)
     say(f"seed {seed}: cnnlab --recipe {cfg.recipe} ...")
     r = fit(train_cfg, runs_dir=None, dataset=dataset)
