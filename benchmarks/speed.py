@@ -43,6 +43,11 @@ def where(args: argparse.Namespace, precision: str) -> str:
     return f"{machine_line().split('; ')[1]}, {precision}{label}"
 
 
+def forced(args: argparse.Namespace) -> str:
+    """The command-line words that force a precision, for a section's command line ('' for the recipe's own)."""
+    return f" --precision {args.precision}" if args.precision else ""
+
+
 def run_train(args: argparse.Namespace) -> None:
     """Section 'Time to 91%': the fast recipe and the peer, back to back per seed."""
     cfg = TrainBenchConfig(data_dir=args.data_dir, target=args.target, recipe="fast", seeds=tuple(range(args.seeds)),
@@ -68,14 +73,15 @@ def run_train(args: argparse.Namespace) -> None:
     write_section(
         f"Time to 91% on Fashion-MNIST: cnnlab --recipe fast vs the peer loop ({where(args, precision)})",
         f"""
-Command: `cnnlab bench train --data fashion-mnist --target {args.target} --seeds {args.seeds}` (run by
-`python benchmarks/speed.py train`). Machine: {machine_line()}
+Command: `cnnlab bench train --data fashion-mnist --target {args.target} --seeds {args.seeds}{forced(args)}` (run by
+`python benchmarks/speed.py train{forced(args)}`). Machine: {machine_line()}
 
 cnnlab: `cnnlab train --data fashion-mnist --recipe fast` ({get_recipe("fast").summary}; {precision} on this
-machine), one test evaluation at the end. Its seconds are the whole `fit()` (model build, training,
-test evaluation); loading the dataset took {r["load_seconds"]:.2f} s before it. The peer: torchvision `FashionMNIST` +
-`DataLoader(ToTensor, Normalize)`, batch 64, conv32-BN-pool + conv64-BN-pool + dense 128 (421,834 parameters), Adam
-1e-3, a test evaluation after every epoch; its seconds count from its first step and include those evaluations.
+machine{" (forced)" if args.precision else ""}), one test evaluation at the end. Its seconds are the whole `fit()`
+(model build, training, test evaluation); loading the dataset took {r["load_seconds"]:.2f} s before it. The peer:
+torchvision `FashionMNIST` + `DataLoader(ToTensor, Normalize)`, batch 64, conv32-BN-pool + conv64-BN-pool + dense
+128 (421,834 parameters), Adam 1e-3, a test evaluation after every epoch; its seconds count from its first step and
+include those evaluations.
 
 {chr(10).join(rows)}
 
@@ -111,6 +117,7 @@ def run_budget(args: argparse.Namespace, budget: float, seeds: int, section: str
         say(f"seed {seed}: {res.test_acc:.2%} in {res.seconds:.1f} s")
         results.append((seed, res))
     rows, mean_acc, mean_total = _train_rows(results)
+    how = " (forced)" if args.precision else ""
     section = f"{section} ({where(args, cfg.precision)})"
     met = mean_acc >= target and mean_total <= limit
     lowest = min(r.test_acc for _, r in results)
@@ -119,10 +126,10 @@ def run_budget(args: argparse.Namespace, budget: float, seeds: int, section: str
     write_section(
         section,
         f"""
-Command: `cnnlab train --data fashion-mnist --recipe accurate --time-budget {budget:g} --seed N` (run by
-`python benchmarks/speed.py {args.which}`). Machine: {machine_line()}
+Command: `cnnlab train --data fashion-mnist --recipe accurate --time-budget {budget:g} --seed N{forced(args)}` (run
+by `python benchmarks/speed.py {args.which}{forced(args)}`). Machine: {machine_line()}
 
-The recipe: {get_recipe("accurate").summary}; all 60,000 training images.
+The recipe: {get_recipe("accurate").summary}; all 60,000 training images; {cfg.precision} on this machine{how}.
 The time budget times a few steps, then plans the one-cycle schedule to end within it, and re-plans a quarter into
 the first epoch, after every epoch, and inside an epoch when the steps slow down enough to end late, at the pace
 measured (so runs differ in steps when the machine's speed drifts). Seconds are the whole `fit()`: loading the

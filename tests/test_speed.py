@@ -369,8 +369,9 @@ def test_bench_train_precision_overrides_the_recipes_native_choice(tmp_path: Pat
                 "--precision", precision, "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["cnnlab"]["runs"][0]["precision"] == precision
-    r = run_cli("bench", "train", "--data-dir", str(data), "--precision", "fp64")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--precision" in r.stderr
+    for bad in ("fp64", "auto"):  # "auto" would mean fp32 on a CPU, not the recipe's own choice: refused
+        r = run_cli("bench", "train", "--data-dir", str(data), "--precision", bad)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--precision" in r.stderr
 
 
 def test_bench_train_text_names_the_machine_and_the_ratio(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="plan the recipe's schedule to this many seconds instead")  # fmt: skip
     t.add_argument("--seeds", type=int_at_least(1), default=1, help="seeds 0..N-1, each run by both (1)")
     t.add_argument("--device", default="auto", help="device for cnnlab's recipe (auto); the peer runs on the CPU")
-    t.add_argument("--precision", choices=PRECISIONS, default=None,
+    t.add_argument("--precision", choices=[p for p in PRECISIONS if p != "auto"], default=None,
                    help="override the recipe's (bf16 where native, else fp32); fp32 times that path")  # fmt: skip
     t.add_argument("--no-peer", dest="peer", action="store_false", help="time cnnlab's recipe only")
     t.add_argument("--peer-max-epochs", type=int_at_least(1), default=8, help="stop the peer after N epochs (8)")
