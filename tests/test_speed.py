@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -273,6 +274,37 @@ def test_a_slowdown_inside_an_epoch_is_re_planned_before_it_overruns(
     else:  # a steady or faster pace inside an epoch never rebuilds the schedule (a faster one waits for its end)
         assert not mid and result.steps >= planned - 2, seen
     assert now[0] <= 3.0 * 0.96, (now[0], result.steps)
+
+
+@pytest.mark.parametrize("step_s", [0.004, 0.02], ids=["faster than timed", "slower than timed"])
+def test_epoch_lines_count_the_epochs_of_the_latest_plan(monkeypatch: pytest.MonkeyPatch, step_s: float) -> None:
+    import io
+    import re
+
+    from rich.console import Console
+
+    from cnnlab.engine.callbacks import Callback
+    from cnnlab.reporting import ConsoleReporter
+
+    monkeypatch.setattr(_Trainer, "_time_steps", lambda self: (0.01, 1e-4))  # timed: 10 ms per step
+    now = [0.0]
+
+    class Steps(Callback):
+        def on_step_end(self, loop: object, loss: float | None) -> None:
+            now[0] += step_s
+
+    out = io.StringIO()
+    cfg = TrainConfig(model="cnn-fast", model_args={"widths": "8-16"}, batch_size=16, val_split=0, patience=0,
+                      time_budget=3.0, device="cpu")  # fmt: skip
+    result = fit(cfg, runs_dir=None, dataset=tiny_dataset(n_train=800), clock=lambda: now[0], callbacks=[Steps()],
+                 reporter=ConsoleReporter(Console(file=out, width=160)))  # fmt: skip
+    text = out.getvalue()
+    lines = re.findall(r"^epoch +(\d+)/(\d+) ", text, re.M)
+    assert [int(k) for k, _ in lines] == list(range(1, result.epochs_run + 1)), text
+    first_plan = math.ceil(int(re.search(r"-> (\d+) steps", text).group(1)) / 50)  # 50 steps per epoch
+    assert first_plan != result.epochs_run, text  # the plan's epochs changed during the run ...
+    assert int(lines[-1][1]) == result.epochs_run, text  # ... and the last line counts those of the final plan
+    assert all(int(k) <= int(n) for k, n in lines), text  # never "epoch 7/5"
 
 
 @pytest.mark.parametrize("step_s", [0.003, 0.03], ids=["faster than timed", "slower than timed"])

@@ -56,6 +56,11 @@ class NotebookReporter(Reporter):
         self.rows.append(row)
         self._draw()
 
+    def plan_changed(self, total_steps: int, epochs: int) -> None:
+        """A time budget's new plan: the bar's length."""
+        self.epochs, self.total = epochs, total_steps
+        self._draw()
+
     def message(self, text: str) -> None:
         """A notice under the table."""
         self.notes.append(text)

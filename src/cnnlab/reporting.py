@@ -94,6 +94,11 @@ class ConsoleReporter(Reporter):
     def message(self, text: str) -> None:
         self.console.print(text)
 
+    def plan_changed(self, total_steps: int, epochs: int) -> None:
+        self.epochs = epochs
+        if self.progress:
+            self.progress.update(self.task, total=total_steps, epochs=epochs)
+
     def train_end(self, result: Any) -> None:
         self.close()
 

@@ -110,18 +110,32 @@ class Progress(Callback):
 
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
+        self.planned = 0  # the total steps the reporter was last told of
+
+    def _plan(self, loop: Loop) -> None:
+        # A time budget re-plans inside TimeBudget's hooks; the bar and the "epoch k/N" lines follow the new plan.
+        if loop.total_steps != self.planned:
+            self.planned = loop.total_steps
+            self.reporter.plan_changed(loop.total_steps, loop.config.epochs)
+
+    def on_train_start(self, loop: Loop) -> None:
+        """Note the plan the reporter started with."""
+        self.planned = loop.total_steps
 
     def on_epoch_start(self, loop: Loop) -> None:
         """Announce the epoch and its number of steps."""
+        self._plan(loop)
         steps = min(loop.steps_per_epoch - loop.steps_into_epoch(), loop.total_steps - loop.step)
         self.reporter.epoch_start(loop.epoch + 1, steps)
 
     def on_step_end(self, loop: Loop, loss: float | None) -> None:
         """Advance the bar."""
+        self._plan(loop)
         self.reporter.step(loop.epoch + 1, loop.steps_into_epoch(), loss)
 
     def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
-        """Print the epoch's line."""
+        """Print the epoch's line (after the epoch end's re-plan, so that it counts the epochs of the new plan)."""
+        self._plan(loop)
         self.reporter.epoch_end(row)
 
 

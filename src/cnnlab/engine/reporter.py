@@ -38,5 +38,8 @@ class Reporter:
     def message(self, text: str) -> None:
         """A one-line notice (early stopping, resume, ...)."""
 
+    def plan_changed(self, total_steps: int, epochs: int) -> None:
+        """A time budget re-planned the run: it now takes `total_steps` optimizer steps over `epochs` epochs."""
+
     def train_end(self, result: Any) -> None:
         """Called once with the TrainResult."""
