@@ -43,9 +43,10 @@ def where(args: argparse.Namespace, precision: str) -> str:
     return f"{machine_line().split('; ')[1]}, {precision}{label}"
 
 
-def forced(args: argparse.Namespace) -> str:
-    """The command-line words that force a precision, for a section's command line ('' for the recipe's own)."""
-    return f" --precision {args.precision}" if args.precision else ""
+def forced(args: argparse.Namespace) -> tuple[str, str]:
+    """For a section's text: the command-line words that force a precision, and the note after it ('' for neither
+    where the recipe chose)."""
+    return (f" --precision {args.precision}", " (forced)") if args.precision else ("", "")
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -70,14 +71,15 @@ def run_train(args: argparse.Namespace) -> None:
     curves = "; ".join(f"seed {p['seed']}: " + ", ".join(f"{c['test_acc']:.2%}@{c['seconds']:.0f}s" for c in p["curve"])
                        for p in peer["runs"])  # fmt: skip
     precision = ours["runs"][0]["precision"]
+    flag, how = forced(args)
     write_section(
         f"Time to 91% on Fashion-MNIST: cnnlab --recipe fast vs the peer loop ({where(args, precision)})",
         f"""
-Command: `cnnlab bench train --data fashion-mnist --target {args.target} --seeds {args.seeds}{forced(args)}` (run by
-`python benchmarks/speed.py train{forced(args)}`). Machine: {machine_line()}
+Command: `cnnlab bench train --data fashion-mnist --target {args.target} --seeds {args.seeds}{flag}` (run by
+`python benchmarks/speed.py train{flag}`). Machine: {machine_line()}
 
 cnnlab: `cnnlab train --data fashion-mnist --recipe fast` ({get_recipe("fast").summary}; {precision} on this
-machine{" (forced)" if args.precision else ""}), one test evaluation at the end. Its seconds are the whole `fit()`
+machine{how}), one test evaluation at the end. Its seconds are the whole `fit()`
 (model build, training, test evaluation); loading the dataset took {r["load_seconds"]:.2f} s before it. The peer:
 torchvision `FashionMNIST` + `DataLoader(ToTensor, Normalize)`, batch 64, conv32-BN-pool + conv64-BN-pool + dense
 128 (421,834 parameters), Adam 1e-3, a test evaluation after every epoch; its seconds count from its first step and
@@ -117,7 +119,7 @@ def run_budget(args: argparse.Namespace, budget: float, seeds: int, section: str
         say(f"seed {seed}: {res.test_acc:.2%} in {res.seconds:.1f} s")
         results.append((seed, res))
     rows, mean_acc, mean_total = _train_rows(results)
-    how = " (forced)" if args.precision else ""
+    flag, how = forced(args)
     section = f"{section} ({where(args, cfg.precision)})"
     met = mean_acc >= target and mean_total <= limit
     lowest = min(r.test_acc for _, r in results)
@@ -126,8 +128,8 @@ def run_budget(args: argparse.Namespace, budget: float, seeds: int, section: str
     write_section(
         section,
         f"""
-Command: `cnnlab train --data fashion-mnist --recipe accurate --time-budget {budget:g} --seed N{forced(args)}` (run
-by `python benchmarks/speed.py {args.which}{forced(args)}`). Machine: {machine_line()}
+Command: `cnnlab train --data fashion-mnist --recipe accurate --time-budget {budget:g} --seed N{flag}` (run
+by `python benchmarks/speed.py {args.which}{flag}`). Machine: {machine_line()}
 
 The recipe: {get_recipe("accurate").summary}; all 60,000 training images; {cfg.precision} on this machine{how}.
 The time budget times a few steps, then plans the one-cycle schedule to end within it, and re-plans a quarter into

@@ -28,15 +28,18 @@ from cnnlab.memory import check_fits, model_memory
 from cnnlab.models.registry import create_model, model_info
 
 
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` line of /proc/cpuinfo ("model name", "flags"), or None where there is none."""
+    try:
+        match = re.search(rf"^{field}\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        return None
+    return match.group(1).strip() if match else None
+
+
 def cpu_model() -> str:
     """The CPU's name, from /proc/cpuinfo where there is one."""
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_matrix_isa() -> str:
@@ -44,17 +47,11 @@ def cpu_matrix_isa() -> str:
 
     Two CPUs that report the same model name in a VM ("AMD EPYC") can differ here, and with it whether bf16 is native.
     """
-    try:
-        match = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    except OSError:
-        match = None
-    if match:
-        flags = set(match.group(1).split())
-        for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
-                           ("avx2", "AVX2"), ("asimd", "NEON")):  # fmt: skip
-            if flag in flags:
-                return name
-    return torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "DEFAULT" where /proc/cpuinfo is missing
+    flags = set((_cpuinfo("flags") or "").split())  # x86 Linux; elsewhere (macOS, ARM's "Features") torch's answer
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
+        if flag in flags:
+            return name
+    return torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", or "DEFAULT" on a CPU it has no kernels for
 
 
 def machine_info() -> dict[str, Any]:

@@ -124,7 +124,6 @@ class Progress(Callback):
 
     def on_epoch_start(self, loop: Loop) -> None:
         """Announce the epoch and its number of steps."""
-        self._plan(loop)
         steps = min(loop.steps_per_epoch - loop.steps_into_epoch(), loop.total_steps - loop.step)
         self.reporter.epoch_start(loop.epoch + 1, steps)
 
