@@ -3,7 +3,7 @@
     python benchmarks/speed.py train        # --recipe fast vs the peer, time to 91%, 3 seeds     (~9 min, 2 cores)
     python benchmarks/speed.py budget       # --recipe accurate --time-budget 175, 3 seeds          (~9 min)
     python benchmarks/speed.py long         # --recipe accurate --time-budget 595, --long-seeds N (3) (~10 min each)
-    python benchmarks/speed.py throughput   # the fast recipe's model and ResNet-50 (GPU), vs the matmul peak
+    python benchmarks/speed.py throughput   # the recipes' nets (and ResNet-50 on a GPU) vs the matmul peak
     python benchmarks/speed.py all
 
 Fashion-MNIST must be present (apt install dataset-fashion-mnist, or --data-dir). Each writes its section of
@@ -11,7 +11,8 @@ RESULTS.md: the date, machine, versions, per-seed numbers, means, and the peer's
 sections of train, budget and long are named after the CPU and precision, so a later run on the same kind of machine
 replaces them; `--label 'a slower VM'` adds the label to those names, so that a second machine of the same kind (two
 VMs of one CPU model at different speeds) gets sections of its own. `--precision fp32` forces the fp32 path on a
-machine whose recipes would run bf16 (its sections say fp32). The throughput section is always replaced.
+machine whose recipes would run bf16 (its sections say fp32). The throughput section is named after the CPU
+and GPU alone: it measures both precisions.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from _common import machine_line, write_section
 
+from cnnlab.engine import bench
 from cnnlab.engine.bench import ThroughputConfig, TrainBenchConfig, bench_train, throughput
 from cnnlab.engine.recipes import get_recipe
 from cnnlab.engine.trainer import TrainConfig, fit
@@ -145,42 +147,51 @@ dataset, timing, training, evaluation (Python start-up, ~3 s, comes before it).
 
 
 def run_throughput(args: argparse.Namespace) -> None:
-    """Section 'Throughput': the fast recipe's model (and ResNet-50 at 224 on a GPU) vs the matmul peak."""
+    """Section 'Training throughput' of this machine: the recipes' nets (and ResNet-50 at 224 on a GPU) vs the
+    matmul peak, in bf16 and fp32."""
     import torch
 
-    cases = [
-        ThroughputConfig(model="cnn-fast", batch_size=128, precision="bf16", channels_last=True, device=args.device,
-                         seconds=5.0),
-        ThroughputConfig(model="cnn-fast", batch_size=128, precision="fp32", channels_last=True, device=args.device,
-                         seconds=5.0),
-        ThroughputConfig(model="cnn-fast", batch_size=128, precision="fp32", device=args.device, seconds=5.0),
-    ]  # fmt: skip
+    def case(model: str, precision: str, channels_last: bool = True, **model_args: Any) -> ThroughputConfig:
+        return ThroughputConfig(model=model, batch_size=128, precision=precision, channels_last=channels_last,
+                                device=args.device, seconds=5.0, model_args=model_args)  # fmt: skip
+
+    nets = [("cnn-fast (the default, 16-64-128)", {})] + [
+        (f"`{name}` recipe's net", dict(get_recipe(name).settings["model_args"])) for name in ("fast", "accurate")
+    ]
+    cases = [(label, case("cnn-fast", p, **kw)) for label, kw in nets for p in ("bf16", "fp32")]
+    cases.append(("cnn-fast (the default, 16-64-128)", case("cnn-fast", "fp32", channels_last=False)))
     if torch.cuda.is_available():
-        cases.append(ThroughputConfig(model="resnet50", batch_size=256, image_size=224, channels=3, num_classes=1000,
-                                      precision="bf16", channels_last=True, device="cuda", seconds=10.0))  # fmt: skip
-    rows = ["| model | batch | input | device, precision | layout | images/s | GFLOP/s | fp32 matmul peak "
+        cases.append(("resnet50", ThroughputConfig(model="resnet50", batch_size=256, image_size=224, channels=3,
+                                                   num_classes=1000, precision="bf16", channels_last=True,
+                                                   device="cuda", seconds=10.0)))  # fmt: skip
+    rows = ["| model | options | batch | input | device, precision | layout | images/s | GFLOP/s | fp32 matmul peak "
             "| of fp32 peak | of peak at its precision |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for c in cases:
-        say(f"{c.model} batch {c.batch_size} {c.precision} ...")
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for label, c in cases:
+        say(f"{label} batch {c.batch_size} {c.precision} ...")
         r = throughput(c)
-        rows.append(f"| {r['model']} | {r['batch_size']} | {r['channels']}x{r['image_size']}x{r['image_size']} | "
+        opts = ",".join(f"{k}={v}" for k, v in c.model_args.items()) or "-"
+        rows.append(f"| {label} | {opts} | {r['batch_size']} | {r['channels']}x{r['image_size']}x{r['image_size']} | "
                     f"{r['device']} {r['precision']} | {'NHWC' if r['channels_last'] else 'NCHW'} | "
                     f"{r['images_per_s']:,.0f} | {r['achieved_gflops_s']:,.0f} | "
                     f"{r['matmul_peak_fp32_gflops_s']:,.0f} | "
                     f"{r['fraction_of_fp32_peak']:.0%} | {r['fraction_of_peak']:.0%} |")  # fmt: skip
     gpu = "" if torch.cuda.is_available() else (
-        "\nGPU targets (Fashion-MNIST >= 94% in <= 10 s and ResNet-50 224x224 AMP channels-last >= 2,500 images/s on "
-        "one H100): **not measured** - this run had no GPU.\n")  # fmt: skip
+        "\nGPU targets of issue #19 (Fashion-MNIST >= 94% in <= 5 s and ResNet-50 224x224 AMP channels-last >= 3,000 "
+        "images/s on one H100/H200): **not measured** - this run had no GPU.\n")  # fmt: skip
+    isa = bench.cpu_matrix_isa()
+    units = {"AMX": "the CPU's AMX tile units", "AVX-512 BF16": "AVX-512 BF16 dot-product instructions"}.get(isa)
+    bf16 = (f"bf16 products run on {units}, so the bf16 peak is above the fp32 one." if units else
+            "this CPU has no native bf16 instructions: oneDNN emulates bf16, slower than fp32, which is why the "
+            "recipes use fp32 here.")  # fmt: skip
     write_section(
-        "Training throughput vs the matmul peak",
+        f"Training throughput vs the matmul peak ({machine_line().split('; ')[1]})",
         f"""
 Command: `cnnlab bench throughput --model cnn-fast --batch-size 128 --precision bf16 --channels-last` and variants
-(run by `python benchmarks/speed.py throughput`). Machine: {machine_line()}
+(`--model-args` for the recipes' nets; run by `python benchmarks/speed.py throughput`). Machine: {machine_line()}
 
 Training steps (forward, backward, SGD step) on synthetic 1x28x28 batches after a warm-up, at least 5 s each. GFLOP/s
-count 3x the forward FLOPs. The peak is the best n=4096 matrix product in the same run; bf16 products run on the
-CPU's AMX units, so the bf16 peak is far above the fp32 one.
+count 3x the forward FLOPs. The peak is the best matrix product in the same run, in the step's precision; {bf16}
 
 {chr(10).join(rows)}
 {gpu}""",
