@@ -3,7 +3,7 @@
     python benchmarks/speed.py train        # --recipe fast vs the peer, time to 91%, 3 seeds     (~9 min, 2 cores)
     python benchmarks/speed.py budget       # --recipe accurate --time-budget 175, 3 seeds          (~9 min)
     python benchmarks/speed.py long         # --recipe accurate --time-budget 595, --long-seeds N (3) (~10 min each)
-    python benchmarks/speed.py throughput   # the recipes' nets (and ResNet-50 on a GPU) vs the matmul peak
+    python benchmarks/speed.py throughput   # the recipes' nets (and ResNet-50 on a GPU) vs the matmul peak (~3 min)
     python benchmarks/speed.py all
 
 Fashion-MNIST must be present (apt install dataset-fashion-mnist, or --data-dir). Each writes its section of
@@ -167,13 +167,21 @@ def run_throughput(args: argparse.Namespace) -> None:
     rows = ["| model | options | batch | input | device, precision | layout | images/s | GFLOP/s | fp32 matmul peak "
             "| of fp32 peak | of peak at its precision |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for label, c in cases:
-        say(f"{label} batch {c.batch_size} {c.precision} ...")
-        r = throughput(c)
+    # A shared VM's speed drifts by 10-20% within minutes: the cases take turns, `--repeats` rounds of them, so a
+    # slow stretch falls on every case alike, and each row gives the median run and the range.
+    runs: list[list[dict[str, Any]]] = [[] for _ in cases]
+    for round_ in range(args.repeats):
+        for (label, c), got in zip(cases, runs, strict=True):
+            say(f"round {round_ + 1}/{args.repeats}: {label} batch {c.batch_size} {c.precision} ...")
+            got.append(throughput(c))
+    for (label, c), got in zip(cases, runs, strict=True):
+        r = sorted(got, key=lambda x: x["images_per_s"])[len(got) // 2]
+        low, high = min(x["images_per_s"] for x in got), max(x["images_per_s"] for x in got)
+        spread = f" ({low:,.0f}-{high:,.0f})" if len(got) > 1 else ""
         opts = ",".join(f"{k}={v}" for k, v in c.model_args.items()) or "-"
         rows.append(f"| {label} | {opts} | {r['batch_size']} | {r['channels']}x{r['image_size']}x{r['image_size']} | "
                     f"{r['device']} {r['precision']} | {'NHWC' if r['channels_last'] else 'NCHW'} | "
-                    f"{r['images_per_s']:,.0f} | {r['achieved_gflops_s']:,.0f} | "
+                    f"{r['images_per_s']:,.0f}{spread} | {r['achieved_gflops_s']:,.0f} | "
                     f"{r['matmul_peak_fp32_gflops_s']:,.0f} | "
                     f"{r['fraction_of_fp32_peak']:.0%} | {r['fraction_of_peak']:.0%} |")  # fmt: skip
     gpu = "" if torch.cuda.is_available() else (
@@ -190,8 +198,10 @@ def run_throughput(args: argparse.Namespace) -> None:
 Command: `cnnlab bench throughput --model cnn-fast --batch-size 128 --precision bf16 --channels-last` and variants
 (`--model-args` for the recipes' nets; run by `python benchmarks/speed.py throughput`). Machine: {machine_line()}
 
-Training steps (forward, backward, SGD step) on synthetic 1x28x28 batches after a warm-up, at least 5 s each. GFLOP/s
-count 3x the forward FLOPs. The peak is the best matrix product in the same run, in the step's precision; {bf16}
+Training steps (forward, backward, SGD step) on synthetic 1x28x28 batches after a warm-up, at least 5 s each;
+{args.repeats} rounds of all the cases in turn. images/s: the median round (the range over the rounds); the other
+columns are that round's. GFLOP/s count 3x the forward FLOPs. The fp32 peak is the best fp32 matrix product (n =
+2048 on a CPU) measured with each case; the last column divides by the best product in the case's precision: {bf16}
 
 {chr(10).join(rows)}
 {gpu}""",
@@ -204,6 +214,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="throughput: rounds of all the cases (the median is shown)")
     p.add_argument("--long-seeds", type=int, default=3)
     p.add_argument("--target", type=float, default=0.91)
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
@@ -216,6 +227,8 @@ def main() -> None:
         "same (e.g. 'a slower VM'); the sections of train, budget and long",
     )
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     if args.which in ("train", "all"):
         run_train(args)
     if args.which in ("budget", "all"):
