@@ -3,12 +3,14 @@ channels-last, test-time augmentation, `cnnlab bench` JSON, and the peer loop.""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -455,3 +457,50 @@ def test_peer_loop_runs_torchvisions_dataset_class_on_the_files_cnnlab_finds(tmp
     assert [row["epoch"] for row in out["curve"]] == [1, 2] and out["seconds_to_target"] is None
     assert all(0 <= row["test_acc"] <= 1 for row in out["curve"])
     assert sum(p.numel() for p in PeerCNN().parameters()) == 421_834
+
+
+@pytest.mark.parametrize("repeats", [3, 2])
+def test_the_throughput_benchmark_shows_the_median_round_and_the_devices_best_peak(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repeats: int
+) -> None:  # fmt: skip
+    """benchmarks/speed.py throughput: each row the median round's images/s (the lower middle for an even count) with
+    the range, and fractions of the best matmul peak of all the rounds (one slow product must not lower the peak)."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    for name in ("speed", "_common"):
+        sys.modules.pop(name, None)  # the scripts import `_common` by its bare name: a fresh copy, patched below
+    speed = importlib.import_module("speed")
+    common = importlib.import_module("_common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
+    calls: list[str] = []
+    rounds = {"images": [100.0, 300.0, 200.0], "peak": [50.0, 200.0, 100.0]}
+
+    def fake_throughput(c: Any) -> dict[str, Any]:
+        case = c.precision + str(c.model_args) + str(c.channels_last)
+        k = calls.count(case)  # this case's round
+        calls.append(case)
+        images, peak = rounds["images"][k], rounds["peak"][k]
+        peak_here = 2 * peak if c.precision == "bf16" else peak  # its own precision's
+        return {"model": c.model, "batch_size": c.batch_size, "channels": 1, "image_size": 28, "device": "cpu",
+                "precision": {"bf16": "bfloat16", "fp32": "float32"}[c.precision], "channels_last": c.channels_last,
+                "images_per_s": images, "achieved_gflops_s": images / 10, "matmul_peak_fp32_gflops_s": peak,
+                "matmul_peak_gflops_s": peak_here, "fraction_of_fp32_peak": images / 10 / peak,
+                "fraction_of_peak": images / 10 / peak_here}  # fmt: skip
+
+    monkeypatch.setattr(speed, "throughput", fake_throughput)
+    speed.run_throughput(argparse.Namespace(device="cpu", repeats=repeats))
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Training throughput vs the matmul peak (" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `accurate` recipe's net")]
+    assert len(rows) == 2 and len(calls) == 7 * repeats  # bf16 and fp32; every case in every round
+    best_peak = max(rounds["peak"][:repeats])
+    median = sorted(rounds["images"][:repeats])[(repeats - 1) // 2]
+    low, high = min(rounds["images"][:repeats]), max(rounds["images"][:repeats])
+    cells = [cell.strip() for cell in rows[1].split("|")[1:-1]]  # fp32: its own peak is the fp32 one
+    assert cells[6] == f"{median:,.0f} ({low:,.0f}-{high:,.0f})"
+    assert cells[8] == f"{best_peak:,.0f}"
+    assert cells[9] == cells[10] == f"{median / 10 / best_peak:.0%}"
+    bf16 = [cell.strip() for cell in rows[0].split("|")[1:-1]]
+    assert bf16[10] == f"{median / 10 / (2 * best_peak):.0%}"
