@@ -168,7 +168,7 @@ def run_throughput(args: argparse.Namespace) -> None:
             "| of fp32 peak | of peak at its precision |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     # A shared VM's speed drifts, by up to 2x within minutes: the cases take turns, `--repeats` rounds of them, so a
-    # slow stretch falls on every case alike, and each row gives the median round and the range.
+    # slow stretch is spread over the cases rather than falling on one, and each row gives the median round and range.
     runs: list[list[dict[str, Any]]] = [[] for _ in cases]
     for round_ in range(args.repeats):
         for (label, c), got in zip(cases, runs, strict=True):
