@@ -24,7 +24,6 @@ from typing import Any
 
 from _common import machine_line, write_section
 
-from cnnlab.engine import bench
 from cnnlab.engine.bench import ThroughputConfig, TrainBenchConfig, bench_train, throughput
 from cnnlab.engine.recipes import get_recipe
 from cnnlab.engine.trainer import TrainConfig, fit
@@ -42,7 +41,12 @@ def where(args: argparse.Namespace, precision: str) -> str:
     read the same, such as two VMs of one CPU model that run at different speeds.
     """
     label = f", {args.label}" if args.label else ""
-    return f"{machine_line().split('; ')[1]}, {precision}{label}"
+    return f"{machine_name()}, {precision}{label}"
+
+
+def machine_name() -> str:
+    """The machine in a section's title: CPU with its widest matrix instructions, cores, GPU."""
+    return machine_line().split("; ")[1]
 
 
 def forced(args: argparse.Namespace) -> tuple[str, str]:
@@ -196,14 +200,13 @@ def run_throughput(args: argparse.Namespace) -> None:
     if runs[0][0]["device"].startswith("cuda"):
         bf16 = "on a GPU, bf16 products run on its tensor cores, far above its fp32 rate."
     else:
-        units = {"AMX": "the CPU's AMX tile units", "AVX-512 BF16": "AVX-512 BF16 dot-product instructions"}.get(
-            bench.cpu_matrix_isa()
-        )
+        isa = runs[0][0]["machine"]["cpu_isa"]  # the machine the rounds ran on, as each result records it
+        units = {"AMX": "the CPU's AMX tile units", "AVX-512 BF16": "AVX-512 BF16 dot-product instructions"}.get(isa)
         bf16 = (f"bf16 products run on {units}, so the bf16 peak is above the fp32 one." if units else
                 "this CPU has no native bf16 instructions: oneDNN emulates bf16, slower than fp32, which is why the "
                 "recipes use fp32 here.")  # fmt: skip
     write_section(
-        f"Training throughput vs the matmul peak ({machine_line().split('; ')[1]})",
+        f"Training throughput vs the matmul peak ({machine_name()})",
         f"""
 Command: `cnnlab bench throughput --model cnn-fast --batch-size 128 --precision bf16 --channels-last` and variants
 (`--model-args` for the recipes' nets; run by `python benchmarks/speed.py throughput`). Machine: {machine_line()}

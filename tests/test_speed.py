@@ -487,12 +487,13 @@ def test_the_throughput_benchmark_shows_the_median_round_and_the_devices_best_pe
                 "precision": {"bf16": "bfloat16", "fp32": "float32"}[c.precision], "channels_last": c.channels_last,
                 "images_per_s": images, "achieved_gflops_s": images / 10, "matmul_peak_fp32_gflops_s": peak,
                 "matmul_peak_gflops_s": peak_here, "fraction_of_fp32_peak": images / 10 / peak,
-                "fraction_of_peak": images / 10 / peak_here}  # fmt: skip
+                "fraction_of_peak": images / 10 / peak_here, "machine": {"cpu_isa": "AVX-512 BF16"}}  # fmt: skip
 
     monkeypatch.setattr(speed, "throughput", fake_throughput)
     speed.run_throughput(argparse.Namespace(device="cpu", repeats=repeats))
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## Training throughput vs the matmul peak (" in text
+    assert "bf16 products run on AVX-512 BF16 dot-product instructions" in text  # the CPU the results record
     rows = [line for line in text.splitlines() if line.startswith("| `accurate` recipe's net")]
     assert len(rows) == 2 and len(calls) == 7 * repeats  # bf16 and fp32; every case in every round
     best_peak = max(rounds["peak"][:repeats])
