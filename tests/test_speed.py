@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -378,6 +380,18 @@ def test_channels_last_and_tta_train_and_evaluate_like_the_default() -> None:
     assert a.steps == b.steps and abs(a.test_loss - b.test_loss) < 1e-3  # the same maths in another memory layout
     c = fit(TrainConfig(**base, tta=True), runs_dir=None, dataset=data)
     assert c.steps == a.steps and 0.0 <= c.test_acc <= 1.0
+
+
+def test_a_run_without_a_directory_does_not_load_the_plotting_library() -> None:
+    # matplotlib takes ~0.6 s to import: a run that draws no curves must not pay it inside its timed seconds.
+    code = (
+        "import sys, numpy as np, cnnlab\n"
+        "x = np.random.default_rng(0).integers(0, 255, (32, 28, 28), dtype=np.uint8)\n"
+        "run = cnnlab.train('cnn-fast', (x, np.arange(32) % 4), epochs=1, runs_dir=None, progress=False)\n"
+        "print(run.result.epochs_run, 'matplotlib' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert out.stdout.split() == ["1", "False"], out.stderr[-2000:]
 
 
 def test_bench_train_json_has_both_sides_on_a_tiny_dataset(tmp_path: Path) -> None:

@@ -705,8 +705,6 @@ class Trainer:
 
     def finish(self, stopped_early: bool, started: float) -> TrainResult:
         """Restore the best weights, evaluate on the test split, write results and curves."""
-        from cnnlab.inspect.visualize import plot_curves
-
         run = self.run
         if run and (run / rundir.BEST).is_file():
             load_weights(self.model, run / rundir.BEST)
@@ -728,6 +726,10 @@ class Trainer:
             test_map=test.get("mAP") if self.multi_label else None,
         )  # fmt: skip
         if run:
+            # Imported here, after the clock stopped: matplotlib costs ~0.6 s to import (2-core EPYC), as much as the
+            # test evaluation, and a run without a directory draws nothing.
+            from cnnlab.inspect.visualize import plot_curves
+
             atomic_write_json(run / rundir.RESULTS, result.to_dict())
             plot_curves(self.history, run / rundir.CURVES, title=f"{self.cfg.model} on {self.data.name}",
                         best_epoch=self.best_epoch if self.val_set is not None else None)  # fmt: skip
