@@ -23,7 +23,7 @@ from cnnlab.engine import rundir
 from cnnlab.engine.checkpoint import load_checkpoint
 from cnnlab.engine.recipes import RECIPES, apply_recipe, get_recipe, native_bf16
 from cnnlab.engine.reporter import Reporter
-from cnnlab.engine.trainer import TrainConfig, _Trainer, fit, predict_logits
+from cnnlab.engine.trainer import TrainConfig, _Trainer, fit, predict_logits, train_run
 from cnnlab.errors import UsageError
 from cnnlab.models.registry import create_model
 from tests.conftest import run_cli, run_main, write_idx
@@ -117,6 +117,92 @@ def test_the_trainer_fits_the_whitening_stem_once_and_the_run_keeps_it(tmp_path:
     other.train.images[:] = 255 - other.train.images
     fit(dataclasses.replace(cfg, model_args={}), runs_dir=None, dataset=other, module=model.train())
     assert torch.equal(model.whitening.weight, before)
+
+
+class Said(Reporter):
+    """Keeps the run's one-line notices."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_keeping_the_whitening_stems_outputs_trains_the_same_run(precision: str, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:  # fmt: skip
+    from cnnlab.engine import stem_cache
+    from cnnlab.memory import gib
+
+    # 97 images in batches of 32: every epoch ends with a batch of one, the size whose fp32 kernel differs.
+    data = tiny_dataset(n_train=97)
+    cfg = TrainConfig(model="cnn-fast", model_args={"widths": "8-16", "stem": "whiten"}, epochs=3, batch_size=32,
+                      val_split=0.0, patience=0, device="cpu", augment=(), precision=precision)  # fmt: skip
+    runs = []
+    for keep in (True, False):
+        monkeypatch.setattr(stem_cache, "MAX_BYTES", 4 * 2**30 if keep else 0)
+        said = Said()
+        trainer, result = train_run(cfg, runs_dir=None, dataset=data, reporter=said)
+        assert trainer is not None
+        kept = [line for line in said.lines if line.startswith("whitening stem:")]
+        dtype = "float32" if precision == "fp32" else "bfloat16"
+        size = gib(97 * 18 * 14 * 14 * (4 if precision == "fp32" else 2))
+        if keep:
+            want = "its output kept for each training image, computed the first time a batch draws it (97 x 18x14x14 "
+            want += f"{dtype}, {size})"
+        else:
+            want = f"computed at every step (its outputs would take {size}, more than the 0 MiB allowed)"
+        assert kept == [f"whitening stem: {want}"]
+        assert trainer.train_loader.stem_memo is None, "the run lets go of the kept outputs"
+        runs.append((trainer.model.state_dict(), [r["train_loss"] for r in result.history], result.test_acc))
+    (kept_state, kept_losses, kept_acc), (state, losses, acc) = runs
+    assert kept_losses == losses and kept_acc == acc
+    for key in state:
+        assert torch.equal(kept_state[key], state[key]), key
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"augment": ("flip",)}, {"mixup": 0.2}, {"epochs": 1}, {"model_args": {"widths": "8-16", "stem": "conv"}}],
+    ids=["augmented", "mixed", "one-epoch", "learned-stem"],
+)
+def test_the_stem_runs_at_every_step_when_its_outputs_would_not_be_read_again(options: dict[str, Any]) -> None:
+    cfg = TrainConfig(**{"model": "cnn-fast", "model_args": {"widths": "8-16", "stem": "whiten"}, "epochs": 2,
+                         "batch_size": 32, "val_split": 0.0, "patience": 0, "device": "cpu", "augment": (),
+                         "max_steps": 2, **options})  # fmt: skip
+    said = Said()
+    fit(cfg, runs_dir=None, dataset=tiny_dataset(n_train=64), reporter=said)
+    assert not [line for line in said.lines if "whitening stem: its output kept" in line]
+
+
+def test_the_stem_memo_computes_each_image_once_as_a_step_would() -> None:
+    from cnnlab.data.pipeline import BatchLoader, channel_stats
+    from cnnlab.engine import stem_cache
+    from cnnlab.models.fast import FastCNN
+
+    data = tiny_dataset(n_train=97)
+    model = FastCNN(num_classes=4, widths="8", stem="whiten").to(memory_format=torch.channels_last)
+    assert model.fixed_stem_layers() == 0, "nothing is fixed before the filters are fitted"
+    loader = BatchLoader(data.train, 32, channel_stats(data.train), channels_last=True)
+    model.fit_whitening(x for x, _ in loader)
+    assert model.fixed_stem_layers() == 2 and FastCNN(widths="8", stem="conv").fixed_stem_layers() == 0
+    memo = stem_cache.make_memo(model, loader, torch.float32)
+    assert isinstance(memo, stem_cache.StemMemo) and not memo.known.any()
+    with torch.no_grad():
+        want = model.features[:2](loader.prepare(data.train.images))  # every image in one batch
+        rows = torch.tensor([5, 90, 5, 7])
+        assert torch.equal(memo(rows), want[rows]) and int(memo.known.sum()) == 3  # a repeat is computed once
+        memo.known[:] = False
+        memo.outputs.zero_()
+        stem_cache.CHUNK, chunk = 32, stem_cache.CHUNK  # 97 = 3 x 32 + 1: the last chunk is one image
+        try:
+            memo.compute_all()
+        finally:
+            stem_cache.CHUNK = chunk
+        assert memo.complete and torch.equal(memo.outputs, want)
+        after = stem_cache.AfterStem(model, 2)
+        assert torch.equal(after(want), model(loader.prepare(data.train.images)))
 
 
 @pytest.mark.parametrize("stem", ["conv", "whiten"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,6 +295,9 @@ class BatchLoader:
         self.order_generator = order_generator if order_generator is not None else generator
         self.channels_last = channels_last
         self.balanced = balanced  # shuffle class-first (data.balance.balanced_order): as many draws as images
+        # engine.stem_cache.StemMemo: image indices (B,) -> a fixed stem's outputs (B, C', H', W'). When set (the
+        # images are not augmented), the batches hold those outputs instead of the images.
+        self.stem_memo: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __len__(self) -> int:
         n, step = len(self.labels), self.batch_size * self.world_size
@@ -319,6 +322,10 @@ class BatchLoader:
         """This process's batches of `order` from batch index `start` on (a resumed epoch continues mid-way)."""
         step = self.batch_size * self.world_size
         indices = (order[i * step : (i + 1) * step][self.rank :: self.world_size] for i in range(start, len(self)))
+        if self.stem_memo is not None:
+            for idx in indices:
+                yield self.stem_memo(idx), self.labels[idx]
+            return
         if self.boxes is None:  # images already at the model's size: one index into the resident tensor
             for idx in indices:
                 yield self.prepare(self.images[idx]), self.labels[idx]

@@ -82,6 +82,7 @@ from cnnlab.engine.setup import (
     run_to_resume,
 )
 from cnnlab.engine.state import EpochProgress
+from cnnlab.engine.stem_cache import AfterStem, describe, make_memo, memo_blocker, stem_layers
 from cnnlab.errors import CnnlabError, OptionError, UsageError
 from cnnlab.fileio import atomic_write_json
 
@@ -208,6 +209,7 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.opt = build_optimizer(self.model, cfg, self.head, self.dist.world_size)
         self.train_model: nn.Module = self.model
+        self.stem_state: list[torch.Tensor] | None = None  # the fixed stem whose outputs the steps read back
         self.rewrap()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
 
@@ -289,6 +291,8 @@ class Trainer:
     def rewrap(self) -> None:
         """The module the training step calls: DDP (averages gradients over processes), compiled with compile=True."""
         self.train_model = self.model
+        if self.train_loader.stem_memo is not None:  # the batches hold the fixed stem's outputs, not images
+            self.train_model = AfterStem(self.model, stem_layers(self.model))
         if self.dist.enabled and any(p.requires_grad for p in self.model.parameters()):
             from torch.nn.parallel import DistributedDataParallel
 
@@ -297,6 +301,29 @@ class Trainer:
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         if self.cfg.compile:
             self.train_model = torch.compile(self.train_model)
+
+    def keep_stem_outputs(self) -> None:
+        """Let the steps read the fixed stem's outputs back, each computed once per image (engine.stem_cache).
+
+        Called before the first timed or trained step, after a resume has loaded the stem it trained with; called
+        again, it starts over only if the stem's filters changed.
+        """
+        skip, loader = stem_layers(self.model), self.train_loader
+        if skip == 0:
+            return
+        state = [t.detach().clone() for t in self.model.features[:skip].state_dict().values()]  # type: ignore[index]
+        if self.stem_state is not None and all(map(torch.equal, state, self.stem_state)):
+            return
+        self.stem_state = state
+        loader.stem_memo = None
+        if memo_blocker(loader, self.mixer is not None, self.dist.enabled, self.cfg.epochs) is None:
+            memo = make_memo(self.model, loader, self.dtype)
+            if isinstance(memo, str):  # said: the run is slower than it could be on a machine with more memory
+                self.reporter.message(f"whitening stem: computed at every step ({memo})")
+            else:
+                loader.stem_memo = memo
+                self.reporter.message(describe(memo))
+        self.rewrap()
 
     # ------------------------------------------------------------------------------------------- time budget
 
@@ -330,6 +357,7 @@ class Trainer:
 
     def _timed_steps(self) -> float:
         """Seconds per optimizer step over real batches, after two warm-up steps (kernel selection, allocation)."""
+        self.keep_stem_outputs()  # the steps timed are the steps the run will take
         loader, warmup, stamps = self.train_loader, 2, []
 
         def enough() -> bool:
@@ -657,6 +685,7 @@ class Trainer:
 
     def run_epochs(self) -> bool:
         """Train until the epochs, the step cap, early stopping or a callback end it; True if stopped early."""
+        self.keep_stem_outputs()
         self._emit("on_train_start")
         val_loader = self.eval_loader("val")
         while self.epoch < self.cfg.epochs and self.step < self.total_steps:
@@ -876,8 +905,9 @@ def _fit(cfg: TrainConfig, runs_dir: str | Path | None, run_name: str | None, re
         raise
     finally:
         # The Trainer outlives this call (returned, or held by a traceback): no DDP wrapper bound to a process
-        # group that teardown() is about to destroy.
+        # group that teardown() is about to destroy; nor the stem's kept outputs (hundreds of MB).
         t.train_model = t.model
+        t.train_loader.stem_memo = None
     t.reporter.train_end(result)
     return t, result
 

@@ -143,6 +143,13 @@ class FastCNN(nn.Module):
         self.whitening_fitted.fill_(1)
         return seen
 
+    def fixed_stem_layers(self) -> int:
+        """How many first layers of `features` compute a fixed function of the image: the fitted whitening conv and its
+        max-pool (2, or 1 on images too small to pool), else 0. The trainer may compute them once per image."""
+        if self.whitening is None or not bool(self.whitening_fitted):
+            return 0
+        return 2 if len(self.features) > 1 and isinstance(self.features[1], nn.MaxPool2d) else 1
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, widths[-1], H / 2^stages, W / 2^stages)."""
         return self.features(x)

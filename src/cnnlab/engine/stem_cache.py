@@ -1,0 +1,130 @@
+"""A fixed stem computed once per training image, not at every step.
+
+cnn-fast's whitening stem (a 3x3 conv whose filters are fitted to the data and never trained, then a 2x2 max-pool) is a
+fixed function of the image. When the training images are resident in memory and not augmented (the `fast` recipe),
+the trainer keeps each image's stem output the first time a batch draws it, and the later epochs read it back instead
+of computing it again. The first epoch costs what it did; each later one skips the stem's forward pass (docs/speed.md
+has the measurements). On a GPU every output is computed at once before the first step, so that no step waits for
+the host to learn what is known.
+
+The outputs are the ones a step would compute: a convolution computes each image on its own, and on the CPUs
+measured every batch of two or more images gives the same bits (a batch of one takes another kernel in fp32, so an
+image is never computed alone; only a run whose last batch holds one image differs, in that image's last bits). A
+GPU may pick another convolution algorithm per batch size, which changes the last bits. Nothing is kept when the
+images are augmented (an augmentation changes them before the stem: keeping the flip's mirror images as well doubled
+the memory and gained the `accurate` recipe no measurable time), mixed (mixup/cutmix), read from disk or cut from
+photos per batch, trained data-parallel or for a single epoch, or when the outputs would take more than the share
+of memory below: the stem then runs at every step, as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnnlab.data.pipeline import BatchLoader
+from cnnlab.engine.device import autocast
+from cnnlab.memory import available_bytes, gib
+
+MAX_BYTES = 4 * 2**30  # never more than this for the kept outputs,
+MAX_SHARE = 0.25  # nor more than this share of the memory available on the device
+CHUNK = 512  # images per forward pass when computing all at once (GPU)
+
+
+def stem_layers(model: nn.Module) -> int:
+    """How many first layers of `model.features` are a fixed function of the image (0: nothing to keep)."""
+    count = getattr(model, "fixed_stem_layers", None)
+    return int(count()) if callable(count) and isinstance(getattr(model, "features", None), nn.Sequential) else 0
+
+
+class AfterStem(nn.Module):
+    """The model from its first layer after the fixed stem: what a step calls when its batch holds stem outputs.
+
+    It holds the model itself (no copy): its parameters are the model's, which the optimizer steps.
+    """
+
+    def __init__(self, model: nn.Module, skip: int) -> None:
+        super().__init__()
+        self.model, self.skip = model, skip
+        self.rest = model.features[skip:]  # type: ignore[index]  # the same modules, not copies
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem outputs (B, C', H', W') -> logits (B, classes)."""
+        return self.model.forward_head(self.rest(x))  # type: ignore[operator]
+
+
+class StemMemo:
+    """Row i: image i's stem output (C', H', W'), computed the first time a batch draws image i."""
+
+    def __init__(self, stem: nn.Module, loader: BatchLoader, dtype: torch.dtype, outputs: torch.Tensor) -> None:
+        self.stem, self.loader, self.dtype, self.outputs = stem, loader, dtype, outputs
+        self.known = torch.zeros(len(outputs), dtype=torch.bool, device=outputs.device)
+        self.complete = False  # every row known: no more checks (and no host sync on a GPU)
+
+    @torch.no_grad()
+    def compute(self, rows: torch.Tensor) -> None:
+        """Compute and keep the outputs of `rows` (distinct image indices), as a training step computes them."""
+        if len(rows) == 1:  # a batch of one takes another kernel (its last bits differ in fp32): never alone
+            rows = rows.repeat(2)
+        x = self.loader.prepare(self.loader.images[rows])  # normalised float32 (B, C, H, W), the step's format
+        with autocast(self.loader.device, self.dtype):
+            self.outputs[rows] = self.stem(x)
+        self.known[rows] = True
+
+    def compute_all(self) -> None:
+        """Every row at once (a GPU: milliseconds, and no step has to ask what is known)."""
+        for start in range(0, len(self.outputs), CHUNK):
+            self.compute(torch.arange(start, min(start + CHUNK, len(self.outputs)), device=self.outputs.device))
+        self.complete = True
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """The outputs of `rows` (B,) -> (B, C', H', W'), computing those not known yet."""
+        if not self.complete:
+            missing = rows[~self.known[rows]]
+            if len(missing):
+                self.compute(missing.unique())
+                self.complete = bool(self.known.all())
+        return self.outputs[rows]
+
+
+def memo_blocker(loader: BatchLoader, mixing: bool, distributed: bool, epochs: int) -> str | None:
+    """Why stem outputs cannot stand in for this run's training batches, or None if they can."""
+    if not isinstance(loader.images, torch.Tensor) or loader.boxes is not None:
+        return "the images are read or cut per batch"
+    if loader.augment:
+        return f"augment {','.join(loader.augment)} changes the images before the stem"
+    if mixing:
+        return "mixup/cutmix mix the images before the stem"
+    if distributed:
+        return "data-parallel training"
+    if epochs < 2:
+        return "a single epoch reads each output once"
+    return None
+
+
+@torch.no_grad()
+def make_memo(model: nn.Module, loader: BatchLoader, dtype: torch.dtype) -> StemMemo | str:
+    """A StemMemo for `loader`'s images, or why not (its outputs would not fit)."""
+    stem = model.features[: stem_layers(model)]  # type: ignore[index]
+    with autocast(loader.device, dtype):
+        probe = stem(loader.prepare(loader.images[:2]))  # (2, C', H', W') at the step's dtype
+    rows = len(loader.images)
+    need = rows * probe[0].numel() * probe.element_size()
+    allowed = min(MAX_BYTES, int(available_bytes(str(loader.device)) * MAX_SHARE))
+    if need > allowed:
+        return f"its outputs would take {gib(need)}, more than the {gib(allowed)} allowed"
+    fmt = torch.channels_last if loader.channels_last else torch.contiguous_format
+    outputs = torch.empty((rows, *probe.shape[1:]), dtype=probe.dtype, device=probe.device, memory_format=fmt)
+    memo = StemMemo(stem, loader, dtype, outputs)
+    if loader.device.type == "cuda":
+        memo.compute_all()
+    return memo
+
+
+def describe(memo: StemMemo) -> str:
+    """The line a run prints when its steps read the stem's outputs back."""
+    out = memo.outputs
+    shape = "x".join(map(str, out.shape[1:]))
+    when = "before the first step" if memo.complete else "the first time a batch draws it"
+    return (f"whitening stem: its output kept for each training image, computed {when} ({len(out):,} x {shape} "
+            f"{str(out.dtype).removeprefix('torch.')}, {gib(out.numel() * out.element_size())})")  # fmt: skip
