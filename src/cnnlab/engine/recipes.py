@@ -49,7 +49,7 @@ RECIPES: dict[str, Recipe] = {
                 **_FIXED_SCHEDULE_NATIVE,
                 "tta": False,
             },
-            "Fashion-MNIST, 3 seeds on 2-core AMD EPYCs: 91.7-91.9% in 17-32 s in bf16 with AVX-512 BF16 (two VMs); "
+            "Fashion-MNIST, 3 seeds on 2-core AMD EPYCs: 91.7-91.9% in 17-32 s in bf16 with AVX-512 BF16 (three VMs); "
             "91.8-92.1% in 29-32 s in fp32 without AVX-512 (52-62 s on a 1.8x slower VM of that CPU)",
         ),
         Recipe(
@@ -67,7 +67,7 @@ RECIPES: dict[str, Recipe] = {
                 "tta": True,
             },
             "Fashion-MNIST with --time-budget 175, 3 seeds on 2-core AMD EPYCs: 94.0-94.3% in 167-169 s in bf16 "
-            "with AVX-512 BF16 (two VMs, 10-11 epochs); 93.2-93.9% in 166-170 s in fp32 without AVX-512 (two VMs, "
+            "with AVX-512 BF16 (three VMs, 10-11 epochs); 93.2-93.9% in 166-170 s in fp32 without AVX-512 (two VMs, "
             "3-6 epochs by the VM's speed)",
         ),
     )
