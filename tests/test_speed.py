@@ -129,16 +129,18 @@ class Said(Reporter):
         self.lines.append(text)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_keeping_the_whitening_stems_outputs_trains_the_same_run(precision: str, monkeypatch: pytest.MonkeyPatch
-                                                                 ) -> None:  # fmt: skip
+@pytest.mark.parametrize(("precision", "channels_last"), [("fp32", True), ("fp32", False), ("bf16", True)])
+def test_keeping_the_whitening_stems_outputs_trains_the_same_run(precision: str, channels_last: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from cnnlab.engine import stem_cache
     from cnnlab.memory import gib
 
-    # 97 images in batches of 32: every epoch ends with a batch of one, the size whose fp32 kernel differs.
+    # 97 images in batches of 32: every epoch ends with a batch of one, the size whose fp32 channels-last kernel
+    # gives other bits: computed alone, as the step always did, and never kept.
     data = tiny_dataset(n_train=97)
     cfg = TrainConfig(model="cnn-fast", model_args={"widths": "8-16", "stem": "whiten"}, epochs=3, batch_size=32,
-                      val_split=0.0, patience=0, device="cpu", augment=(), precision=precision)  # fmt: skip
+                      val_split=0.0, patience=0, device="cpu", augment=(), precision=precision,
+                      channels_last=channels_last)  # fmt: skip
     runs = []
     for keep in (True, False):
         monkeypatch.setattr(stem_cache, "MAX_BYTES", 4 * 2**30 if keep else 0)
@@ -164,9 +166,10 @@ def test_keeping_the_whitening_stems_outputs_trains_the_same_run(precision: str,
 
 @pytest.mark.parametrize(
     "options",
-    [{"augment": ("flip",)}, {"mixup": 0.2}, {"epochs": 1}, {"model_args": {"widths": "8-16", "stem": "conv"}}],
-    ids=["augmented", "mixed", "one-epoch", "learned-stem"],
-)
+    [{"augment": ("flip",)}, {"mixup": 0.2}, {"epochs": 1}, {"model_args": {"widths": "8-16", "stem": "conv"}},
+     {"batch_size": 1}],
+    ids=["augmented", "mixed", "one-epoch", "learned-stem", "batch-of-one"],
+)  # fmt: skip
 def test_the_stem_runs_at_every_step_when_its_outputs_would_not_be_read_again(options: dict[str, Any]) -> None:
     cfg = TrainConfig(**{"model": "cnn-fast", "model_args": {"widths": "8-16", "stem": "whiten"}, "epochs": 2,
                          "batch_size": 32, "val_split": 0.0, "patience": 0, "device": "cpu", "augment": (),
@@ -203,6 +206,55 @@ def test_the_stem_memo_computes_each_image_once_as_a_step_would() -> None:
         assert memo.complete and torch.equal(memo.outputs, want)
         after = stem_cache.AfterStem(model, 2)
         assert torch.equal(after(want), model(loader.prepare(data.train.images)))
+        # A batch of one is computed alone, as a step computes it, and not kept.
+        memo.known[:] = False
+        alone = model.features[:2](loader.prepare(data.train.images[[3]]))
+        assert torch.equal(memo(torch.tensor([3])), alone) and not memo.known.any()
+
+
+def test_a_time_budget_decides_on_keeping_the_stems_outputs_by_its_planned_epochs(monkeypatch: pytest.MonkeyPatch
+                                                                                 ) -> None:  # fmt: skip
+    from cnnlab.engine import planner
+
+    plan = planner.plan
+    monkeypatch.setattr(planner, "plan", lambda *a, **k: dataclasses.replace(plan(*a, **k), steps=9))  # 3 epochs
+    cfg = TrainConfig(model="cnn-fast", model_args={"widths": "8-16", "stem": "whiten"}, epochs=1, batch_size=32,
+                      val_split=0.0, patience=0, device="cpu", augment=(), time_budget=60.0)  # fmt: skip
+    said = Said()
+    result = fit(cfg, runs_dir=None, dataset=tiny_dataset(n_train=97), reporter=said, clock=lambda: 0.0)
+    assert result.epochs_run == 3, "the plan, not the epochs before it, is the run"
+    assert [line for line in said.lines if "whitening stem: its output kept" in line]
+
+
+def test_the_stem_is_computed_at_every_step_when_a_step_would_skip_what_the_model_adds() -> None:
+    from cnnlab.data.pipeline import BatchLoader, channel_stats
+    from cnnlab.engine.stem_cache import memo_blocker
+    from cnnlab.models.fast import FastCNN
+
+    class Halved(FastCNN):  # a user's own twist on forward: training must go through it
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 0.5
+
+    data = tiny_dataset(n_train=64)
+    loader = BatchLoader(data.train, 32, channel_stats(data.train))
+
+    def fitted(model: FastCNN) -> FastCNN:
+        model.whitening_fitted.fill_(1)  # as the trainer leaves it, before it asks
+        return model
+
+    plain = {"mixing": False, "distributed": False, "compiled": False, "epochs": 2}
+    assert memo_blocker(fitted(FastCNN(stem="whiten")), loader, **plain) is None
+    hooked = "the model's forward is not its class's own, or has hooks"
+    assert memo_blocker(fitted(Halved(stem="whiten")), loader, **plain) == hooked
+    for where in ("model", "stem"):
+        model = fitted(FastCNN(stem="whiten"))
+        handle = (model if where == "model" else model.features[0]).register_forward_pre_hook(lambda m, a: None)
+        assert memo_blocker(model, loader, **plain) == hooked, where
+        handle.remove()
+        assert memo_blocker(model, loader, **plain) is None
+    assert memo_blocker(fitted(FastCNN(stem="whiten")), loader, **{**plain, "compiled": True}) == (
+        "the compiled step fuses the stem with what follows"
+    )
 
 
 @pytest.mark.parametrize("stem", ["conv", "whiten"])

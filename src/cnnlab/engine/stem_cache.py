@@ -8,13 +8,15 @@ has the measurements). On a GPU every output is computed at once before the firs
 the host to learn what is known.
 
 The outputs are the ones a step would compute: a convolution computes each image on its own, and on the CPUs
-measured every batch of two or more images gives the same bits (a batch of one takes another kernel in fp32, so an
-image is never computed alone; only a run whose last batch holds one image differs, in that image's last bits). A
-GPU may pick another convolution algorithm per batch size, which changes the last bits. Nothing is kept when the
-images are augmented (an augmentation changes them before the stem: keeping the flip's mirror images as well doubled
-the memory and gained the `accurate` recipe no measurable time), mixed (mixup/cutmix), read from disk or cut from
-photos per batch, trained data-parallel or for a single epoch, or when the outputs would take more than the share
-of memory below: the stem then runs at every step, as before.
+measured every batch of two or more images gives the same bits. A batch of one takes another kernel (fp32,
+channels-last), so an output is never kept from one image computed alone, and a batch of one image (an epoch's last,
+say) computes its stem as the step always did. A GPU may pick another convolution algorithm per batch size, which
+changes the last bits. Nothing is kept when the images are augmented (an augmentation changes them before the stem:
+keeping the flip's mirror images as well doubled the memory and gained the `accurate` recipe no measurable time),
+mixed (mixup/cutmix), read from disk or cut from photos per batch, when the step is compiled (the compiled graph
+fuses the stem with what follows), when the model's forward is not its class's own or has hooks (a step would skip
+them), in data-parallel, single-epoch or batch-of-one training, or when the outputs would take more than the share of
+memory below: the stem then runs at every step, as before.
 """
 
 from __future__ import annotations
@@ -77,8 +79,16 @@ class StemMemo:
             self.compute(torch.arange(start, min(start + CHUNK, len(self.outputs)), device=self.outputs.device))
         self.complete = True
 
+    @torch.no_grad()
+    def alone(self, rows: torch.Tensor) -> torch.Tensor:
+        """A batch of one image's stem output, computed alone as the step would (another kernel: not kept)."""
+        with autocast(self.loader.device, self.dtype):
+            return self.stem(self.loader.prepare(self.loader.images[rows]))
+
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """The outputs of `rows` (B,) -> (B, C', H', W'), computing those not known yet."""
+        if len(rows) == 1:
+            return self.alone(rows)
         if not self.complete:
             missing = rows[~self.known[rows]]
             if len(missing):
@@ -87,18 +97,41 @@ class StemMemo:
         return self.outputs[rows]
 
 
-def memo_blocker(loader: BatchLoader, mixing: bool, distributed: bool, epochs: int) -> str | None:
+FORWARDS = ("forward", "forward_features", "forward_head")  # what AfterStem stands in for
+
+
+def _hooked(model: nn.Module) -> bool:
+    """Whether a subclass's forward or a forward hook (the model's, its stem's, a global one) would be skipped."""
+    from torch.nn.modules import module as torch_module
+
+    own = getattr(model, "forward_owner", None)  # the class whose forward AfterStem reproduces
+    if own is None or any(getattr(type(model), name, None) is not getattr(own, name, None) for name in FORWARDS):
+        return True
+    hooks = [getattr(torch_module, f"_global_forward{kind}_hooks", {}) for kind in ("", "_pre")]
+    for m in (model, model.features, *model.features[: stem_layers(model)]):  # type: ignore[union-attr, index]
+        hooks += [getattr(m, "_forward_hooks", {}), getattr(m, "_forward_pre_hooks", {})]
+    return any(hooks)
+
+
+def memo_blocker(model: nn.Module, loader: BatchLoader, *, mixing: bool, distributed: bool, compiled: bool,
+                 epochs: int) -> str | None:  # fmt: skip
     """Why stem outputs cannot stand in for this run's training batches, or None if they can."""
+    if _hooked(model):
+        return "the model's forward is not its class's own, or has hooks"
     if not isinstance(loader.images, torch.Tensor) or loader.boxes is not None:
         return "the images are read or cut per batch"
     if loader.augment:
         return f"augment {','.join(loader.augment)} changes the images before the stem"
     if mixing:
         return "mixup/cutmix mix the images before the stem"
+    if compiled:
+        return "the compiled step fuses the stem with what follows"
     if distributed:
         return "data-parallel training"
     if epochs < 2:
         return "a single epoch reads each output once"
+    if loader.batch_size == 1:
+        return "a batch of one computes its stem alone"
     return None
 
 
@@ -116,7 +149,7 @@ def make_memo(model: nn.Module, loader: BatchLoader, dtype: torch.dtype) -> Stem
     fmt = torch.channels_last if loader.channels_last else torch.contiguous_format
     outputs = torch.empty((rows, *probe.shape[1:]), dtype=probe.dtype, device=probe.device, memory_format=fmt)
     memo = StemMemo(stem, loader, dtype, outputs)
-    if loader.device.type == "cuda":
+    if loader.device.type != "cpu":  # a GPU: no step may wait for the host to learn which outputs are known
         memo.compute_all()
     return memo
 

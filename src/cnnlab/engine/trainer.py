@@ -305,8 +305,9 @@ class Trainer:
     def keep_stem_outputs(self) -> None:
         """Let the steps read the fixed stem's outputs back, each computed once per image (engine.stem_cache).
 
-        Called before the first timed or trained step, after a resume has loaded the stem it trained with; called
-        again, it starts over only if the stem's filters changed.
+        Called before the first trained step: after a resume has loaded the stem it trained with, and after a time
+        budget has planned the epochs (its timed steps compute the stem, as a first epoch does). Called again, it
+        starts over only if the stem's filters changed.
         """
         skip, loader = stem_layers(self.model), self.train_loader
         if skip == 0:
@@ -315,15 +316,18 @@ class Trainer:
         if self.stem_state is not None and all(map(torch.equal, state, self.stem_state)):
             return
         self.stem_state = state
-        loader.stem_memo = None
-        if memo_blocker(loader, self.mixer is not None, self.dist.enabled, self.cfg.epochs) is None:
+        had, loader.stem_memo = loader.stem_memo, None
+        why = memo_blocker(self.model, loader, mixing=self.mixer is not None, distributed=self.dist.enabled,
+                           compiled=self.cfg.compile, epochs=self.cfg.epochs)  # fmt: skip
+        if why is None:
             memo = make_memo(self.model, loader, self.dtype)
             if isinstance(memo, str):  # said: the run is slower than it could be on a machine with more memory
                 self.reporter.message(f"whitening stem: computed at every step ({memo})")
             else:
                 loader.stem_memo = memo
                 self.reporter.message(describe(memo))
-        self.rewrap()
+        if had is not None or loader.stem_memo is not None:  # the step's module changes
+            self.rewrap()
 
     # ------------------------------------------------------------------------------------------- time budget
 
@@ -357,7 +361,6 @@ class Trainer:
 
     def _timed_steps(self) -> float:
         """Seconds per optimizer step over real batches, after two warm-up steps (kernel selection, allocation)."""
-        self.keep_stem_outputs()  # the steps timed are the steps the run will take
         loader, warmup, stamps = self.train_loader, 2, []
 
         def enough() -> bool:

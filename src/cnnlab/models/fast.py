@@ -59,6 +59,9 @@ class FastCNN(nn.Module):
     """Stages of [conv3x3 -> max-pool -> BN -> ReLU] + (depth - 1) x [conv3x3 -> BN -> ReLU]; max pool -> linear."""
 
     __jit_unused_properties__: ClassVar[list[str]] = ["whitening"]  # torch.jit.script cannot type an Optional module
+    # The class whose forward engine.stem_cache.AfterStem reproduces (features, then head): a subclass that changes
+    # how the model computes is trained through its own forward.
+    forward_owner: ClassVar[type]
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
                  widths: int | str | Sequence[int] = (16, 64, 128),
@@ -160,6 +163,9 @@ class FastCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+FastCNN.forward_owner = FastCNN
 
 
 def _check_size(widths: tuple[int, ...], depths: tuple[int, ...], in_channels: int, num_classes: int,
