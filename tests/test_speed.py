@@ -179,7 +179,7 @@ def test_the_stem_runs_at_every_step_when_its_outputs_would_not_be_read_again(op
     assert not [line for line in said.lines if "whitening stem: its output kept" in line]
 
 
-def test_the_stem_memo_computes_each_image_once_as_a_step_would() -> None:
+def test_the_stem_memo_computes_each_image_once_as_a_step_would(monkeypatch: pytest.MonkeyPatch) -> None:
     from cnnlab.data.pipeline import BatchLoader, channel_stats
     from cnnlab.engine import stem_cache
     from cnnlab.models.fast import FastCNN
@@ -198,11 +198,8 @@ def test_the_stem_memo_computes_each_image_once_as_a_step_would() -> None:
         assert torch.equal(memo(rows), want[rows]) and int(memo.known.sum()) == 3  # a repeat is computed once
         memo.known[:] = False
         memo.outputs.zero_()
-        stem_cache.CHUNK, chunk = 32, stem_cache.CHUNK  # 97 = 3 x 32 + 1: the last chunk is one image
-        try:
-            memo.compute_all()
-        finally:
-            stem_cache.CHUNK = chunk
+        monkeypatch.setattr(stem_cache, "CHUNK", 32)  # 97 = 3 x 32 + 1: the last chunk is one image
+        memo.compute_all()
         assert memo.complete and torch.equal(memo.outputs, want)
         after = stem_cache.AfterStem(model, 2)
         assert torch.equal(after(want), model(loader.prepare(data.train.images)))

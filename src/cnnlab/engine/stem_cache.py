@@ -47,12 +47,19 @@ class AfterStem(nn.Module):
 
     def __init__(self, model: nn.Module, skip: int) -> None:
         super().__init__()
-        self.model, self.skip = model, skip
+        self.model = model
         self.rest = model.features[skip:]  # type: ignore[index]  # the same modules, not copies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Stem outputs (B, C', H', W') -> logits (B, classes)."""
         return self.model.forward_head(self.rest(x))  # type: ignore[operator]
+
+
+@torch.no_grad()
+def _stem_forward(stem: nn.Module, loader: BatchLoader, dtype: torch.dtype, rows: torch.Tensor) -> torch.Tensor:
+    """The stem's outputs (B, C', H', W') for images `rows` (B,), normalised and cast as a training step does."""
+    with autocast(loader.device, dtype):
+        return stem(loader.prepare(loader.images[rows]))
 
 
 class StemMemo:
@@ -63,14 +70,11 @@ class StemMemo:
         self.known = torch.zeros(len(outputs), dtype=torch.bool, device=outputs.device)
         self.complete = False  # every row known: no more checks (and no host sync on a GPU)
 
-    @torch.no_grad()
     def compute(self, rows: torch.Tensor) -> None:
         """Compute and keep the outputs of `rows` (distinct image indices), as a training step computes them."""
         if len(rows) == 1:  # a batch of one takes another kernel (its last bits differ in fp32): never alone
             rows = rows.repeat(2)
-        x = self.loader.prepare(self.loader.images[rows])  # normalised float32 (B, C, H, W), the step's format
-        with autocast(self.loader.device, self.dtype):
-            self.outputs[rows] = self.stem(x)
+        self.outputs[rows] = _stem_forward(self.stem, self.loader, self.dtype, rows)
         self.known[rows] = True
 
     def compute_all(self) -> None:
@@ -79,16 +83,10 @@ class StemMemo:
             self.compute(torch.arange(start, min(start + CHUNK, len(self.outputs)), device=self.outputs.device))
         self.complete = True
 
-    @torch.no_grad()
-    def alone(self, rows: torch.Tensor) -> torch.Tensor:
-        """A batch of one image's stem output, computed alone as the step would (another kernel: not kept)."""
-        with autocast(self.loader.device, self.dtype):
-            return self.stem(self.loader.prepare(self.loader.images[rows]))
-
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """The outputs of `rows` (B,) -> (B, C', H', W'), computing those not known yet."""
-        if len(rows) == 1:
-            return self.alone(rows)
+        if len(rows) == 1:  # computed alone, as the step would (another kernel), and not kept
+            return _stem_forward(self.stem, self.loader, self.dtype, rows)
         if not self.complete:
             missing = rows[~self.known[rows]]
             if len(missing):
@@ -135,13 +133,12 @@ def memo_blocker(model: nn.Module, loader: BatchLoader, *, mixing: bool, distrib
     return None
 
 
-@torch.no_grad()
 def make_memo(model: nn.Module, loader: BatchLoader, dtype: torch.dtype) -> StemMemo | str:
     """A StemMemo for `loader`'s images, or why not (its outputs would not fit)."""
     stem = model.features[: stem_layers(model)]  # type: ignore[index]
-    with autocast(loader.device, dtype):
-        probe = stem(loader.prepare(loader.images[:2]))  # (2, C', H', W') at the step's dtype
     rows = len(loader.images)
+    # (2, C', H', W'): the outputs' shape, dtype and device, from the first two images
+    probe = _stem_forward(stem, loader, dtype, torch.arange(min(2, rows), device=loader.device))
     need = rows * probe[0].numel() * probe.element_size()
     allowed = min(MAX_BYTES, int(available_bytes(str(loader.device)) * MAX_SHARE))
     if need > allowed:

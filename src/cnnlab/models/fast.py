@@ -147,8 +147,10 @@ class FastCNN(nn.Module):
         return seen
 
     def fixed_stem_layers(self) -> int:
-        """How many first layers of `features` compute a fixed function of the image: the fitted whitening conv and its
-        max-pool (2, or 1 on images too small to pool), else 0. The trainer may compute them once per image."""
+        """How many first layers of `features` are a fixed function of the image (0 if none): the trainer may keep them.
+
+        The fitted whitening conv and its max-pool: 2, or 1 on images too small to pool; 0 before fitting.
+        """
         if self.whitening is None or not bool(self.whitening_fitted):
             return 0
         return 2 if len(self.features) > 1 and isinstance(self.features[1], nn.MaxPool2d) else 1
