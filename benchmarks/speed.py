@@ -24,9 +24,9 @@ from typing import Any
 
 from _common import machine_line, write_section
 
-from cnnlab.engine.bench import ThroughputConfig, TrainBenchConfig, bench_train, throughput
+from cnnlab.engine.bench import ThroughputConfig, TrainBenchConfig, bench_train, recipe_config, throughput
 from cnnlab.engine.recipes import get_recipe
-from cnnlab.engine.trainer import TrainConfig, fit
+from cnnlab.engine.trainer import fit
 
 
 def say(line: str) -> None:
@@ -112,14 +112,11 @@ def run_budget(args: argparse.Namespace, budget: float, seeds: int, section: str
     """Sections for `--recipe accurate --time-budget B`: `target` accuracy (mean of seeds) within `limit` seconds."""
     if seeds < 1:
         raise SystemExit("speed.py: --seeds and --long-seeds must be at least 1")
-    from cnnlab.engine.recipes import apply_recipe
-
+    bench = TrainBenchConfig(data_dir=args.data_dir, recipe="accurate", time_budget=budget, device=args.device,
+                             precision=args.precision)  # fmt: skip
     results = []
     for seed in range(seeds):
-        base = TrainConfig(data="fashion-mnist", data_dir=args.data_dir, seed=seed, device=args.device,
-                           time_budget=budget, precision=args.precision or "auto")  # fmt: skip
-        keep = {"data", "data_dir", "seed", "device"} | ({"precision"} if args.precision else set())
-        cfg = apply_recipe(base, "accurate", keep=keep)
+        cfg = recipe_config(bench, seed)  # fit() loads the dataset: the budget counts its loading, as the CLI's does
         say(f"seed {seed}: cnnlab train --recipe accurate --time-budget {budget:g} ...")
         res = fit(cfg, runs_dir=None)
         say(f"seed {seed}: {res.test_acc:.2%} in {res.seconds:.1f} s")

@@ -654,3 +654,42 @@ def test_the_throughput_benchmark_shows_the_median_round_and_the_devices_best_pe
     assert cells[9] == cells[10] == f"{median / 10 / best_peak:.0%}"
     bf16 = [cell.strip() for cell in rows[0].split("|")[1:-1]]
     assert bf16[10] == f"{median / 10 / (2 * best_peak):.0%}"
+
+
+@pytest.mark.parametrize("precision", [None, "fp32"])
+def test_the_budget_benchmark_trains_the_accurate_recipe_with_a_forced_precision_winning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str | None
+) -> None:  # fmt: skip
+    """benchmarks/speed.py budget: each seed is the `accurate` recipe under the budget, `--precision fp32` overriding
+    the recipe's (bf16 where native), as `cnnlab bench train --precision` does; the section names the precision."""
+    import importlib
+    import sys
+    from types import SimpleNamespace
+
+    from cnnlab.engine.recipes import get_recipe, native_bf16
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    for name in ("speed", "_common"):
+        sys.modules.pop(name, None)
+    speed = importlib.import_module("speed")
+    common = importlib.import_module("_common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
+    seen: list[Any] = []
+
+    def fake_fit(cfg: Any, runs_dir: Any) -> Any:
+        seen.append(cfg)
+        return SimpleNamespace(test_acc=0.94 + len(seen) / 1000, seconds=170.0, epochs_run=10, steps=4500)
+
+    monkeypatch.setattr(speed, "fit", fake_fit)
+    args = argparse.Namespace(which="budget", data_dir=None, device="cpu", precision=precision, label=None)
+    speed.run_budget(args, 175.0, 2, "94% within 3 minutes", 0.94, 180)
+    recipe = get_recipe("accurate").settings
+    assert [c.seed for c in seen] == [0, 1] and all(c.time_budget == 175.0 for c in seen)
+    expected = precision or ("bf16" if native_bf16(torch.device("cpu")) else "fp32")  # the recipe's "native"
+    assert all(c.precision == expected for c in seen)
+    assert all(c.model_args == recipe["model_args"] and c.augment == recipe["augment"] for c in seen)
+    text = (tmp_path / "RESULTS.md").read_text()
+    title = next(line for line in text.splitlines() if line.startswith("## 94% within 3 minutes ("))
+    assert title.endswith(f", {expected})")
+    assert ("--precision fp32" in text) == (precision == "fp32")
+    assert "| 1 | 94.20% | 170.0 | 10 | 4500 |" in text and "lowest seed 94.10%" in text

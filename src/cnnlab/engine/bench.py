@@ -257,8 +257,8 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def _recipe_run(cfg: TrainBenchConfig, seed: int, dataset: Any, say: Callable[[str], None]) -> dict[str, Any]:
-    """One seed of cnnlab's recipe: test accuracy, seconds, and the seconds to the target if it was reached."""
+def recipe_config(cfg: TrainBenchConfig, seed: int) -> TrainConfig:
+    """The TrainConfig of one seed of `cfg.recipe`: the recipe's options, with what `cfg` sets winning over them."""
     from cnnlab.engine.recipes import apply_recipe
 
     base = TrainConfig(data=cfg.data, data_dir=cfg.data_dir, download=cfg.download, seed=seed, device=cfg.device)
@@ -271,7 +271,12 @@ def _recipe_run(cfg: TrainBenchConfig, seed: int, dataset: Any, say: Callable[[s
     if cfg.precision is not None:
         base.precision = cfg.precision
         keep.add("precision")
-    train_cfg = apply_recipe(base, cfg.recipe, keep=keep)
+    return apply_recipe(base, cfg.recipe, keep=keep)
+
+
+def _recipe_run(cfg: TrainBenchConfig, seed: int, dataset: Any, say: Callable[[str], None]) -> dict[str, Any]:
+    """One seed of cnnlab's recipe: test accuracy, seconds, and the seconds to the target if it was reached."""
+    train_cfg = recipe_config(cfg, seed)
     say(f"seed {seed}: cnnlab --recipe {cfg.recipe} ...")
     r = fit(train_cfg, runs_dir=None, dataset=dataset)
     say(f"seed {seed}: cnnlab {r.test_acc:.2%} in {r.seconds:.1f} s")
