@@ -608,21 +608,25 @@ def test_peer_loop_runs_torchvisions_dataset_class_on_the_files_cnnlab_finds(tmp
     assert sum(p.numel() for p in PeerCNN().parameters()) == 421_834
 
 
+def speed_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """benchmarks/speed.py as a fresh module whose sections go to tmp_path/RESULTS.md, not the repository's."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    for name in ("speed", "_common"):
+        sys.modules.pop(name, None)  # the scripts import `_common` by its bare name: a fresh copy, patched below
+    speed = importlib.import_module("speed")
+    monkeypatch.setattr(importlib.import_module("_common"), "RESULTS", tmp_path / "RESULTS.md")
+    return speed
+
+
 @pytest.mark.parametrize("repeats", [3, 2])
 def test_the_throughput_benchmark_shows_the_median_round_and_the_devices_best_peak(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repeats: int
 ) -> None:  # fmt: skip
     """benchmarks/speed.py throughput: each row the median round's images/s (the lower middle for an even count) with
     the range, and fractions of the best matmul peak of all the rounds (one slow product must not lower the peak)."""
-    import importlib
-    import sys
-
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
-    for name in ("speed", "_common"):
-        sys.modules.pop(name, None)  # the scripts import `_common` by its bare name: a fresh copy, patched below
-    speed = importlib.import_module("speed")
-    common = importlib.import_module("_common")
-    monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
+    speed = speed_script(tmp_path, monkeypatch)
     calls: list[str] = []
     rounds = {"images": [100.0, 300.0, 200.0], "peak": [50.0, 200.0, 100.0]}
 
@@ -662,18 +666,11 @@ def test_the_budget_benchmark_trains_the_accurate_recipe_with_a_forced_precision
 ) -> None:  # fmt: skip
     """benchmarks/speed.py budget: each seed is the `accurate` recipe under the budget, `--precision fp32` overriding
     the recipe's (bf16 where native), as `cnnlab bench train --precision` does; the section names the precision."""
-    import importlib
-    import sys
     from types import SimpleNamespace
 
     from cnnlab.engine.recipes import get_recipe, native_bf16
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
-    for name in ("speed", "_common"):
-        sys.modules.pop(name, None)
-    speed = importlib.import_module("speed")
-    common = importlib.import_module("_common")
-    monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
+    speed = speed_script(tmp_path, monkeypatch)
     seen: list[Any] = []
 
     def fake_fit(cfg: Any, runs_dir: Any) -> Any:
