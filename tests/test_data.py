@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from cnnlab.data import BatchLoader, ImageSet, Normalization, channel_stats, list_sources, load_dataset
-from cnnlab.data.pipeline import AUGMENTATIONS, augment_batch, parse_augment, random_crop, random_erase, random_flip
+from cnnlab.data.pipeline import (
+    AUGMENTATIONS,
+    augment_batch,
+    flip_where,
+    parse_augment,
+    random_crop,
+    random_erase,
+    random_flip,
+)
 from cnnlab.data.sources import Dataset, source_info, stratified_split
 from cnnlab.errors import CnnlabError, UsageError
 
@@ -73,6 +81,17 @@ def test_flip_is_a_mirror() -> None:
     flipped = [i for i in range(64) if torch.equal(y[i], x[i].flip(-1))]
     kept = [i for i in range(64) if torch.equal(y[i], x[i])]
     assert len(flipped) + len(kept) == 64 and 10 < len(flipped) < 54
+
+
+@pytest.mark.parametrize("side", [28, 96])  # the CPU's two ways: one indexed copy (small), per image (large)
+def test_the_gpus_flip_mirrors_the_same_images_as_the_cpus(side: int) -> None:
+    """flip_where (a GPU's flip: the mask never read on the host) flips exactly the images random_flip does."""
+    x = torch.rand(40, 3, side, side)
+    cpu = random_flip(x.clone(), torch.Generator().manual_seed(5))
+    chosen = torch.rand(40, generator=torch.Generator().manual_seed(5)) < 0.5  # the same draw
+    out = x.clone()
+    assert flip_where(out, chosen) is out and torch.equal(out, cpu), "in place, the same images mirrored"
+    assert 5 < int(chosen.sum()) < 35
 
 
 def test_crop_is_a_translation_within_the_padding() -> None:

@@ -125,5 +125,31 @@ def fit(
     source: torch.Tensor, boxes: torch.Tensor, size: int, policy: str, train: bool, g: torch.Generator | None = None,
     index: torch.Tensor | None = None, dtype: torch.dtype = torch.uint8, out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Canvases with their boxes (B, 2) -> the model's input (B, C, size, size) under `policy` (see `apply`)."""
-    return apply(source, plan(boxes, size, policy, train, g), size, index, dtype, out)
+    """Canvases with their boxes (B, 2) -> the model's input (B, C, size, size) under `policy` (see `apply`).
+
+    On a GPU, crop and squash (whose cuts fill the whole output) go through `apply_batched`: one call, no host sync.
+    """
+    plans = plan(boxes, size, policy, train, g)
+    if source.device.type != "cpu" and out is None and policy != "pad":
+        return apply_batched(source, plans, size, index, dtype)
+    return apply(source, plans, size, index, dtype, out)
+
+
+def apply_batched(source: torch.Tensor, plans: torch.Tensor, size: int, index: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.uint8) -> torch.Tensor:  # fmt: skip
+    """`apply` for plans whose cuts fill the output (crop, squash), every image in one torchvision `roi_align` call.
+
+    `apply`'s loop reads the plans on the host (on a GPU that waits for every queued step to finish, leaving the GPU
+    idle while the next batch is cut) and launches a few kernels per image (about 1,500 per batch of 256). Here the
+    plans stay on the device. roi_align averages ceil(crop / output) bilinear samples per output pixel, an
+    antialiased resize like `apply`'s (on photos the two differ by 0.2-0.5 grey levels on average, 2 at the 99th
+    percentile). Returns (B, C, size, size) of `dtype` holding rounded 0..255 values.
+    """
+    from torchvision.ops import roi_align
+
+    images = source if index is None else source[index]  # (B, C, S, S) uint8
+    y0, x0, h, w = plans[:, :4].to(torch.float32).unbind(1)
+    rois = torch.stack([torch.arange(len(plans), device=plans.device, dtype=torch.float32), x0, y0, x0 + w, y0 + h], 1)
+    # aligned=True: pixel i covers [i, i + 1), so the box (x0, x0 + w) is exactly columns x0 .. x0 + w - 1.
+    out = roi_align(images.float(), rois.to(images.device), (size, size), 1.0, -1, True)
+    return out.round_().clamp_(0, 255).to(dtype)

@@ -333,9 +333,10 @@ class DiskImages:
             i = j
         return out.permute(0, 3, 1, 2)
 
-    def buffer_for(self, n: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """The front of `buffer` if it holds n rows as stored, (n, S, S, C) contiguous; else a new one."""
+    def buffer_for(self, n: int, buffer: torch.Tensor | None = None, pin: bool = False) -> torch.Tensor:
+        """The front of `buffer` if it holds n rows as stored, (n, S, S, C) contiguous; else a new one (in page-locked
+        memory with `pin`, which a GPU copies from without the host waiting)."""
         c, s, _ = self.row_shape
         if buffer is not None and buffer.is_contiguous() and buffer.shape[1:] == (s, s, c) and len(buffer) >= n:
             return buffer[:n]
-        return torch.empty((n, s, s, c), dtype=torch.uint8)
+        return torch.empty((n, s, s, c), dtype=torch.uint8, pin_memory=pin)
