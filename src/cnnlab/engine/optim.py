@@ -72,12 +72,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, head: list[str] | None =
         groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": group_lr})
         groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr})
     groups = [g for g in groups if g["params"]]
+    # On a GPU, one fused kernel per step instead of a few per parameter group: a small network's step there costs the
+    # host's launches (SGD's step was 0.8 ms of host time per step of the `accurate` recipe on an H200). On a CPU the
+    # recipes were measured with the default (foreach/for-loop) update, which is kept.
+    fused = {"fused": True} if all(p.is_cuda for g in groups for p in g["params"]) and groups else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **fused)
     if cfg.optimizer == "adam":
         # Adam's weight decay is L2 added to the gradient (coupled); AdamW's is decoupled.
-        return torch.optim.Adam(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.Adam(groups, lr=lr, **fused)
+    return torch.optim.AdamW(groups, lr=lr, **fused)
 
 
 def build_scheduler(
