@@ -282,6 +282,26 @@ def test_a_whitening_stem_on_large_images_reads_a_bounded_number_of_patches(side
     assert torch.isfinite(model.whitening.weight).all() and model.whitening.weight.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_on_a_gpu_a_recipe_takes_its_gpu_settings_and_the_users_options_still_win(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cnnlab.engine.device as device
+    import cnnlab.engine.recipes as recipes
+
+    monkeypatch.setattr(device, "resolve_device", lambda name: torch.device("cpu" if name == "cpu" else "cuda"))
+    monkeypatch.setattr(recipes, "native_bf16", lambda dev: dev.type == "cuda")
+    recipe = get_recipe(name)
+    cfg = apply_recipe(TrainConfig(), name).validate()
+    for key, value in {**recipe.settings, **recipe.gpu, "precision": "bf16"}.items():
+        assert getattr(cfg, key) == value, key
+    mine = apply_recipe(TrainConfig(batch_size=64, lr=0.05), name, keep={"batch_size", "lr"})
+    assert (mine.batch_size, mine.lr) == (64, 0.05)
+    if name == "accurate":  # measured on an H200 (benchmarks/RESULTS.md): 4x the batch and the learning rate
+        assert (cfg.batch_size, cfg.lr) == (512, 0.8)
+        assert (apply_recipe(TrainConfig(device="cpu"), name).batch_size) == 128, "a CPU keeps batch 128"
+
+
 def test_options_the_user_gives_win_over_the_recipe() -> None:
     cfg = apply_recipe(TrainConfig(batch_size=32, lr=0.01, model="lenet5-modern"), "fast", keep={"batch_size", "model"})
     assert (
