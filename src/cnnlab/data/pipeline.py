@@ -310,6 +310,7 @@ class BatchLoader:
         # engine.stem_cache.StemMemo: image indices (B,) -> a fixed stem's outputs (B, C', H', W'). When set (the
         # images are not augmented), the batches hold those outputs instead of the images.
         self.stem_memo: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._copier: torch.cuda.Stream | None = None  # a GPU's copies of rows read from a cache file
 
     def __len__(self) -> int:
         n, step = len(self.labels), self.batch_size * self.world_size
@@ -360,7 +361,9 @@ class BatchLoader:
         on_disk = not isinstance(self.images, torch.Tensor)
         cuda = self.device.type == "cuda"
         buffers = [self.images.buffer_for(self.batch_size, pin=cuda) for _ in range(2)] if on_disk else []
-        copier = torch.cuda.Stream(self.device) if on_disk and cuda else None
+        if on_disk and cuda and self._copier is None:  # one per loader: the allocator keeps a pool per stream
+            self._copier = torch.cuda.Stream(self.device)
+        copier = self._copier if on_disk and cuda else None
         host = order.cpu() if on_disk else None  # the rows to read, on the host: one sync per epoch, not per batch
         dtype = torch.uint8 if self.byte_ops else torch.float32  # torchvision's per-image ops take uint8
         channels = self.images.shape[1]
@@ -392,10 +395,12 @@ class BatchLoader:
     def _cut(self, job: Any, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch: canvases cut under the resize policy (random crops if training), augmented, normalised."""
         rows, out = job.result()
-        if rows is not None and rows.device != self.device:
+        if rows is not None and rows.is_cuda:
+            # Copied on the helper's stream, read by this one's queued kernels: without this the allocator could hand
+            # the block to the helper's next copy (its own stream) while the cut of this batch still waits to run.
+            rows.record_stream(torch.cuda.current_stream(rows.device))
+        elif rows is not None:
             rows = rows.to(self.device, non_blocking=True)
-        elif rows is not None and rows.is_cuda:  # copied on the helper's stream, used on this one
-            rows.record_stream(torch.cuda.current_stream(self.device))
         source, pick = (rows, None) if rows is not None else (self.images, idx)
         x = fit(source, self.boxes[idx], self.side, self.resize, train=self.shuffle, g=self.generator,
                 index=pick, dtype=dtype, out=out)  # fmt: skip
