@@ -146,6 +146,21 @@ def test_the_gpus_batched_cut_matches_the_per_image_resize(policy: str, train: b
     assert torch.equal(as_float, batched.float()), "a float batch holds the same rounded 0..255 values"
 
 
+@pytest.mark.parametrize("policy", ["crop", "squash"])
+@pytest.mark.parametrize("size", [24, 96])  # shrunk from the 40x30 image, and enlarged
+def test_the_batched_cut_takes_nothing_from_beyond_the_cut(policy: str, size: int) -> None:
+    """A flat grey image on a black canvas stays flat grey to its last row and column: the cut's edge is repeated
+    outwards, as `apply` does, not blended with the black margin (or a crop's neighbours) beside it."""
+    canvases = torch.zeros(6, 3, 48, 48, dtype=torch.uint8)
+    boxes = torch.tensor([[30, 40], [40, 30], [30, 40], [40, 30], [30, 40], [40, 30]])
+    for b, (h, w) in enumerate(boxes.tolist()):
+        canvases[b, :, :h, :w] = 200
+    for train in (True, False):
+        plans = plan(boxes, size, policy, train, torch.Generator().manual_seed(size))
+        assert apply(canvases, plans, size).unique().tolist() == [200]
+        assert apply_batched(canvases, plans, size).unique().tolist() == [200]
+
+
 def test_the_cache_is_a_safetensors_file_with_boxes_and_the_bad_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

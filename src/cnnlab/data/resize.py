@@ -148,8 +148,28 @@ def apply_batched(source: torch.Tensor, plans: torch.Tensor, size: int, index: t
     from torchvision.ops import roi_align
 
     images = source if index is None else source[index]  # (B, C, S, S) uint8
+    # One float copy, in the layout roi_align reads (it would copy a channels-last view again): (B, C, S, S).
+    x = images.to(torch.float32, memory_format=torch.contiguous_format)
+    plans = plans.to(x.device)
+    _replicate_edges(x, plans)
     y0, x0, h, w = plans[:, :4].to(torch.float32).unbind(1)
-    rois = torch.stack([torch.arange(len(plans), device=plans.device, dtype=torch.float32), x0, y0, x0 + w, y0 + h], 1)
+    rois = torch.stack([torch.arange(len(plans), device=x.device, dtype=torch.float32), x0, y0, x0 + w, y0 + h], 1)
     # aligned=True: pixel i covers [i, i + 1), so the box (x0, x0 + w) is exactly columns x0 .. x0 + w - 1.
-    out = roi_align(images.float(), rois.to(images.device), (size, size), 1.0, -1, True)
+    out = roi_align(x, rois, (size, size), 1.0, -1, True)
     return out.round_().clamp_(0, 255).to(dtype)
+
+
+def _replicate_edges(x: torch.Tensor, plans: torch.Tensor) -> None:
+    """Copy each cut's border rows and columns one pixel outwards, in place on the float copy (B, C, S, S).
+
+    roi_align's outermost samples lie up to half a pixel outside the cut and blend in the pixel beyond it (a canvas's
+    black margin, or a crop's neighbour); `apply` resizes the cut alone, which repeats its edge. Beyond the canvas
+    roi_align repeats the edge itself.
+    """
+    b, side = torch.arange(len(plans), device=x.device), x.shape[-1]
+    y0, x0, h, w = plans[:, :4].unbind(1)
+    for inside, outside in ((x0, x0 - 1), (x0 + w - 1, x0 + w)):  # columns; where outside is off the canvas, a no-op
+        x[b, :, :, outside.clamp(0, side - 1)] = x[b, :, :, inside.clamp(0, side - 1)]
+    side = x.shape[-2]
+    for inside, outside in ((y0, y0 - 1), (y0 + h - 1, y0 + h)):  # then rows, the corners with them
+        x[b, :, outside.clamp(0, side - 1)] = x[b, :, inside.clamp(0, side - 1)]
