@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -141,6 +142,39 @@ def test_resume_is_bit_exact(options: dict[str, Any], small_digits: Dataset, tmp
     assert resumed.test_acc == straight.test_acc
     with pytest.raises(UsageError, match="already finished"):
         fit(resume=stopped, dataset=small_digits)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("saved_fused", [True, False])
+def test_a_resumed_optimizer_keeps_the_update_built_for_its_device(kind: str, saved_fused: bool) -> None:
+    """A checkpoint from a GPU (fused update) resumed on a CPU runs the CPU's plain update, and the other way round; the
+    state itself (momentum, moments, step count) carries over. CPUs run fused updates too, which stand in for a GPU."""
+    from cnnlab.engine.optim import load_optimizer_state
+
+    def make(fused: bool) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
+        p = torch.nn.Parameter(torch.arange(4.0))
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+        extra = {"momentum": 0.9, "nesterov": True} if kind == "sgd" else {}
+        return p, cls([p], lr=0.1, **extra, **({"fused": True} if fused else {}))
+
+    p, saved = make(saved_fused)
+    for _ in range(2):
+        p.grad = torch.ones(4)
+        saved.step()
+    q, resumed = make(not saved_fused)
+    with torch.no_grad():
+        q.copy_(p)
+    load_optimizer_state(resumed, copy.deepcopy(saved.state_dict()))  # as read from a checkpoint: no shared tensors
+    assert bool(resumed.param_groups[0].get("fused")) is (not saved_fused), "the update built for this device"
+    state, before = resumed.state[q], saved.state[p]
+    key = "momentum_buffer" if kind == "sgd" else "exp_avg"
+    assert torch.equal(state[key], before[key])
+    if kind != "sgd":
+        assert float(state["step"]) == 2.0 and state["step"].dtype == torch.float32
+    for opt, param in ((saved, p), (resumed, q)):
+        param.grad = torch.ones(4)
+        opt.step()
+    assert torch.allclose(p, q, atol=1e-6), "the same step from the same state"
 
 
 def test_divergence_stops_with_the_epoch_and_step_and_keeps_the_previous_checkpoint(

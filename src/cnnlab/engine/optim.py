@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -82,6 +82,25 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, head: list[str] | None =
         # Adam's weight decay is L2 added to the gradient (coupled); AdamW's is decoupled.
         return torch.optim.Adam(groups, lr=lr, **fused)
     return torch.optim.AdamW(groups, lr=lr, **fused)
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`opt.load_state_dict(state)`, keeping the fused update `opt` was built with for this device.
+
+    A state dict carries each group's `fused` flag: a GPU run resumed on a CPU would otherwise run fused there, and a
+    CPU run resumed on a GPU would lose it. A fused Adam keeps its step count on the parameter's device, a plain one on
+    the CPU; moved to match.
+    """
+    built = [group.get("fused") for group in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, fused in zip(opt.param_groups, built, strict=True):
+        if group.get("fused") == fused:
+            continue
+        group["fused"] = fused
+        for p in group["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                opt.state[p]["step"] = step.to(p.device if fused else "cpu", torch.float32)
 
 
 def build_scheduler(

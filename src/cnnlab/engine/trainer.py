@@ -62,6 +62,7 @@ from cnnlab.engine.optim import (  # noqa: F401
     build_optimizer,
     build_scheduler,
     classifier_modules,
+    load_optimizer_state,
     lr_scale,
     split_parameters,
 )
@@ -521,7 +522,7 @@ class Trainer:
     def restore(self, state: dict[str, Any]) -> None:
         """Load a checkpoint_state() back."""
         apply_state_dict(self.model, state["model"], source="model")
-        self.opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.opt, state["optimizer"])
         if self.sched and state["scheduler"]:
             self.sched.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
