@@ -297,6 +297,9 @@ def test_on_a_gpu_a_recipe_takes_its_gpu_settings_and_the_users_options_still_wi
         assert getattr(cfg, key) == value, key
     mine = apply_recipe(TrainConfig(batch_size=64, lr=0.05), name, keep={"batch_size", "lr"})
     assert (mine.batch_size, mine.lr) == (64, 0.05)
+    for typed in recipe.gpu:  # one GPU setting typed: the CPU's for the others (batch 128 keeps lr 0.2, not 0.8)
+        one = apply_recipe(TrainConfig(batch_size=64, lr=0.05), name, keep={typed})
+        assert all(getattr(one, k) == recipe.settings[k] for k in recipe.gpu if k != typed)
     if name == "accurate":  # measured on an H200 (benchmarks/RESULTS.md): 4x the batch and the learning rate
         assert (cfg.batch_size, cfg.lr) == (512, 0.8)
         assert (apply_recipe(TrainConfig(device="cpu"), name).batch_size) == 128, "a CPU keeps batch 128"

@@ -22,7 +22,8 @@ class Recipe:
     summary: str
     settings: dict[str, Any]
     measured: str
-    gpu: dict[str, Any] = dataclasses.field(default_factory=dict)  # settings that replace `settings`' on a CUDA GPU
+    # Settings that replace those of `settings` on a CUDA GPU, all together (none if the user sets any of them).
+    gpu: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # Shared by the recipes: SGD-Nesterov with a one-cycle schedule peaking at lr 0.2 for batches of 128 ...
@@ -111,7 +112,9 @@ def apply_recipe(cfg: Any, name: str, keep: Iterable[str] = ()) -> Any:
     recipe = get_recipe(name)
     keep = set(keep)
     device = resolve_device(getattr(cfg, "device", "auto"))
-    settings = {**recipe.settings, **(recipe.gpu if device.type == "cuda" else {})}
+    # The GPU settings go together (batch 512 wants lr 0.8): a user who sets any of them gets the CPU's for the rest.
+    gpu = recipe.gpu if device.type == "cuda" and not keep & recipe.gpu.keys() else {}
+    settings = {**recipe.settings, **gpu}
     changes = {k: v for k, v in settings.items() if k not in keep}
     if changes.get("model_args") is not None and "model" in keep:
         changes.pop("model_args")  # the recipe's builder options belong to the recipe's model
