@@ -631,16 +631,70 @@ def test_peer_loop_runs_torchvisions_dataset_class_on_the_files_cnnlab_finds(tmp
     assert sum(p.numel() for p in PeerCNN().parameters()) == 421_834
 
 
-def speed_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """benchmarks/speed.py as a fresh module whose sections go to tmp_path/RESULTS.md, not the repository's."""
+def speed_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str = "speed") -> Any:
+    """benchmarks/speed.py (or another `script` there) as a fresh module whose sections go to tmp_path/RESULTS.md,
+    not the repository's."""
     import importlib
 
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
-    for name in ("speed", "_common"):
+    for name in (script, "_common"):
         sys.modules.pop(name, None)  # the scripts import `_common` by its bare name: a fresh copy, patched below
-    speed = importlib.import_module("speed")
+    module = importlib.import_module(script)
     monkeypatch.setattr(importlib.import_module("_common"), "RESULTS", tmp_path / "RESULTS.md")
-    return speed
+    return module
+
+
+@pytest.mark.parametrize("seconds", [4.3, 5.2])
+def test_the_gpu_benchmark_runs_each_case_over_the_seeds_and_judges_the_recipe_against_5_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float
+) -> None:  # fmt: skip
+    """benchmarks/gpu.py fmnist: an untimed warm-up, then each chosen case over the seeds with its options; the table
+    gives each column's range over the seeds, and the verdict needs >= 94% (mean) within 5 s."""
+    import json
+    from types import SimpleNamespace
+
+    gpu = speed_script(tmp_path, monkeypatch, "gpu")
+    seen: list[Any] = []
+
+    def fake_fit(cfg: Any, runs_dir: Any) -> Any:
+        seen.append(cfg)
+        acc = 0.9400 + 0.0003 * cfg.seed if cfg.batch_size != 1024 else 0.93
+        return SimpleNamespace(test_acc=acc, seconds=seconds, epochs_run=9 - cfg.seed % 2, steps=970 + cfg.seed)
+
+    monkeypatch.setattr(gpu, "fit", fake_fit)
+    monkeypatch.setattr(gpu, "gpu_name", lambda: "an H200")  # the title names the GPU (none here)
+    log = tmp_path / "runs.jsonl"
+    args = argparse.Namespace(data_dir=None, device="cpu", seeds=3, cases=["the recipe", "batch 1024, lr 1.6"],
+                              log=str(log), label="a test")  # fmt: skip
+    gpu.run_fmnist(args)
+    assert [c.seed for c in seen] == [100, 0, 1, 2, 0, 1, 2] and seen[0].epochs == 1, "warm-up, then 3 seeds each"
+    assert all(c.time_budget == 5.0 for c in seen[1:]) and seen[0].time_budget is None
+    assert [(c.batch_size, c.lr) for c in seen[4:]] == [(1024, 1.6)] * 3
+    assert len(log.read_text().splitlines()) == 7 and json.loads(log.read_text().splitlines()[1])["seed"] == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## GPU: Fashion-MNIST within 5 seconds (an H200, a test)" in text
+    row = f"| the recipe | 5 s | 94.00% / 94.03% / 94.06% | 94.03% | {seconds:.2f}-{seconds:.2f} | 8-9 | 970-972 |"
+    assert row in text
+    assert "| batch 1024, lr 1.6 | 5 s | 93.00% / 93.00% / 93.00% | 93.00% |" in text
+    assert ("**met** by the recipe" in text) == (seconds <= 5) and ("**NOT met**" in text) == (seconds > 5)
+
+
+def test_the_gpu_benchmarks_step_clock_times_from_its_skip_to_the_last_step() -> None:
+    import importlib
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        gpu = importlib.import_module("gpu")
+    finally:
+        sys.path.pop(0)
+    for total, skip, timed in ((150, 10, 140), (10, 10, 5)):  # a short run keeps half its steps timed
+        clock = gpu.StepClock(skip=skip)
+        loop = SimpleNamespace(step=0, total_steps=total, device=torch.device("cpu"))
+        for step in range(1, total + 1):
+            loop.step = step
+            clock.on_step_end(loop, None)
+        assert clock.steps == timed and clock.t1 >= clock.t0 > 0
 
 
 @pytest.mark.parametrize("repeats", [3, 2])
