@@ -122,7 +122,8 @@ def test_pad_keeps_every_pixel_with_black_borders_and_crop_evaluates_the_centre(
 
 
 @pytest.mark.parametrize(("policy", "train", "size"), [("crop", True, 48), ("crop", False, 48), ("squash", False, 48),
-                                                     ("crop", True, 96), ("squash", False, 96)])  # fmt: skip
+                                                     ("pad", False, 48), ("crop", True, 96), ("squash", False, 96),
+                                                     ("pad", True, 96)])  # fmt: skip
 def test_the_gpus_batched_cut_matches_the_per_image_resize(policy: str, train: bool, size: int) -> None:
     """A GPU cuts a batch in one roi_align call (apply_batched) instead of apply's per-image antialiased resize: the
     same pictures, shrunk (48 px) or enlarged (96): 0.2-0.4 grey levels apart on average on photo-like canvases,
@@ -146,19 +147,21 @@ def test_the_gpus_batched_cut_matches_the_per_image_resize(policy: str, train: b
     assert torch.equal(as_float, batched.float()), "a float batch holds the same rounded 0..255 values"
 
 
-@pytest.mark.parametrize("policy", ["crop", "squash"])
+@pytest.mark.parametrize("policy", list(RESIZE_POLICIES))
 @pytest.mark.parametrize("size", [24, 96])  # shrunk from the 40x30 image, and enlarged
 def test_the_batched_cut_takes_nothing_from_beyond_the_cut(policy: str, size: int) -> None:
     """A flat grey image on a black canvas stays flat grey to its last row and column: the cut's edge is repeated
-    outwards, as `apply` does, not blended with the black margin (or a crop's neighbours) beside it."""
+    outwards, as `apply` does, not blended with the black margin (or a crop's neighbours) beside it. Padded, it keeps
+    exactly `apply`'s place and black borders."""
     canvases = torch.zeros(6, 3, 48, 48, dtype=torch.uint8)
     boxes = torch.tensor([[30, 40], [40, 30], [30, 40], [40, 30], [30, 40], [40, 30]])
     for b, (h, w) in enumerate(boxes.tolist()):
         canvases[b, :, :h, :w] = 200
     for train in (True, False):
         plans = plan(boxes, size, policy, train, torch.Generator().manual_seed(size))
-        assert apply(canvases, plans, size).unique().tolist() == [200]
-        assert apply_batched(canvases, plans, size).unique().tolist() == [200]
+        looped = apply(canvases, plans, size)
+        assert looped.unique().tolist() == ([0, 200] if policy == "pad" else [200])
+        assert torch.equal(apply_batched(canvases, plans, size), looped)
 
 
 def test_the_cache_is_a_safetensors_file_with_boxes_and_the_bad_files(

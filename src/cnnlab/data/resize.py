@@ -127,23 +127,25 @@ def fit(
 ) -> torch.Tensor:  # fmt: skip
     """Canvases with their boxes (B, 2) -> the model's input (B, C, size, size) under `policy` (see `apply`).
 
-    On a GPU, crop and squash (whose cuts fill the whole output) go through `apply_batched`: one call, no host sync.
+    On a GPU every policy goes through `apply_batched`: one call, no host sync.
     """
     plans = plan(boxes, size, policy, train, g)
-    if source.device.type != "cpu" and out is None and policy != "pad":
+    if source.device.type != "cpu" and out is None:
         return apply_batched(source, plans, size, index, dtype)
     return apply(source, plans, size, index, dtype, out)
 
 
 def apply_batched(source: torch.Tensor, plans: torch.Tensor, size: int, index: torch.Tensor | None = None,
                   dtype: torch.dtype = torch.uint8) -> torch.Tensor:  # fmt: skip
-    """`apply` for plans whose cuts fill the output (crop, squash), every image in one torchvision `roi_align` call.
+    """`apply` for every image of a batch at once, in one torchvision `roi_align` call (what a GPU runs).
 
     `apply`'s loop reads the plans on the host (on a GPU that waits for every queued step to finish, leaving the GPU
     idle while the next batch is cut) and launches a few kernels per image (about 1,500 per batch of 256). Here the
-    plans stay on the device. roi_align averages ceil(crop / output) bilinear samples per output pixel, an
-    antialiased resize like `apply`'s (on photos the two differ by 0.2-0.5 grey levels on average, 2 at the 99th
-    percentile). Returns (B, C, size, size) of `dtype` holding rounded 0..255 values.
+    plans stay on the device. roi_align averages ceil(cut / output) bilinear samples per output pixel, an antialiased
+    resize like `apply`'s (on photos the two differ by 0.2-0.5 grey levels on average, 2 at the 99th percentile).
+    Each image's box is the one that maps onto the whole output square, so a padded image (pad: a smaller (oh, ow)
+    placed at (oy, ox)) comes out in place, and what lies outside its place is set to 0 after.
+    Returns (B, C, size, size) of `dtype` holding rounded 0..255 values.
     """
     from torchvision.ops import roi_align
 
@@ -152,10 +154,17 @@ def apply_batched(source: torch.Tensor, plans: torch.Tensor, size: int, index: t
     x = images.to(torch.float32, memory_format=torch.contiguous_format)
     plans = plans.to(x.device)
     _replicate_edges(x, plans)
-    y0, x0, h, w = plans[:, :4].to(torch.float32).unbind(1)
-    rois = torch.stack([torch.arange(len(plans), device=x.device, dtype=torch.float32), x0, y0, x0 + w, y0 + h], 1)
+    y0, x0, h, w, oy, ox, oh, ow = plans.to(torch.float32).unbind(1)
+    sy, sx = h / oh, w / ow  # canvas pixels per output pixel
+    top, left = y0 - oy * sy, x0 - ox * sx  # where the output square's corner falls on the canvas
+    b = torch.arange(len(plans), device=x.device, dtype=torch.float32)
+    rois = torch.stack([b, left, top, left + size * sx, top + size * sy], 1)
     # aligned=True: pixel i covers [i, i + 1), so the box (x0, x0 + w) is exactly columns x0 .. x0 + w - 1.
-    out = roi_align(x, rois, (size, size), 1.0, -1, True)
+    out = roi_align(x, rois, (size, size), 1.0, -1, True)  # (B, C, size, size)
+    i = torch.arange(size, device=x.device, dtype=torch.float32)
+    rows = (i >= oy[:, None]) & (i < (oy + oh)[:, None])  # (B, size): inside the image's place
+    cols = (i >= ox[:, None]) & (i < (ox + ow)[:, None])
+    out *= rows[:, None, :, None] & cols[:, None, None, :]
     return out.round_().clamp_(0, 255).to(dtype)
 
 
