@@ -145,6 +145,9 @@ def test_the_gpus_batched_cut_matches_the_per_image_resize(policy: str, train: b
     assert diff.mean() < 1.0 and diff.flatten().quantile(0.99) <= 6, (diff.mean(), diff.flatten().quantile(0.99))
     as_float = apply_batched(canvases, plans, size, index, dtype=torch.float32)
     assert torch.equal(as_float, batched.float()), "a float batch holds the same rounded 0..255 values"
+    floats = canvases.float()
+    assert torch.equal(apply_batched(floats, plans, size), apply_batched(canvases, plans, size))
+    assert torch.equal(floats, canvases.float()), "the source is read, never written (the edges go into a copy)"
 
 
 @pytest.mark.parametrize("policy", list(RESIZE_POLICIES))

@@ -150,8 +150,9 @@ def apply_batched(source: torch.Tensor, plans: torch.Tensor, size: int, index: t
     from torchvision.ops import roi_align
 
     images = source if index is None else source[index]  # (B, C, S, S) uint8
-    # One float copy, in the layout roi_align reads (it would copy a channels-last view again): (B, C, S, S).
-    x = images.to(torch.float32, memory_format=torch.contiguous_format)
+    # One float copy (always a copy: the edges are written into it), in the layout roi_align reads (it would copy a
+    # channels-last view again): (B, C, S, S).
+    x = images.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     plans = plans.to(x.device)
     _replicate_edges(x, plans)
     y0, x0, h, w, oy, ox, oh, ow = plans.to(torch.float32).unbind(1)
