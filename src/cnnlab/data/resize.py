@@ -141,8 +141,9 @@ def apply_batched(source: torch.Tensor, plans: torch.Tensor, size: int, index: t
 
     `apply`'s loop reads the plans on the host (on a GPU that waits for every queued step to finish, leaving the GPU
     idle while the next batch is cut) and launches a few kernels per image (about 1,500 per batch of 256). Here the
-    plans stay on the device. roi_align averages ceil(cut / output) bilinear samples per output pixel, an antialiased
-    resize like `apply`'s (on photos the two differ by 0.2-0.5 grey levels on average, 2 at the 99th percentile).
+    plans stay on the device. roi_align averages ceil(cut / output) bilinear samples per output pixel (a box filter),
+    an antialiased resize like `apply`'s triangle filter: on photos cut from their canvas (shrunk at most 4/3) the two
+    differ by 0.2-0.5 grey levels on average, 2 at the 99th percentile; shrinks of 4x and more differ by several.
     Each image's box is the one that maps onto the whole output square, so a padded image (pad: a smaller (oh, ow)
     placed at (oy, ox)) comes out in place, and what lies outside its place is set to 0 after.
     Returns (B, C, size, size) of `dtype` holding rounded 0..255 values.
