@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import re
+import sys
 from datetime import date
 from pathlib import Path
 
 from cnnlab.engine import bench
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def say(line: str) -> None:
+    """A progress line on stderr, at once (stdout stays for results)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def machine_line() -> str:

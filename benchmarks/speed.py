@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from typing import Any
 
-from _common import machine_line, write_section
+from _common import machine_line, say, write_section
 
 from cnnlab.engine.bench import ThroughputConfig, TrainBenchConfig, bench_train, recipe_config, throughput
 from cnnlab.engine.recipes import get_recipe
 from cnnlab.engine.trainer import fit
-
-
-def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def where(args: argparse.Namespace, precision: str) -> str:

@@ -177,10 +177,9 @@ def _replicate_edges(x: torch.Tensor, plans: torch.Tensor) -> None:
     black margin, or a crop's neighbour); `apply` resizes the cut alone, which repeats its edge. Beyond the canvas
     roi_align repeats the edge itself.
     """
-    b, side = torch.arange(len(plans), device=x.device), x.shape[-1]
+    b, height, width = torch.arange(len(plans), device=x.device), x.shape[-2], x.shape[-1]
     y0, x0, h, w = plans[:, :4].unbind(1)
     for inside, outside in ((x0, x0 - 1), (x0 + w - 1, x0 + w)):  # columns; where outside is off the canvas, a no-op
-        x[b, :, :, outside.clamp(0, side - 1)] = x[b, :, :, inside.clamp(0, side - 1)]
-    side = x.shape[-2]
+        x[b, :, :, outside.clamp(0, width - 1)] = x[b, :, :, inside.clamp(0, width - 1)]
     for inside, outside in ((y0, y0 - 1), (y0 + h - 1, y0 + h)):  # then rows, the corners with them
-        x[b, :, outside.clamp(0, side - 1)] = x[b, :, inside.clamp(0, side - 1)]
+        x[b, :, outside.clamp(0, height - 1)] = x[b, :, inside.clamp(0, height - 1)]
