@@ -30,6 +30,7 @@ CASES = [
     (["train", "--model", "resnet18", "--weights", "missing.pth"], 2, "--weights missing.pth: no such file"),
     (["train", "--model", "resnet18", "--weights-name", "V7"], 2, "resnet18 has no weights 'V7'"),
     (["train", "--warmup", "1"], 2, "argument --warmup: must be in (0, 1)"),
+    (["train", "--model", "cnn-fast", "--model-args", "stem=whiten,whiten_keep=12"], 2, "whiten_keep must be a whole"),
     (["train", "--resume", "runs/x", "--epochs", "6"], 2, "--resume continues a run with its own options; drop --epo"),
 ]
 

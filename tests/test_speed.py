@@ -65,29 +65,43 @@ def test_every_recipe_makes_a_valid_config_and_trains(name: str) -> None:
     assert result.steps == 3 and 0.0 <= result.test_acc <= 1.0
 
 
+@pytest.mark.parametrize("keep", [None, 5, "8"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_the_whitening_stem_decorrelates_the_training_patches(channels: int) -> None:
+def test_the_whitening_stem_decorrelates_the_training_patches(channels: int, keep: int | str | None) -> None:
     from cnnlab.models.fast import WHITEN_EPS, FastCNN
 
     g = torch.Generator().manual_seed(channels)
     # Correlated pixels (smoothed noise, channels mixed): a covariance far from the identity to undo.
     x = torch.nn.functional.avg_pool2d(torch.randn(64, channels, 20, 20, generator=g), 3, 1, 1)
     x = x + 0.3 * x.mean(1, keepdim=True)
-    model = FastCNN(in_channels=channels, image_size=20, widths="8", stem="whiten")
+    model = FastCNN(in_channels=channels, image_size=20, widths="8", stem="whiten", whiten_keep=keep)
     assert model.whitening is not None and "weight" not in dict(model.whitening.named_parameters())
     assert "features.0.weight" in model.state_dict(), "a buffer: saved with the run, never trained"
     assert model.fit_whitening(x.split(16)) == 64 * 20 * 20
-    w = model.whitening.weight  # (2 * 9C, C, 3, 3): filters, then their negations
-    assert torch.equal(w[9 * channels :], -w[: 9 * channels])
-    out = torch.nn.functional.conv2d(x.double(), w[: 9 * channels].double(), padding=1)  # (B, 9C, H, W)
-    feats = out.permute(0, 2, 3, 1).reshape(-1, 9 * channels)
+    k = 9 * channels if keep is None else int(keep)
+    w = model.whitening.weight  # (2K, C, 3, 3): filters, then their negations
+    assert w.shape == (2 * k, channels, 3, 3) and model.features[2].num_features == 2 * k  # the stem's BatchNorm
+    assert torch.equal(w[k:], -w[:k])
+    out = torch.nn.functional.conv2d(x.double(), w[:k].double(), padding=1)  # (B, K, H, W)
+    feats = out.permute(0, 2, 3, 1).reshape(-1, k)
     cov = feats.T @ feats / len(feats)
     patches = torch.nn.functional.unfold(x.double(), 3, padding=1).transpose(1, 2).reshape(-1, 9 * channels)
-    eig = torch.linalg.eigvalsh(patches.T @ patches / len(patches))
-    # Whitened: uncorrelated outputs, each of variance eigenvalue / (eigenvalue + eps) (the eps damps the flattest).
+    eig = torch.linalg.eigvalsh(patches.T @ patches / len(patches))[9 * channels - k :]  # ascending: the K largest
+    # Whitened: uncorrelated outputs, each of variance eigenvalue / (eigenvalue + eps) (the eps damps the flattest),
+    # and with whiten_keep the K directions of largest variance (a smaller one would give a smaller diagonal).
     assert torch.allclose(cov, torch.diag(eig / (eig + WHITEN_EPS)), atol=1e-4)
     with pytest.raises(UsageError, match=r"^cnn-fast: stem must be one of conv, whiten, got 'zca'$"):
         FastCNN(stem="zca")
+
+
+@pytest.mark.parametrize("keep", [0, 10, -1, 2.5, "x", "", True])
+def test_a_whitening_stem_keeps_one_to_all_of_its_patch_directions(keep: object) -> None:
+    from cnnlab.models.fast import FastCNN
+
+    with pytest.raises(UsageError, match=r"^cnn-fast: whiten_keep must be a whole number from 1 to 9 \(the 3x3 patch "):
+        FastCNN(stem="whiten", whiten_keep=keep)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"^cnn-fast: whiten_keep applies to stem=whiten, not stem=conv$"):
+        FastCNN(whiten_keep=8)
 
 
 def test_the_trainer_fits_the_whitening_stem_once_and_the_run_keeps_it(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ airbench and of hlb-CIFAR10): a 3x3 conv whose 2 x C x 9 filters are the eigenve
 training images' 3x3 patches, each scaled by 1/sqrt(its eigenvalue + WHITEN_EPS) and kept with its negation, then
 max-pool, BN and ReLU. Its outputs are decorrelated from the first step, so the learned layers converge in fewer
 epochs. The filters depend on the data: the trainer calls `fit_whitening` once, before the first step; a checkpoint
-keeps them.
+keeps them. `whiten_keep=K` keeps only the K patch directions of largest variance (2K maps): the recipes keep 8 of a
+grey image's 9, because 16 maps run at the CPU kernels' full vector width where 18 do not (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class FastCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
                  widths: int | str | Sequence[int] = (16, 64, 128),
-                 depth: int | str | Sequence[int] = 1, stem: str = "conv") -> None:  # fmt: skip
+                 depth: int | str | Sequence[int] = 1, stem: str = "conv",
+                 whiten_keep: int | str | None = None) -> None:  # fmt: skip
         super().__init__()
         widths = _int_list(widths, "widths")
         depths = _int_list(depth, "depth")
@@ -75,14 +77,16 @@ class FastCNN(nn.Module):
             raise UsageError(f"cnn-fast: depth needs one number or one per stage ({len(widths)}), got {depth!r}")
         if stem not in STEMS:
             raise UsageError(f"cnn-fast: stem must be one of {', '.join(STEMS)}, got {stem!r}")
-        _check_size(widths, depths, in_channels, num_classes, stem)
+        keep = _whiten_keep(whiten_keep, stem, in_channels)
+        _check_size(widths, depths, in_channels, num_classes, stem, keep)
         layers: list[nn.Module] = []
         c_in, side = in_channels, image_size
         self.stem = stem
         if stem == "whiten":
-            # 2 x C x 9 fixed filters (18 for grey images): every whitened patch direction and its negation, so that
-            # max-pooling and ReLU keep both signs. Never trained: fit_whitening sets them from the training images.
-            whitening = nn.Conv2d(in_channels, 2 * in_channels * 9, 3, padding=1, bias=False)
+            # 2 x K fixed filters (K = C x 9 by default: 18 for grey images): the K whitened patch directions of
+            # largest variance and their negations, so that max-pooling and ReLU keep both signs. Never trained:
+            # fit_whitening sets them from the training images.
+            whitening = nn.Conv2d(in_channels, 2 * keep, 3, padding=1, bias=False)
             # A buffer, not a parameter: no optimizer, weight decay, freezing or DDP gradient ever touches it, and
             # the checkpoint keeps it under the same name (features.0.weight).
             weight = whitening.weight.detach().clone()
@@ -141,7 +145,9 @@ class FastCNN(nn.Module):
         if seen == 0:
             raise UsageError("cnn-fast: stem whiten needs training images to fit its filters")
         values, vectors = torch.linalg.eigh((cov / seen).cpu())  # ascending eigenvalues; vectors (d, d) in columns
-        filters = (vectors.T / torch.sqrt(values.clamp(min=0) + WHITEN_EPS)[:, None]).reshape(d, c, 3, 3)
+        keep = conv.out_channels // 2  # the last `keep` columns: the directions of largest variance
+        values, vectors = values[d - keep :], vectors[:, d - keep :]
+        filters = (vectors.T / torch.sqrt(values.clamp(min=0) + WHITEN_EPS)[:, None]).reshape(keep, c, 3, 3)
         conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight))
         self.whitening_fitted.fill_(1)
         return seen
@@ -170,18 +176,35 @@ class FastCNN(nn.Module):
 FastCNN.forward_owner = FastCNN
 
 
+def _whiten_keep(value: int | str | None, stem: str, in_channels: int) -> int:
+    """The patch directions a whitening stem keeps: `value`, or all C x 9 when None (UsageError if out of range)."""
+    directions = 9 * in_channels
+    if value is None:
+        return directions
+    if stem != "whiten":
+        raise UsageError(f"cnn-fast: whiten_keep applies to stem=whiten, not stem={stem}")
+    try:
+        keep = _whole(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):
+        keep = 0
+    if not 1 <= keep <= directions:
+        raise UsageError(f"cnn-fast: whiten_keep must be a whole number from 1 to {directions:,} (the 3x3 patch "
+                         f"directions of {in_channels} input channel(s)), got {value!r}")  # fmt: skip
+    return keep
+
+
 def _check_size(widths: tuple[int, ...], depths: tuple[int, ...], in_channels: int, num_classes: int,
-                stem: str = "conv") -> None:  # fmt: skip
+                stem: str = "conv", keep: int | None = None) -> None:  # fmt: skip
     """At most MAX_CHANNELS maps and MAX_CONV_LAYERS convs, and weights that fit in memory, before building."""
     text = "-".join(map(str, widths))
     if max(widths) > MAX_CHANNELS:
         raise UsageError(f"cnn-fast: widths {text}: at most {MAX_CHANNELS:,} channels per stage")
     params, c_in = 0, in_channels
     if stem == "whiten":
-        c_in = 2 * 9 * in_channels
+        c_in = 2 * (9 * in_channels if keep is None else keep)
         if c_in > MAX_CHANNELS:
-            raise UsageError(f"cnn-fast: stem whiten makes 18 maps per input channel ({c_in:,}); at most "
-                             f"{MAX_CHANNELS:,}")  # fmt: skip
+            raise UsageError(f"cnn-fast: stem whiten makes {c_in:,} maps (2 per kept patch direction, 9 directions "
+                             f"per input channel); at most {MAX_CHANNELS:,}")  # fmt: skip
         params = in_channels * c_in * 9 + 2 * c_in
     if sum(depths) > MAX_CONV_LAYERS:
         shown = depths[0] if len(set(depths)) == 1 else "-".join(map(str, depths))
@@ -197,7 +220,7 @@ def _check_size(widths: tuple[int, ...], depths: tuple[int, ...], in_channels: i
     "cnn-fast", family="cnn-fast", default_image_size=28, default_in_channels=1, tags=("ours",),
     description="CNN shaped for speed (the fast/accurate recipes): conv3x3 -> max-pool -> BN -> ReLU per stage, "
     "narrow at full resolution, global max pool (options: widths=16-64-128, depth=1 or one per stage, "
-    "stem=conv or whiten)",
+    "stem=conv or whiten, whiten_keep=K: the whitening stem's K directions of largest variance, default all)",
 )  # fmt: skip
 def cnn_fast(
     num_classes: int = 10,
@@ -207,6 +230,7 @@ def cnn_fast(
     widths: int | str | Sequence[int] = (16, 64, 128),
     depth: int | str | Sequence[int] = 1,
     stem: str = "conv",
+    whiten_keep: int | str | None = None,
 ) -> FastCNN:
     """The speed-shaped CNN (widths 16-64-128, one conv per stage: 84,794 params for 10 classes, 1 channel)."""
-    return FastCNN(num_classes, in_channels, image_size, widths, depth, stem)
+    return FastCNN(num_classes, in_channels, image_size, widths, depth, stem, whiten_keep)
