@@ -65,7 +65,7 @@ def test_every_recipe_makes_a_valid_config_and_trains(name: str) -> None:
     assert result.steps == 3 and 0.0 <= result.test_acc <= 1.0
 
 
-@pytest.mark.parametrize("keep", [None, 5, "8"])
+@pytest.mark.parametrize("keep", [None, 5, "8", "aligned"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_the_whitening_stem_decorrelates_the_training_patches(channels: int, keep: int | str | None) -> None:
     from cnnlab.models.fast import WHITEN_EPS, FastCNN
@@ -78,7 +78,8 @@ def test_the_whitening_stem_decorrelates_the_training_patches(channels: int, kee
     assert model.whitening is not None and "weight" not in dict(model.whitening.named_parameters())
     assert "features.0.weight" in model.state_dict(), "a buffer: saved with the run, never trained"
     assert model.fit_whitening(x.split(16)) == 64 * 20 * 20
-    k = 9 * channels if keep is None else int(keep)
+    k = {None: 9 * channels, "aligned": 8 * channels}.get(keep, keep)  # aligned: 8 of 9 directions, 24 of 27
+    k = int(k)  # type: ignore[arg-type]
     w = model.whitening.weight  # (2K, C, 3, 3): filters, then their negations
     assert w.shape == (2 * k, channels, 3, 3) and model.features[2].num_features == 2 * k  # the stem's BatchNorm
     assert torch.equal(w[k:], -w[:k])
@@ -104,22 +105,24 @@ def test_a_whitening_stem_keeps_one_to_all_of_its_patch_directions(keep: object)
         FastCNN(whiten_keep=8)
 
 
-def test_the_trainer_fits_the_whitening_stem_once_and_the_run_keeps_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keep", [{}, {"whiten_keep": "aligned"}], ids=["every-direction", "aligned"])
+def test_the_trainer_fits_the_whitening_stem_once_and_the_run_keeps_it(tmp_path: Path, keep: dict[str, str]) -> None:
     from cnnlab.data.pipeline import BatchLoader, channel_stats
     from cnnlab.engine.inference import load_run
     from cnnlab.models.fast import FastCNN
 
     data = tiny_dataset(n_train=200)
-    cfg = TrainConfig(model="cnn-fast", model_args={"widths": "8-16", "stem": "whiten"}, epochs=1, batch_size=32,
-                      val_split=0.0, patience=0, device="cpu")  # fmt: skip
+    cfg = TrainConfig(model="cnn-fast", model_args={"widths": "8-16", "stem": "whiten", **keep}, epochs=1,
+                      batch_size=32, val_split=0.0, patience=0, device="cpu")  # fmt: skip
     fit(cfg, runs_dir=tmp_path, run_name="white", dataset=data, reporter=Reporter())
     run = tmp_path / "white"
     changes = json.loads((run / "config.json").read_text())["model"]["changes"]
     assert changes == ["whitening stem: fixed filters from the 3x3 patches of 200 training images (156,800 patches)"]
     # The same filters, fitted by hand on every training image, normalised as training normalised them.
-    expected = FastCNN(num_classes=4, widths="8-16", stem="whiten")
+    expected = FastCNN(num_classes=4, widths="8-16", stem="whiten", **keep)
     expected.fit_whitening(x for x, _ in BatchLoader(data.train, 64, channel_stats(data.train)))
     loaded, want = load_run(run).model.whitening.weight.flatten(1), expected.whitening.weight.flatten(1)
+    assert len(loaded) == (16 if keep else 18), "the run is rebuilt with the maps it trained with"
     # Equal up to each eigenvector's sign (eigh may flip one when the sums differ in the last bit): same bank.
     same = torch.isclose(loaded, want, atol=1e-4).all(1) | torch.isclose(loaded, -want, atol=1e-4).all(1)
     assert same.all(), "the filters trained with are the ones saved and loaded"

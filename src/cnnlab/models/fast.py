@@ -10,8 +10,9 @@ airbench and of hlb-CIFAR10): a 3x3 conv whose 2 x C x 9 filters are the eigenve
 training images' 3x3 patches, each scaled by 1/sqrt(its eigenvalue + WHITEN_EPS) and kept with its negation, then
 max-pool, BN and ReLU. Its outputs are decorrelated from the first step, so the learned layers converge in fewer
 epochs. The filters depend on the data: the trainer calls `fit_whitening` once, before the first step; a checkpoint
-keeps them. `whiten_keep=K` keeps only the K patch directions of largest variance (2K maps): the recipes keep 8 of a
-grey image's 9, because 16 maps run at the CPU kernels' full vector width where 18 do not (docs/speed.md).
+keeps them. `whiten_keep=K` keeps only the K patch directions of largest variance (2K maps); `whiten_keep=aligned`
+(the recipes) the largest multiple of 8: 8 of a grey image's 9, because on the CPUs measured a step with 16 maps ran
+about a fifth faster than with 18, at the same accuracy (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -177,19 +178,22 @@ FastCNN.forward_owner = FastCNN
 
 
 def _whiten_keep(value: int | str | None, stem: str, in_channels: int) -> int:
-    """The patch directions a whitening stem keeps: `value`, or all C x 9 when None (UsageError if out of range)."""
+    """The patch directions a whitening stem keeps: `value`, all C x 9 when None, or with "aligned" the largest
+    multiple of 8 (2 maps each: a multiple of 16, a whole CPU vector of fp32 values); UsageError if out of range."""
     directions = 9 * in_channels
     if value is None:
         return directions
     if stem != "whiten":
         raise UsageError(f"cnn-fast: whiten_keep applies to stem=whiten, not stem={stem}")
+    if isinstance(value, str) and value.strip() == "aligned":
+        return directions // 8 * 8  # 8 of 9 for grey images, 24 of 27 for colour ones
     try:
         keep = _whole(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError, OverflowError):
         keep = 0
     if not 1 <= keep <= directions:
         raise UsageError(f"cnn-fast: whiten_keep must be a whole number from 1 to {directions:,} (the 3x3 patch "
-                         f"directions of {in_channels} input channel(s)), got {value!r}")  # fmt: skip
+                         f"directions of {in_channels} input channel(s)) or aligned, got {value!r}")  # fmt: skip
     return keep
 
 
@@ -220,7 +224,8 @@ def _check_size(widths: tuple[int, ...], depths: tuple[int, ...], in_channels: i
     "cnn-fast", family="cnn-fast", default_image_size=28, default_in_channels=1, tags=("ours",),
     description="CNN shaped for speed (the fast/accurate recipes): conv3x3 -> max-pool -> BN -> ReLU per stage, "
     "narrow at full resolution, global max pool (options: widths=16-64-128, depth=1 or one per stage, "
-    "stem=conv or whiten, whiten_keep=K: the whitening stem's K directions of largest variance, default all)",
+    "stem=conv or whiten, whiten_keep=K or aligned: the whitening stem's K directions of largest variance, default "
+    "all)",
 )  # fmt: skip
 def cnn_fast(
     num_classes: int = 10,
