@@ -336,7 +336,7 @@ def test_architecture_only_reads_and_downloads_nothing(hub: Path) -> None:
         ),
         (
             ["bench", "throughput", "--model-args", "bogus=1"],
-            r"^cnnlab: error: --model-args: cnn-fast does not take 'bogus'; it takes widths, depth, stem$",
+            r"^cnnlab: error: --model-args: cnn-fast does not take 'bogus'; it takes widths, depth, stem, whiten_keep$",
         ),
         (
             ["bench", "throughput", "--model", "resnet18", "--model-args", "dropout=0.2"],

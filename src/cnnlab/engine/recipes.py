@@ -39,9 +39,9 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         Recipe(
             "fast",
-            "cnn-fast with a fixed whitening stem (16 maps) then 32-64, 3 epochs, batch 128, SGD-Nesterov lr 0.2 "
-            "one-cycle, label smoothing 0.1, no augmentation, all 60k training images (no validation split), bf16 "
-            "where the CPU/GPU computes it natively, channels-last",
+            "cnn-fast with a fixed whitening stem (16 maps on grey images) then 32-64, 3 epochs, batch 128, "
+            "SGD-Nesterov lr 0.2 one-cycle, label smoothing 0.1, no augmentation, all 60k training images (no "
+            "validation split), bf16 where the CPU/GPU computes it natively, channels-last",
             {
                 "model": "cnn-fast",
                 "model_args": {"widths": "32-64", "depth": 1, "stem": "whiten", "whiten_keep": "aligned"},
@@ -57,10 +57,10 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "accurate",
-            "cnn-fast with a fixed whitening stem (16 maps) then 64-128, 2 convs per stage, 15 epochs, batch 128, "
-            "SGD-Nesterov lr 0.2 one-cycle (batch 512 and lr 0.8 on a GPU), label smoothing 0.1, flip augmentation "
-            "(no crop: it cost about a point in 3-minute runs), flip test-time augmentation, no validation split, bf16 "
-            "where native, channels-last",
+            "cnn-fast with a fixed whitening stem (16 maps on grey images) then 64-128, 2 convs per stage, 15 epochs, "
+            "batch 128, SGD-Nesterov lr 0.2 one-cycle (batch 512 and lr 0.8 on a GPU), label smoothing 0.1, flip "
+            "augmentation (no crop: it cost about a point in 3-minute runs), flip test-time augmentation, no "
+            "validation split, bf16 where native, channels-last",
             {
                 "model": "cnn-fast",
                 "model_args": {"widths": "64-128", "depth": 2, "stem": "whiten", "whiten_keep": "aligned"},
@@ -70,7 +70,7 @@ RECIPES: dict[str, Recipe] = {
                 **_FIXED_SCHEDULE_NATIVE,
                 "tta": True,
             },
-            "Fashion-MNIST with --time-budget 175, 3 seeds on 2-core AMD EPYCs with AVX-512 BF16: 93.9-94.4% in "
+            "Fashion-MNIST with --time-budget 175, 3 seeds on a 2-core AMD EPYC with AVX-512 BF16: 93.9-94.4% in "
             "167-168 s in bf16 (12-13 epochs), 93.9-94.1% with fp32 forced (8-9 epochs; 16-map stem); with the 18-map "
             "stem before, 94.0-94.3% in bf16 (three VMs, 10-11 epochs) and 93.2-93.9% in fp32 without AVX-512 (two "
             "VMs, 3-6 epochs by the VM's speed). One NVIDIA H200 (18-map stem): 94.1% with --time-budget 5 (4.3 s, "

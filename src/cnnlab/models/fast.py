@@ -11,8 +11,8 @@ training images' 3x3 patches, each scaled by 1/sqrt(its eigenvalue + WHITEN_EPS)
 max-pool, BN and ReLU. Its outputs are decorrelated from the first step, so the learned layers converge in fewer
 epochs. The filters depend on the data: the trainer calls `fit_whitening` once, before the first step; a checkpoint
 keeps them. `whiten_keep=K` keeps only the K patch directions of largest variance (2K maps); `whiten_keep=aligned`
-(the recipes) the largest multiple of 8: 8 of a grey image's 9, because on the CPUs measured a step with 16 maps ran
-about a fifth faster than with 18, at the same accuracy (docs/speed.md).
+(the recipes) the largest multiple of 8: 8 of a grey image's 9, because on the 2-core AMD EPYC measured a training
+step with 16 maps took 14-27% less time than with 18, with no accuracy difference measurable (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class FastCNN(nn.Module):
         c_in, side = in_channels, image_size
         self.stem = stem
         if stem == "whiten":
-            # 2 x K fixed filters (K = C x 9 by default: 18 for grey images): the K whitened patch directions of
+            # 2 x K fixed filters (K = 9C by default: 18 filters for grey images): the K whitened patch directions of
             # largest variance and their negations, so that max-pooling and ReLU keep both signs. Never trained:
             # fit_whitening sets them from the training images.
             whitening = nn.Conv2d(in_channels, 2 * keep, 3, padding=1, bias=False)
@@ -179,7 +179,8 @@ FastCNN.forward_owner = FastCNN
 
 def _whiten_keep(value: int | str | None, stem: str, in_channels: int) -> int:
     """The patch directions a whitening stem keeps: `value`, all C x 9 when None, or with "aligned" the largest
-    multiple of 8 (2 maps each: a multiple of 16, a whole CPU vector of fp32 values); UsageError if out of range."""
+    multiple of 8 (2 maps each: a multiple of 16 channels, which CPU kernels handle in whole vectors); UsageError if
+    out of range."""
     directions = 9 * in_channels
     if value is None:
         return directions
