@@ -199,14 +199,14 @@ def _whiten_keep(value: int | str | None, stem: str, in_channels: int) -> int:
 
 
 def _check_size(widths: tuple[int, ...], depths: tuple[int, ...], in_channels: int, num_classes: int,
-                stem: str = "conv", keep: int | None = None) -> None:  # fmt: skip
+                stem: str, keep: int) -> None:  # fmt: skip
     """At most MAX_CHANNELS maps and MAX_CONV_LAYERS convs, and weights that fit in memory, before building."""
     text = "-".join(map(str, widths))
     if max(widths) > MAX_CHANNELS:
         raise UsageError(f"cnn-fast: widths {text}: at most {MAX_CHANNELS:,} channels per stage")
     params, c_in = 0, in_channels
     if stem == "whiten":
-        c_in = 2 * (9 * in_channels if keep is None else keep)
+        c_in = 2 * keep  # the whitening stem's maps: each kept patch direction and its negation
         if c_in > MAX_CHANNELS:
             raise UsageError(f"cnn-fast: stem whiten makes {c_in:,} maps (2 per kept patch direction, 9 directions "
                              f"per input channel); at most {MAX_CHANNELS:,}")  # fmt: skip
