@@ -310,8 +310,12 @@ def test_on_a_gpu_a_recipe_takes_its_gpu_settings_and_the_users_options_still_wi
     monkeypatch.setattr(recipes, "native_bf16", lambda dev: dev.type == "cuda")
     recipe = get_recipe(name)
     cfg = apply_recipe(TrainConfig(), name).validate()
-    for key, value in {**recipe.settings, **recipe.gpu, "precision": "bf16"}.items():
+    merged = {**recipe.settings.get("model_args", {}), **recipe.gpu_model_args}
+    gpu_args = {k: v for k, v in merged.items() if v is not None}
+    for key, value in {**recipe.settings, **recipe.gpu, "precision": "bf16", "model_args": gpu_args}.items():
         assert getattr(cfg, key) == value, key
+    mine_args = apply_recipe(TrainConfig(model_args={"widths": "8-16"}), name, keep={"model_args"})
+    assert mine_args.model_args == {"widths": "8-16"}  # builder options the user gives win whole, on a GPU too
     mine = apply_recipe(TrainConfig(batch_size=64, lr=0.05), name, keep={"batch_size", "lr"})
     assert (mine.batch_size, mine.lr) == (64, 0.05)
     for typed in recipe.gpu:  # one GPU setting typed: the CPU's for the others (batch 128 keeps lr 0.2, not 0.8)
@@ -320,6 +324,9 @@ def test_on_a_gpu_a_recipe_takes_its_gpu_settings_and_the_users_options_still_wi
     if name == "accurate":  # measured on an H200 (benchmarks/RESULTS.md): 4x the batch and the learning rate
         assert (cfg.batch_size, cfg.lr) == (512, 0.8)
         assert (apply_recipe(TrainConfig(device="cpu"), name).batch_size) == 128, "a CPU keeps batch 128"
+        # Every patch direction on a GPU (18 maps), the 16-map stem on a CPU (docs/speed.md)
+        assert "whiten_keep" not in cfg.model_args and cfg.model_args["stem"] == "whiten"
+        assert apply_recipe(TrainConfig(device="cpu"), name).model_args["whiten_keep"] == "aligned"
 
 
 def test_options_the_user_gives_win_over_the_recipe() -> None:

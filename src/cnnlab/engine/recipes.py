@@ -24,6 +24,8 @@ class Recipe:
     measured: str
     # Settings that replace those of `settings` on a CUDA GPU, all together (none if the user sets any of them).
     gpu: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Builder options that differ on a CUDA GPU, merged over the settings' model_args there (None removes one).
+    gpu_model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # Shared by the recipes: SGD-Nesterov with a one-cycle schedule peaking at lr 0.2 for batches of 128 ...
@@ -57,10 +59,10 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "accurate",
-            "cnn-fast with a fixed whitening stem (16 maps on grey images) then 64-128, 2 convs per stage, 15 epochs, "
-            "batch 128, SGD-Nesterov lr 0.2 one-cycle (batch 512 and lr 0.8 on a GPU), label smoothing 0.1, flip "
-            "augmentation (no crop: it cost about a point in 3-minute runs), flip test-time augmentation, no "
-            "validation split, bf16 where native, channels-last",
+            "cnn-fast with a fixed whitening stem (16 maps on grey images, 18 on a GPU) then 64-128, 2 convs per "
+            "stage, 15 epochs, batch 128, SGD-Nesterov lr 0.2 one-cycle (batch 512 and lr 0.8 on a GPU), label "
+            "smoothing 0.1, flip augmentation (no crop: it cost about a point in 3-minute runs), flip test-time "
+            "augmentation, no validation split, bf16 where native, channels-last",
             {
                 "model": "cnn-fast",
                 "model_args": {"widths": "64-128", "depth": 2, "stem": "whiten", "whiten_keep": "aligned"},
@@ -71,13 +73,16 @@ RECIPES: dict[str, Recipe] = {
                 "tta": True,
             },
             "Fashion-MNIST with --time-budget 175, 3 seeds on a 2-core AMD EPYC with AVX-512 BF16: 93.9-94.4% in "
-            "167-168 s in bf16 (12-13 epochs), 93.9-94.1% with fp32 forced (8-9 epochs; 16-map stem); with the 18-map "
-            "stem before, 94.0-94.3% in bf16 (three VMs, 10-11 epochs) and 93.2-93.9% in fp32 without AVX-512 (two "
-            "VMs, 3-6 epochs by the VM's speed). One NVIDIA H200 (18-map stem): 94.1% with --time-budget 5 (4.3 s, "
-            "in a warm process), 94.3% with --epochs 16 (8 s)",
+            "167-168 s in bf16 (12-14 epochs, two VMs), 93.9-94.1% with fp32 forced (8-9 epochs; 16-map stem); with "
+            "the 18-map stem, 94.0-94.3% in bf16 (four VMs, 10-12 epochs) and 93.2-93.9% in fp32 without AVX-512 (two "
+            "VMs, 3-6 epochs by the VM's speed). One NVIDIA H200 (18 maps): 94.1% with --time-budget 5 (4.3 s, in a "
+            "warm process) on a fast host, 93.6% on a slower one; 94.0-94.4% with --epochs 16 (8-10 s)",
             # A GPU's step costs the host's kernel launches, not the batch (about 1 ms of GPU work in 4-12 ms per step
             # of 128 or 512 images on an H200): 4x the images per step, 4x the learning rate, 2.5x the epochs in 5 s.
             gpu={"batch_size": 512, "lr": 0.8},
+            # Every patch direction on a GPU (18 maps): the 16-map stem saves a CPU's vector work, nothing on a GPU,
+            # and at 16 epochs there it tested 0.14-0.19 points lower (benchmarks/RESULTS.md, docs/speed.md).
+            gpu_model_args={"whiten_keep": None},
         ),
     )
 }
@@ -118,6 +123,9 @@ def apply_recipe(cfg: Any, name: str, keep: Iterable[str] = ()) -> Any:
     gpu = recipe.gpu if device.type == "cuda" and not keep & recipe.gpu.keys() else {}
     settings = {**recipe.settings, **gpu}
     changes = {k: v for k, v in settings.items() if k not in keep}
+    if device.type == "cuda" and recipe.gpu_model_args and "model_args" in changes:
+        merged = {**changes["model_args"], **recipe.gpu_model_args}
+        changes["model_args"] = {k: v for k, v in merged.items() if v is not None}
     if changes.get("model_args") is not None and "model" in keep:
         changes.pop("model_args")  # the recipe's builder options belong to the recipe's model
     if changes.get("precision") == "native":
