@@ -316,6 +316,8 @@ def test_on_a_gpu_a_recipe_takes_its_gpu_settings_and_the_users_options_still_wi
         assert getattr(cfg, key) == value, key
     mine_args = apply_recipe(TrainConfig(model_args={"widths": "8-16"}), name, keep={"model_args"})
     assert mine_args.model_args == {"widths": "8-16"}  # builder options the user gives win whole, on a GPU too
+    other = apply_recipe(TrainConfig(model="lenet5-modern"), name, keep={"model"})
+    assert other.model == "lenet5-modern" and other.model_args == {}  # the recipe's builder options are its model's
     mine = apply_recipe(TrainConfig(batch_size=64, lr=0.05), name, keep={"batch_size", "lr"})
     assert (mine.batch_size, mine.lr) == (64, 0.05)
     for typed in recipe.gpu:  # one GPU setting typed: the CPU's for the others (batch 128 keeps lr 0.2, not 0.8)
