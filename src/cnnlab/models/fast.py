@@ -11,8 +11,9 @@ training images' 3x3 patches, each scaled by 1/sqrt(its eigenvalue + WHITEN_EPS)
 max-pool, BN and ReLU. Its outputs are decorrelated from the first step, so the learned layers converge in fewer
 epochs. The filters depend on the data: the trainer calls `fit_whitening` once, before the first step; a checkpoint
 keeps them. `whiten_keep=K` keeps only the K patch directions of largest variance (2K maps); `whiten_keep=aligned`
-(the recipes) the largest multiple of 8: 8 of a grey image's 9, because on the 2-core AMD EPYC measured a training
-step with 16 maps took 14-27% less time than with 18, with no accuracy difference measurable (docs/speed.md).
+(the `fast` recipe, and `accurate` on a CPU) the largest multiple of 8: 8 of a grey image's 9, because on the 2-core
+AMD EPYC measured a training step with 16 maps took 14-27% less time than with 18, and the extra epochs made up for
+the direction dropped (docs/speed.md). On a GPU, where it saves nothing, `accurate` keeps every direction.
 """
 
 from __future__ import annotations
