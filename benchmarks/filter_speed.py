@@ -80,9 +80,11 @@ def main() -> None:
     versions = f"SciPy {__import__('scipy').__version__}" + (f", OpenCV {cv2.__version__}" if cv2 else "")
     body = f"""4000x3000 RGB photo, 5x5 kernels, the kernel operation alone (decoded float32 image in memory),
 best of 5.
-cnnlab: one depthwise `conv2d` (groups = channels) in channels-last layout. Peers: `scipy.ndimage.correlate` per
-channel (float32) and `cv2.filter2D` (float32, 3 channels), each with the same border mode. A ratio above 1
-means cnnlab is faster. Command: `python benchmarks/filter_speed.py`.
+cnnlab: `apply_kernel`, which hands zero, reflect and replicate borders to OpenCV's `filter2D` per channel (where
+it computes the same correlation) and computes circular ones as one depthwise `conv2d` (groups = channels) in
+channels-last layout. Peers: `scipy.ndimage.correlate` per channel (float32) and `cv2.filter2D` (float32, 3
+channels), each with the same border mode. A ratio above 1 means cnnlab is faster.
+Command: `python benchmarks/filter_speed.py`.
 
 Machine: {machine_line()}; {versions}
 

@@ -351,7 +351,7 @@ def _opencv_correlate(image: torch.Tensor, k: torch.Tensor, padding: str) -> tor
     float32 CPU images, zero / reflect / replicate borders or none (valid). Per channel, (C, H, W) -> (C, H', W').
 
     Why: torch's depthwise conv2d is a general convolution; on a 12 MP photo and a 5x5 kernel it took 0.22-0.7 s on
-    2 cores, OpenCV's SIMD stencil 0.04-0.07 s for the same output (benchmarks/filter_speed.py).
+    2 cores, OpenCV's SIMD stencil 0.04-0.12 s for the same output (benchmarks/filter_speed.py, issue #19).
     """
     import torch
 

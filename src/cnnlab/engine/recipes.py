@@ -55,7 +55,7 @@ RECIPES: dict[str, Recipe] = {
             },
             "Fashion-MNIST, 3 seeds on a 2-core AMD EPYC with AVX-512 BF16: 91.8-91.9% in 15-20 s in bf16, 91.6-91.8% "
             "in 19 s with fp32 forced (16-map stem); with the 18-map stem before, 91.7-91.9% in 17-32 s in bf16 (three "
-            "VMs) and 91.8-92.1% in 29-32 s in fp32 without AVX-512",
+            "VMs) and 91.8-92.1% in 29-62 s in fp32 without AVX-512 (two VMs)",
         ),
         Recipe(
             "accurate",
@@ -74,11 +74,12 @@ RECIPES: dict[str, Recipe] = {
             },
             "Fashion-MNIST with --time-budget 175, 3 seeds on a 2-core AMD EPYC with AVX-512 BF16: 93.9-94.4% in "
             "167-168 s in bf16 (12-14 epochs, two VMs), 93.9-94.1% with fp32 forced (8-9 epochs; 16-map stem); with "
-            "the 18-map stem, 94.0-94.3% in bf16 (four VMs, 10-12 epochs) and 93.2-93.9% in fp32 without AVX-512 (two "
-            "VMs, 3-6 epochs by the VM's speed). One NVIDIA H200 (18 maps): 94.1% with --time-budget 5 (4.3 s, in a "
-            "warm process) on a fast host, 93.6% on a slower one; 94.0-94.4% with --epochs 16 (7.6-10.3 s)",
+            "the 18-map stem, 94.0-94.3% in bf16 (three VMs, 10-12 epochs) and 93.2-93.9% in fp32 without AVX-512 (two "
+            "VMs, 3-6 epochs by the VM's speed). One NVIDIA H200 on 16-core Xeon hosts: 94.06-94.10% with "
+            "--time-budget 5 (4.3 s, in a warm process, 18 maps) on a fast host, 93.4-93.9% on two slower ones; "
+            "94.0-94.4% with --epochs 16 (7.6-10.3 s)",
             # A GPU's step costs the host's kernel launches, not the batch (about 1 ms of GPU work in 4-12 ms per step
-            # of 128 or 512 images on an H200): 4x the images per step, 4x the learning rate, 2.5x the epochs in 5 s.
+            # of 128 or 512 images on an H200): 4x the images per step, 4x the learning rate, ~3x the epochs in 5 s.
             gpu={"batch_size": 512, "lr": 0.8},
             # Every patch direction on a GPU (18 maps): the 16-map stem saves a CPU's vector work, nothing on a GPU,
             # and at 16 epochs there it tested 0.14-0.19 points lower on the mean (weak evidence: docs/speed.md).
