@@ -53,9 +53,9 @@ RECIPES: dict[str, Recipe] = {
                 **_FIXED_SCHEDULE_NATIVE,
                 "tta": False,
             },
-            "Fashion-MNIST, 3 seeds on a 2-core AMD EPYC with AVX-512 BF16: 91.8-91.9% in 15-20 s in bf16, 91.6-91.8% "
-            "in 19 s with fp32 forced (16-map stem); with the 18-map stem before, 91.7-91.9% in 17-32 s in bf16 (three "
-            "VMs) and 91.8-92.1% in 29-62 s in fp32 without AVX-512 (two VMs)",
+            "Fashion-MNIST, 3 seeds on a 2-core AMD EPYC with AVX-512 BF16: 91.8-91.9% in 14-20 s in bf16 (two VMs), "
+            "91.6-91.8% in 19 s with fp32 forced (16-map stem); with the 18-map stem before, 91.7-91.9% in 17-32 s in "
+            "bf16 (three VMs) and 91.8-92.1% in 29-62 s in fp32 without AVX-512 (two VMs)",
         ),
         Recipe(
             "accurate",
