@@ -77,8 +77,7 @@ RECIPES: dict[str, Recipe] = {
             "the 18-map stem, 94.0-94.3% in bf16 (three VMs, 10-12 epochs) and 93.2-93.9% in fp32 without AVX-512 (two "
             "VMs, 3-6 epochs by the VM's speed). One NVIDIA H200 on 16-core Xeon hosts: 94.06-94.10% with "
             "--time-budget 5 (4.3 s, in a warm process, 18 maps) on a fast host, 93.4-93.9% on two slower ones (16 "
-            "and 18 maps); "
-            "94.0-94.4% with --epochs 16 (7.6-10.3 s)",
+            "and 18 maps); 94.0-94.4% with --epochs 16 (7.6-10.3 s)",
             # A GPU's step costs the host's kernel launches, not the batch (about 1 ms of GPU work in 4-12 ms per step
             # of 128 or 512 images on an H200): 4x the images per step, 4x the learning rate, ~3x the epochs in 5 s.
             gpu={"batch_size": 512, "lr": 0.8},
